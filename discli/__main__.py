@@ -1,0 +1,3 @@
+from discli.cli.app import run
+
+run()

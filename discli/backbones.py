@@ -1,0 +1,151 @@
+"""Backbones: image -> (pixel features u1, image-level vector v1).
+
+Every backbone is a module with ``out_channels`` (C) and ``output_stride`` attributes whose
+forward returns ``u1`` of shape (B, C, H/8, W/8) and ``v1`` of shape (B, C).
+
+The image-level vector ``v1`` comes from a branch of its own (:class:`ImageBranch`): global *max*
+pooling of an earlier stage, projected to C channels by a learned linear layer and a ReLU. It is
+deliberately not ``avgpool(u1)``: subnet-3 already adds ``avgpool(u1)`` to it (``v2 = avgpool(u1)
++ v1``), and max pooling of mid-level features answers "is there evidence of class X anywhere",
+which complements the average. For the ResNets the branch reads ``layer3`` (1024 channels).
+
+Factories are registered by name in :data:`BACKBONES`; third-party packages add their own
+through the ``dis.backbones`` entry-point group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from discli.errors import BadInputError, IncompatibleError, UsageError
+from discli.registry import Registry
+
+BackboneFactory = Callable[..., nn.Module]
+BACKBONES: Registry[BackboneFactory] = Registry("backbone", group="dis.backbones")
+
+
+class ImageBranch(nn.Module):
+    """v1 = relu(W · globalmaxpool(features) + b)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.proj = nn.Linear(in_channels, out_channels)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.proj(features.amax(dim=(2, 3))))
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict saved by torch.save, refusing anything that needs pickle to run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError("weights file not found", path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated file, foreign pickle, not a torch file
+        raise IncompatibleError(f"cannot load weights safely ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0][:200]})", path) from None
+    for key in ("state_dict", "model"):  # common wrappers around a bare state dict
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise IncompatibleError("not a state dict of tensors", path)
+    return obj
+
+
+def _load_into(module: nn.Module, path: str | Path, ignore_prefixes: tuple[str, ...] = ()) -> None:
+    state = {k.removeprefix("module."): v for k, v in load_state_dict_file(path).items()}
+    state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)}
+    own = {k: v for k, v in module.state_dict().items() if not k.startswith(ignore_prefixes)}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        detail = (missing and f"missing {missing[:3]}") or (unexpected and f"unexpected "
+                  f"{unexpected[:3]}") or f"shape mismatch in {wrong[:3]}"
+        raise IncompatibleError(f"weights do not fit this backbone: {detail}", path)
+    module.load_state_dict(state, strict=not ignore_prefixes)
+
+
+class ResNetBackbone(nn.Module):
+    """A torchvision ResNet with layer3/4 dilated (output stride 8), as in DeepLab."""
+
+    output_stride = 8
+
+    def __init__(self, depth: int, weights: str | None = None):
+        super().__init__()
+        import torchvision
+
+        builders = {50: torchvision.models.resnet50, 101: torchvision.models.resnet101}
+        enums = {50: torchvision.models.ResNet50_Weights, 101: torchvision.models.ResNet101_Weights}
+        tv_weights = None
+        if weights == "imagenet":  # a download into the torch hub cache on a user's machine
+            tv_weights = enums[depth].IMAGENET1K_V2
+        net = builders[depth](weights=tv_weights, replace_stride_with_dilation=[False, True, True])
+        if weights not in (None, "", "none", "imagenet"):
+            _load_into(net, weights, ignore_prefixes=("fc.",))
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            net.layer1, net.layer2, net.layer3, net.layer4)
+        self.out_channels = 2048
+        self.image_branch = ImageBranch(1024, self.out_channels)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.layer2(self.layer1(self.stem(images)))
+        mid = self.layer3(x)
+        return self.layer4(mid), self.image_branch(mid)
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class TinyBackbone(nn.Module):
+    """Four 3x3 conv layers (three strided, one dilated): output stride 8, trains in seconds."""
+
+    output_stride = 8
+
+    def __init__(self, channels: int = 64, weights: str | None = None):
+        super().__init__()
+        self.stage1 = _conv_bn_relu(3, 32, stride=2)
+        self.stage2 = _conv_bn_relu(32, 48, stride=2)
+        self.stage3 = _conv_bn_relu(48, channels, stride=2)
+        self.stage4 = _conv_bn_relu(channels, channels, dilation=2)
+        self.out_channels = channels
+        self.image_branch = ImageBranch(channels, channels)
+        if weights not in (None, "", "none"):
+            if weights == "imagenet":
+                raise UsageError("the tiny backbone has no imagenet weights")
+            _load_into(self, weights)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mid = self.stage3(self.stage2(self.stage1(images)))
+        return self.stage4(mid), self.image_branch(mid)
+
+
+@BACKBONES.register("resnet101")
+def resnet101(weights: str | None = None, **_: object) -> nn.Module:
+    return ResNetBackbone(101, weights)
+
+
+@BACKBONES.register("resnet50")
+def resnet50(weights: str | None = None, **_: object) -> nn.Module:
+    return ResNetBackbone(50, weights)
+
+
+@BACKBONES.register("tiny")
+def tiny(weights: str | None = None, channels: int = 64, **_: object) -> nn.Module:
+    return TinyBackbone(channels, weights)
+
+
+def build_backbone(name: str, weights: str | None = None, **kwargs: object) -> nn.Module:
+    return BACKBONES.get(name)(weights=weights, **kwargs)

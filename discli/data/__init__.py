@@ -1,0 +1,1 @@
+"""Data: manifests, formats (VOC, SBD, captions), the synthetic benchmark, loading."""

@@ -1,0 +1,151 @@
+"""Feature-space inference, the heart of DIS (section 2.1 "Inference in Test", section 3.1).
+
+With every weight frozen, the backbone runs once; then ``t`` steps of gradient descent move the
+features ``u1, v1`` to minimise
+
+    test time:      L_img(z3, I)
+    training time:  L_img(z3, I) + tag_weight * L_tag(v3, noisy tags)
+
+(+ an optional proximity term ``proximity/2 * mean((u1-u1⁰)²) + mean((v1-v1⁰)²)`` that keeps
+the features near the backbone's output). The refined ``u3, v3`` give the final labelmap
+(:func:`discli.model.final_probs`).
+
+Step sizes. The per-image loss averages over the h·w feature pixels, so the gradient reaching one
+pixel's feature ``u1[:, y, x]`` is ~1/(h·w) of what that pixel's own error would give. The update
+of ``u1`` is therefore scaled by h·w (a fixed diagonal preconditioner): ``lr`` then means the same
+per-pixel step whatever the image size. ``v1`` is shared by every pixel and takes the plain step.
+Updates are SGD with (PyTorch-convention) momentum: ``buf = m·buf + g;  x -= step·buf``.
+
+Each image's objective is summed (not averaged) over the batch, so an image's trajectory does not
+depend on its batch mates: a batch gives the same result as one-by-one. Weights are never
+modified and never receive ``.grad``: gradients are taken with ``torch.autograd.grad`` with respect
+to the features only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from discli.losses import recon_loss, recon_target, tag_loss
+from discli.model import DISNet, final_probs
+
+
+@dataclass
+class InferenceConfig:
+    steps: int = 0  # t
+    lr: float = 0.1
+    momentum: float = 0.9
+    tag_weight: float = 1.0  # only used when noisy tags are given (training-time inference)
+    proximity: float = 0.0
+
+
+@dataclass
+class InferenceResult:
+    u3: torch.Tensor  # (B,K,h,w) labelmap logits after inference
+    v3: torch.Tensor  # (B,K) tag logits after inference
+    z3: torch.Tensor  # (B,3,h,w) reconstruction after inference
+    probs: torch.Tensor  # (B,K,h,w) final class probabilities (u3 re-weighted by v3)
+    losses: torch.Tensor  # (B,t+1) objective per image before each step and after the last
+    steps: int = 0
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def labelmap(self) -> torch.Tensor:
+        return self.probs.argmax(dim=1)
+
+    @property
+    def tag_probs(self) -> torch.Tensor:
+        return torch.sigmoid(self.v3)
+
+
+def _objective(model: DISNet, u1: torch.Tensor, v1: torch.Tensor, target: torch.Tensor,
+               tags: torch.Tensor | None, cfg: InferenceConfig, u1_0: torch.Tensor,
+               v1_0: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    heads = model.heads(u1, v1)
+    loss = recon_loss(heads["z3"], target)
+    if tags is not None:
+        loss = loss + cfg.tag_weight * tag_loss(heads["v3"], tags)
+    if cfg.proximity > 0:
+        loss = loss + 0.5 * cfg.proximity * ((u1 - u1_0).pow(2).mean(dim=(1, 2, 3))
+                                             + (v1 - v1_0).pow(2).mean(dim=1))
+    return loss, heads
+
+
+def _result(heads: dict[str, torch.Tensor], losses: list[torch.Tensor], steps: int
+            ) -> InferenceResult:
+    u3, v3 = heads["u3"].detach(), heads["v3"].detach()
+    return InferenceResult(u3=u3, v3=v3, z3=heads["z3"].detach(), probs=final_probs(u3, v3),
+                           losses=torch.stack(losses, dim=1), steps=steps)
+
+
+def refine_features(model: DISNet, u1: torch.Tensor, v1: torch.Tensor, images: torch.Tensor,
+                    cfg: InferenceConfig, tags: torch.Tensor | None = None,
+                    snapshots: Iterable[int] | None = None) -> dict[int, InferenceResult]:
+    """Gradient descent on (u1, v1) by autograd; returns a result for every step in snapshots."""
+    wanted = sorted(set(snapshots) if snapshots is not None else {cfg.steps})
+    if wanted and wanted[0] < 0:
+        raise ValueError(f"inference steps must be >= 0, got {wanted[0]}")
+    u1_0, v1_0 = u1.detach().float(), v1.detach().float()
+    target = recon_target(images.float(), u1.shape[-2:])
+    u_step = cfg.lr * u1.shape[-2] * u1.shape[-1]
+    u1, v1 = u1_0.clone(), v1_0.clone()
+    buf_u, buf_v = torch.zeros_like(u1), torch.zeros_like(v1)
+    tags = None if tags is None else tags.float()
+    results: dict[int, InferenceResult] = {}
+    losses: list[torch.Tensor] = []
+    with torch.enable_grad(), torch.autocast(u1.device.type, enabled=False):
+        for step in range(wanted[-1] + 1):
+            u1.requires_grad_(True)
+            v1.requires_grad_(True)
+            loss, heads = _objective(model, u1, v1, target, tags, cfg, u1_0, v1_0)
+            losses.append(loss.detach())
+            if step in wanted:
+                results[step] = _result(heads, losses, step)
+            if step == wanted[-1]:
+                break
+            grad_u, grad_v = torch.autograd.grad(loss.sum(), (u1, v1))
+            with torch.no_grad():
+                buf_u.mul_(cfg.momentum).add_(grad_u)
+                buf_v.mul_(cfg.momentum).add_(grad_v)
+                u1 = u1.detach() - u_step * buf_u
+                v1 = v1.detach() - cfg.lr * buf_v
+    return results
+
+
+class _EvalMode:
+    """Puts the model in eval mode for the duration, restoring the previous mode after."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self) -> None:
+        self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self.was_training)
+
+
+def infer_steps(model: DISNet, images: torch.Tensor, steps: Iterable[int],
+                cfg: InferenceConfig | None = None, tags: torch.Tensor | None = None
+                ) -> dict[int, InferenceResult]:
+    """One backbone forward, then inference snapshotted at every requested t (e.g. 0, 10, 30)."""
+    cfg = cfg or InferenceConfig()
+    with _EvalMode(model):
+        with torch.no_grad():
+            u1, v1 = model.features(images)
+        return refine_features(model, u1, v1, images, cfg, tags=tags, snapshots=steps)
+
+
+def infer(model: DISNet, images: torch.Tensor, steps: int | None = None,
+          cfg: InferenceConfig | None = None, tags: torch.Tensor | None = None) -> InferenceResult:
+    """Run DIS inference on a batch of normalised images (B,3,H,W).
+
+    ``tags`` (B,K) of 0/1 selects training-time inference (reconstruction + tag loss); without it
+    the objective is the reconstruction loss alone. ``steps=0`` is a plain forward.
+    """
+    cfg = cfg or InferenceConfig()
+    t = cfg.steps if steps is None else steps
+    return infer_steps(model, images, [t], cfg, tags=tags)[t]

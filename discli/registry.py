@@ -1,0 +1,66 @@
+"""A strict name -> factory registry (torchvision's `_api.py` behaviour: duplicates raise).
+
+Factories may also come from installed entry points: `Registry(group=...)` loads that group the
+first time a name is missing, so a third-party package adds a backbone or a dataset format by
+declaring an entry point, exactly as the built-in ones do.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any, Generic, TypeVar
+
+from discli.errors import UsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Registry(Generic[F]):
+    def __init__(self, kind: str, group: str | None = None):
+        self.kind = kind
+        self.group = group
+        self._factories: dict[str, F] = {}
+        self._entry_points_loaded = False
+
+    def register(self, name: str | None = None) -> Callable[[F], F]:
+        def wrap(fn: F) -> F:
+            self.add(name or fn.__name__, fn)
+            return fn
+
+        return wrap
+
+    def add(self, name: str, fn: F) -> None:
+        existing = self._factories.get(name)
+        if existing is not None and existing is not fn:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._factories[name] = fn
+
+    def _load_entry_points(self) -> None:
+        if self._entry_points_loaded or self.group is None:
+            return
+        self._entry_points_loaded = True
+        for ep in entry_points(group=self.group):
+            if ep.name in self._factories:
+                continue
+            try:
+                self.add(ep.name, ep.load())
+            except Exception as exc:  # a broken plugin must not break the others
+                warnings.warn(f"{self.kind} plugin {ep.name!r} failed to load: {exc}", stacklevel=2)
+
+    def names(self) -> list[str]:
+        self._load_entry_points()
+        return sorted(self._factories)
+
+    def get(self, name: str) -> F:
+        if name not in self._factories:
+            self._load_entry_points()
+        try:
+            return self._factories[name]
+        except KeyError:
+            known = ", ".join(self.names())
+            raise UsageError(f"unknown {self.kind} {name!r} (known: {known})") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names()
