@@ -1,0 +1,214 @@
+"""HDF5 caches of pseudo-labels: what the E-step infers for every tagged image.
+
+Layout of a finished cache (``round-N/cache.h5``), readable with plain h5py::
+
+    /                      attrs: format="dis-pseudo-cache", format_version=1,
+                                  classes (JSON list), t_tr, checkpoint_hash, inference (JSON),
+                                  dis_version, created
+    /entries/<key>         one group per image, key = id with "/" escaped as "%2F"
+        labelmap           uint8 (H, W)   pseudo-labelmap at the image's own resolution
+        confidence         float16 (H, W) probability of the chosen class
+        tag_probs          float32 (K,)   cleaned tag probabilities, sigmoid(v3) after inference
+        noisy_tags         uint8 (K,)     the tags the image came with (multi-hot, background 1)
+        attrs: id (the original id)
+
+Crash safety. HDF5 files are not journaled: a kill during a write can corrupt the whole file. So
+while a round is in progress, entries go to small *part files* (``cache.parts/part-r<rank>-
+<seq>.h5``), each written to a temporary name and renamed when complete: a part is either fully
+there or absent. A re-run lists the ids of the finished parts and skips them. When every image is
+done the parts are merged into ``cache.h5`` (again temp + rename) and removed. Under DDP each rank
+writes parts with its own rank number and rank 0 merges.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from discli import __version__
+from discli.errors import BadInputError, IncompatibleError
+
+FORMAT = "dis-pseudo-cache"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CacheEntry:
+    id: str
+    labelmap: np.ndarray  # uint8 (H, W)
+    confidence: np.ndarray  # float16 (H, W)
+    tag_probs: np.ndarray  # float32 (K,)
+    noisy_tags: np.ndarray  # uint8 (K,)
+
+
+def key_of(image_id: str) -> str:
+    return image_id.replace("%", "%25").replace("/", "%2F")
+
+
+def make_attrs(classes: list[str], t_tr: int, checkpoint_hash: str,
+               inference: dict[str, Any]) -> dict[str, Any]:
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "classes": json.dumps(classes),
+            "t_tr": int(t_tr), "checkpoint_hash": checkpoint_hash,
+            "inference": json.dumps(inference), "dis_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _write_entries(h5: h5py.File, entries: Iterable[CacheEntry]) -> None:
+    group = h5.require_group("entries")
+    for entry in entries:
+        g = group.create_group(key_of(entry.id))
+        g.attrs["id"] = entry.id
+        g.create_dataset("labelmap", data=entry.labelmap.astype(np.uint8), compression="gzip",
+                         compression_opts=1)
+        g.create_dataset("confidence", data=entry.confidence.astype(np.float16),
+                         compression="gzip", compression_opts=1)
+        g.create_dataset("tag_probs", data=entry.tag_probs.astype(np.float32))
+        g.create_dataset("noisy_tags", data=entry.noisy_tags.astype(np.uint8))
+
+
+def _atomic_h5(path: Path, fill: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as h5:
+            fill(h5)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_attrs(attrs: Any, path: Path, checkpoint_hash: str | None = None,
+                force: bool = False) -> None:
+    if attrs.get("format") != FORMAT:
+        raise IncompatibleError("not a dis pseudo-label cache", path)
+    version = int(attrs.get("format_version", -1))
+    if version != FORMAT_VERSION:
+        raise IncompatibleError(f"cache format version {version} is not supported (this dis reads "
+                                f"version {FORMAT_VERSION}); re-run the E-step to rebuild it", path)
+    if checkpoint_hash is not None and not force and attrs.get("checkpoint_hash") != checkpoint_hash:
+        raise IncompatibleError(f"stale cache: made by checkpoint {attrs.get('checkpoint_hash')}, "
+                                f"not the current {checkpoint_hash} (delete it, or pass --force "
+                                f"to use it anyway)", path)
+
+
+class CacheWriter:
+    """Writes a round's cache as atomic part files, then merges them (see module docstring)."""
+
+    def __init__(self, path: str | Path, attrs: dict[str, Any], rank: int = 0,
+                 force: bool = False):
+        self.path = Path(path)
+        self.parts_dir = self.path.with_name(self.path.name.removesuffix(".h5") + ".parts")
+        self.attrs = attrs
+        self.rank = rank
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        for part in self.parts():
+            with h5py.File(part, "r") as h5:
+                check_attrs(h5.attrs, part, attrs["checkpoint_hash"], force)
+        self._seq = len(list(self.parts_dir.glob(f"part-r{rank}-*.h5")))
+
+    def parts(self) -> list[Path]:
+        return sorted(self.parts_dir.glob("part-r*.h5"))
+
+    def done_ids(self) -> set[str]:
+        ids: set[str] = set()
+        for part in self.parts():
+            with h5py.File(part, "r") as h5:
+                ids.update(str(g.attrs["id"]) for g in h5.get("entries", {}).values())
+        return ids
+
+    def write(self, entries: list[CacheEntry]) -> None:
+        if not entries:
+            return
+        part = self.parts_dir / f"part-r{self.rank}-{self._seq:06d}.h5"
+        self._seq += 1
+
+        def fill(h5: h5py.File) -> None:
+            h5.attrs.update(self.attrs)
+            _write_entries(h5, entries)
+
+        _atomic_h5(part, fill)
+
+    def merge(self, expected_ids: Iterable[str] | None = None) -> Path:
+        """Merge all parts into the final cache file (atomic) and remove the parts."""
+        parts = self.parts()
+        expected = None if expected_ids is None else set(expected_ids)
+
+        def fill(h5: h5py.File) -> None:
+            h5.attrs.update(self.attrs)
+            entries = h5.require_group("entries")
+            for part in parts:
+                with h5py.File(part, "r") as src:
+                    for key, group in src.get("entries", {}).items():
+                        if key not in entries and (expected is None
+                                                   or group.attrs["id"] in expected):
+                            src.copy(group, entries, name=key)
+
+        _atomic_h5(self.path, fill)
+        for part in parts:
+            part.unlink()
+        for leftover in self.parts_dir.glob(".part-*.tmp*"):  # torn writes of killed runs
+            leftover.unlink()
+        self.parts_dir.rmdir()
+        return self.path
+
+
+class PseudoCache:
+    """Read access to a finished cache; the file is opened lazily (safe in DataLoader workers)."""
+
+    def __init__(self, path: str | Path, checkpoint_hash: str | None = None,
+                 force: bool = False):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise BadInputError("cache not found", self.path)
+        try:
+            with h5py.File(self.path, "r") as h5:
+                self.attrs = {k: (v.item() if isinstance(v, np.generic) else v)
+                              for k, v in h5.attrs.items()}
+                self._ids = [str(g.attrs["id"]) for g in h5.get("entries", {}).values()]
+        except OSError as exc:
+            raise BadInputError(f"not a readable HDF5 file ({exc})", self.path) from None
+        check_attrs(self.attrs, self.path, checkpoint_hash, force)
+        self.classes: list[str] = json.loads(self.attrs["classes"])
+        self._h5: h5py.File | None = None
+
+    def ids(self) -> list[str]:
+        return list(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in set(self._ids)
+
+    def get(self, image_id: str) -> CacheEntry:
+        if self._h5 is None:
+            self._h5 = h5py.File(self.path, "r")
+        try:
+            g = self._h5["entries"][key_of(image_id)]
+        except KeyError:
+            raise BadInputError(f"no entry for image {image_id!r}", self.path) from None
+        return CacheEntry(image_id, g["labelmap"][()], g["confidence"][()], g["tag_probs"][()],
+                          g["noisy_tags"][()])
+
+    def __iter__(self) -> Iterator[CacheEntry]:
+        for image_id in self._ids:
+            yield self.get(image_id)
+
+    def close(self) -> None:
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
+
+    def __getstate__(self) -> dict[str, Any]:  # picklable for DataLoader workers
+        state = self.__dict__.copy()
+        state["_h5"] = None
+        return state

@@ -1,0 +1,292 @@
+"""The training loop shared by pretrain's three steps and finetune's M-steps.
+
+Determinism and resume. Which images form iteration ``i``'s batch, and the random augmentation
+of each, are pure functions of (seed, i): sample ``j`` of the batch is position ``p = i*B + j``
+of an endless stream of seeded epoch permutations, and its augmentation runs under a seed derived
+from ``p``. Nothing about the data order has to be saved: a run resumed from the checkpoint of
+iteration ``k`` sees exactly the batches ``k+1, k+2, ...`` of an uninterrupted run, so on CPU it
+ends with bit-identical weights. Under DDP each rank takes its contiguous slice of the same global
+batch, so a global batch ``B`` over ``N`` ranks sees the same images as one process with ``B``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from discli.checkpoint import atomic_write_bytes, save_checkpoint
+from discli.distributed import DistInfo
+from discli.losses import map_loss, recon_loss, recon_target, tag_loss
+from discli.model import DISNet
+from discli.progress import NullReporter, Reporter
+from discli.train.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    trainable: tuple[str, ...]  # top-level submodules of DISNet that learn in this phase
+    losses: tuple[str, ...]  # subset of ("map", "img", "tag")
+
+
+ALL = ("backbone", "subnet1", "subnet2", "subnet3")
+PHASES = {
+    # Section 3, fully-supervised stage: (1) backbone + subnets 1 and 3 on labelmaps and tags,
+    # (2) subnet-2 alone on reconstruction, (3) everything jointly on all three losses.
+    "step1": Phase("step1", ("backbone", "subnet1", "subnet3"), ("map", "tag")),
+    "step2": Phase("step2", ("subnet2",), ("img",)),
+    "step3": Phase("step3", ALL, ("map", "img", "tag")),
+    "mstep": Phase("mstep", ALL, ("map", "img", "tag")),
+}
+
+
+# ----------------------------------------------------------------------------- data order
+@dataclass
+class Source:
+    dataset: Dataset
+    per_batch: int  # images of the global batch drawn from this source
+
+
+class PlannedBatches(Sampler[list[tuple[int, int, int]]]):
+    """Yields, for iterations [start, stop), this rank's share of each global batch as
+    (source, index, sample_seed) triples."""
+
+    def __init__(self, sizes: Sequence[int], per_batch: Sequence[int], seed: int, start: int,
+                 stop: int, dist: DistInfo = DistInfo()):
+        self.sizes, self.per_batch, self.seed = list(sizes), list(per_batch), seed
+        self.start, self.stop, self.dist = start, stop, dist
+        self._perm_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _index(self, source: int, position: int) -> int:
+        n = self.sizes[source]
+        epoch, offset = divmod(position, n)
+        key = (source, epoch)
+        if key not in self._perm_cache:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + source * 7919 + epoch)
+            self._perm_cache = {key: torch.randperm(n, generator=g)}
+        return int(self._perm_cache[key][offset])
+
+    def batch(self, iteration: int) -> list[tuple[int, int, int]]:
+        items = []
+        for source, count in enumerate(self.per_batch):
+            for j in range(count):
+                position = iteration * count + j
+                sample_seed = (self.seed * 1_000_003 + source * 7919 + position) % (2**63)
+                items.append((source, self._index(source, position), sample_seed))
+        share = len(items) // self.dist.world_size
+        return items[self.dist.rank * share:(self.dist.rank + 1) * share]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        for iteration in range(self.start, self.stop):
+            yield self.batch(iteration)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+class SeededSources(Dataset):
+    """Item (source, index, seed): the source's item with its random transform seeded."""
+
+    def __init__(self, sources: Sequence[Dataset]):
+        self.sources = list(sources)
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sources)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
+        source, index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            state = random.getstate()
+            random.seed(seed)
+            item = self.sources[source][index]
+            random.setstate(state)
+        item["source"] = source
+        return item
+
+
+# ----------------------------------------------------------------------------- optimisation
+def param_groups(model: DISNet, phase: Phase, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Pretrained backbone layers at lr, new layers (image branch, subnets) at head_lr_mult*lr."""
+    backbone, head = [], []
+    for name, param in model.named_parameters():
+        top = name.split(".")[0]
+        param.requires_grad_(top in phase.trainable)
+        if not param.requires_grad:
+            continue
+        is_new = top != "backbone" or name.startswith("backbone.image_branch")
+        (head if is_new else backbone).append(param)
+    groups = []
+    if backbone:
+        groups.append({"params": backbone, "lr": cfg.lr, "base_lr": cfg.lr})
+    if head:
+        lr = cfg.lr * cfg.head_lr_mult
+        groups.append({"params": head, "lr": lr, "base_lr": lr})
+    return groups
+
+
+def poly(total: int, power: float):  # noqa: ANN201 - a LambdaLR factor
+    return lambda it: (1.0 - min(it, total) / max(total, 1)) ** power
+
+
+def set_train_modes(model: DISNet, phase: Phase, freeze_bn: bool) -> None:
+    model.train()
+    for name in ALL:
+        if name not in phase.trainable:
+            getattr(model, name).eval()  # frozen parts: no BatchNorm statistics updates
+    if freeze_bn:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def compute_losses(model: nn.Module, batch: dict[str, Any], phase: Phase, cfg: TrainConfig,
+                   device: torch.device) -> dict[str, torch.Tensor]:
+    images = batch["image"].to(device, non_blocking=True)
+    out = model(images)
+    losses: dict[str, torch.Tensor] = {}
+    if "map" in phase.losses:
+        labelmap = batch["labelmap"].to(device, non_blocking=True)
+        weight = batch.get("pixel_weight")
+        per_image = map_loss(out["u3"].float(), labelmap,
+                             None if weight is None else weight.to(device))
+        losses["map"] = per_image.mean()
+    if "img" in phase.losses:
+        target = recon_target(images, out["z3"].shape[-2:])
+        losses["img"] = recon_loss(out["z3"].float(), target.float()).mean()
+    if "tag" in phase.losses:
+        losses["tag"] = tag_loss(out["v3"].float(), batch["tags"].to(device)).mean()
+    weights = {"map": cfg.loss_map, "img": cfg.loss_img, "tag": cfg.loss_tag}
+    losses["loss"] = sum(weights[k] * v for k, v in losses.items())
+    return losses
+
+
+# ----------------------------------------------------------------------------- state
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def unwrap(model: nn.Module) -> DISNet:
+    return model.module if hasattr(model, "module") else model  # type: ignore[return-value]
+
+
+@dataclass
+class PhaseRun:
+    """Where a phase's checkpoints and log go, and what else to store in its checkpoints."""
+
+    checkpoint: Path
+    log: Path
+    stage: str
+    extra: dict[str, Any]
+    classes: list[str]
+
+
+def _trim_log(path: Path, phase: str, upto: int) -> None:
+    """On resume, drop log lines of this phase past the checkpoint (they will be redone)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill
+        if rec.get("phase") != phase or rec.get("iter", 0) <= upto:
+            kept.append(line)
+    atomic_write_bytes(path, lambda f: f.write(("\n".join(kept) + "\n" if kept else "")
+                                               .encode()))
+
+
+def run_phase(model: DISNet, phase: Phase, sources: Sequence[Source], cfg: TrainConfig,
+              total_iters: int, run: PhaseRun, device: torch.device,
+              resume: dict[str, Any] | None = None, dist: DistInfo = DistInfo(),
+              reporter: Reporter | None = None) -> dict[str, Any]:
+    """Train ``total_iters`` iterations of one phase (continuing ``resume`` if given); returns
+    the final checkpoint state (also written to ``run.checkpoint``)."""
+    reporter = reporter or NullReporter()
+    groups = param_groups(model, phase, cfg)
+    net: nn.Module = model
+    if dist.enabled:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly(total_iters, cfg.poly_power))
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    start = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        if resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        set_rng_state(resume["rng"])
+        start = int(resume["iteration"])
+        if dist.is_main:
+            _trim_log(run.log, phase.name, start)
+
+    def state(iteration: int, done: bool) -> dict[str, Any]:
+        return {"model": unwrap(model).state_dict(),
+                "model_config": unwrap(model).config.to_dict(), "classes": run.classes,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if use_amp else {}, "stage": run.stage,
+                "phase": phase.name, "iteration": iteration, "total_iters": total_iters,
+                "done": done, "rng": rng_state(), "config": cfg.to_dict(), **run.extra}
+
+    sampler = PlannedBatches([len(s.dataset) for s in sources],  # type: ignore[arg-type]
+                             [s.per_batch for s in sources], cfg.seed, start, total_iters, dist)
+    from discli.data.dataset import collate
+
+    loader = DataLoader(SeededSources([s.dataset for s in sources]), batch_sampler=sampler,
+                        collate_fn=collate, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda",
+                        persistent_workers=False)
+    set_train_modes(model, phase, cfg.freeze_bn)
+    reporter.start(f"{run.stage} {phase.name}", total_iters)
+    reporter.advance(start)
+    tic = time.perf_counter()
+    for iteration, batch in enumerate(loader, start=start + 1):
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            losses = compute_losses(net, batch, phase, cfg, device)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses["loss"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        if not all(math.isfinite(v) for v in values.values()):
+            raise FloatingPointError(f"{run.stage} {phase.name}: loss is {values} at iteration "
+                                     f"{iteration}; lower the learning rate")
+        lr = optimizer.param_groups[-1]["lr"]
+        reporter.advance(1, loss=values["loss"], lr=lr)
+        if dist.is_main and (iteration % cfg.log_every == 0 or iteration == total_iters):
+            record = {"stage": run.stage, "phase": phase.name, "iter": iteration, "lr": lr,
+                      "time": round(time.perf_counter() - tic, 3), **values, **run.extra}
+            with open(run.log, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if iteration < total_iters and iteration % cfg.ckpt_every == 0 and dist.is_main:
+            save_checkpoint(run.checkpoint, state(iteration, done=False))
+    final = state(total_iters, done=True)
+    if dist.is_main:
+        save_checkpoint(run.checkpoint, final)
+    return final

@@ -1,0 +1,120 @@
+"""The E-step (section 3.1, "Inference in Training"): pseudo-labels for every tagged image.
+
+With the weights frozen, training-time inference (t_tr steps of gradient descent on u1, v1
+against reconstruction + noisy-tag loss) runs on each tagged image at its own resolution; the
+final labelmap (u3 re-weighted by v3, upsampled to the image size), the probability of the chosen
+class per pixel, and the cleaned tag probabilities sigmoid(v3) go to an HDF5 cache
+(:mod:`discli.cache`). ``t_tr = 0`` is the no-inference ablation (setup 1 of Table 3).
+
+Images are batched by size (never padded: padding would change avgpool(u1) and the borders, so an
+image's pseudo-label would depend on its batch mates). Under torchrun the size buckets are dealt
+round-robin to the ranks, each writes its own part files, and rank 0 merges them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from discli.cache import CacheEntry, CacheWriter, make_attrs
+from discli.distributed import DistInfo, barrier, dist_info
+from discli.inference import InferenceConfig, infer
+from discli.model import DISNet
+from discli.progress import NullReporter, Reporter
+
+PART_IMAGES = 64  # images per crash-safe part file: a kill loses at most this much work
+
+
+def size_buckets(sizes: list[tuple[int, int]], indices: list[int], batch_size: int
+                 ) -> list[list[int]]:
+    """Batches of dataset indices whose images share one size, in a deterministic order."""
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i in indices:
+        by_size.setdefault(sizes[i], []).append(i)
+    batches = []
+    for size in sorted(by_size):
+        members = by_size[size]
+        batches += [members[k:k + batch_size] for k in range(0, len(members), batch_size)]
+    return batches
+
+
+def image_sizes(manifest: Any) -> list[tuple[int, int]]:
+    from PIL import Image
+
+    sizes = []
+    for rec in manifest.records:
+        with Image.open(manifest.image_path(rec)) as img:  # header only, no decode
+            sizes.append((img.height, img.width))
+    return sizes
+
+
+def pseudo_entries(result_probs: torch.Tensor, v3: torch.Tensor, batch: dict[str, Any]
+                   ) -> list[CacheEntry]:
+    probs = F.interpolate(result_probs, size=batch["image"].shape[-2:], mode="bilinear",
+                          align_corners=False)
+    confidence, labelmap = probs.max(dim=1)
+    tag_probs = torch.sigmoid(v3)
+    return [CacheEntry(id=batch["id"][i], labelmap=labelmap[i].to(torch.uint8).cpu().numpy(),
+                       confidence=confidence[i].half().cpu().numpy(),
+                       tag_probs=tag_probs[i].float().cpu().numpy(),
+                       noisy_tags=(batch["tags"][i] > 0.5).to(torch.uint8).numpy())
+            for i in range(len(batch["id"]))]
+
+
+def run_estep(model: DISNet, manifest: Any, cache_path: str | Path, *, t_tr: int,
+              inference: InferenceConfig, checkpoint_hash: str, batch_size: int = 8,
+              device: str | torch.device = "cpu", num_workers: int = 0,
+              reporter: Reporter | None = None, force: bool = False, amp: bool = False,
+              dist: DistInfo | None = None) -> Path:
+    """Write (or finish) the pseudo-label cache of ``manifest``'s images; returns its path."""
+    from discli.data.dataset import SegDataset, collate, eval_transform
+
+    if t_tr < 0:
+        raise ValueError(f"t_tr must be >= 0, got {t_tr}")
+    reporter = reporter or NullReporter()
+    dist = dist or dist_info()
+    device = torch.device(device)
+    cache_path = Path(cache_path)
+    cfg = InferenceConfig(**{**inference.__dict__, "steps": t_tr})
+    attrs = make_attrs(manifest.classes, t_tr, checkpoint_hash, cfg.__dict__)
+    writer = CacheWriter(cache_path, attrs, rank=dist.rank, force=force)
+    done = writer.done_ids()
+    todo = [i for i, rec in enumerate(manifest.records) if rec.id not in done]
+    sizes = image_sizes(manifest)
+    batches = size_buckets(sizes, todo, batch_size)[dist.rank::dist.world_size]
+    dataset = SegDataset(manifest, transform=eval_transform(), use_labelmaps=False)
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                        num_workers=num_workers)
+    model.to(device).eval()
+    reporter.start(f"E-step t_tr={t_tr}", sum(len(b) for b in batches))
+    pending: list[CacheEntry] = []
+    for batch in loader:
+        images = batch["image"].to(device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp and
+                            device.type == "cuda"):
+            result = infer(model, images, t_tr, cfg, tags=batch["tags"].to(device))
+        pending += pseudo_entries(result.probs.float(), result.v3, batch)
+        if len(pending) >= PART_IMAGES:
+            writer.write(pending)
+            pending = []
+        reporter.advance(len(batch["id"]), loss=float(result.losses[:, -1].mean()))
+    writer.write(pending)
+    barrier()
+    if dist.is_main:
+        writer.merge(expected_ids=[rec.id for rec in manifest.records])
+    barrier()
+    return cache_path
+
+
+def cache_summary(cache_path: str | Path) -> dict[str, Any]:
+    from discli.cache import PseudoCache
+
+    cache = PseudoCache(cache_path)
+    confidences = [float(np.mean(e.confidence)) for e in cache]
+    return {"cache": str(cache_path), "images": len(cache),
+            "mean_confidence": float(np.mean(confidences)) if confidences else 0.0}

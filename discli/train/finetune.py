@@ -1,0 +1,136 @@
+"""Stage 2 (section 3.1): the dual loop on pixel-labelled + tagged images, in rounds.
+
+Round ``r`` starts from the model of round ``r-1`` (round 1 from the pretrained ``final.pth``):
+
+- E-step: that model, frozen, infers pseudo-labelmaps and cleaned tags for every tagged image
+  (:func:`discli.train.estep.run_estep`) into ``round-r/cache.h5``, stamped with the hash of
+  the model file that produced it.
+- M-step: all weights train on batches mixing pixel-labelled images (their labelmaps and tags)
+  and tagged images (their cached pseudo-labelmaps and cleaned tags as ground truth) at
+  ``tagged_ratio``, with the reconstruction loss on both; the result is ``round-r/model.pth``.
+
+Everything a round has finished is a file, so the state of the loop is read off the folder:
+``model.pth`` present = round done; ``cache.h5`` present = E-step done; ``last.pth`` = M-step in
+progress; ``cache.parts/`` = E-step in progress. Each step can be run alone
+(``only="estep"|"mstep"``, ``round_=N``), and re-running continues where it stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from discli.cache import PseudoCache
+from discli.checkpoint import (atomic_write_bytes, file_hash, load_checkpoint,
+                               model_from_checkpoint)
+from discli.distributed import barrier, init_distributed, resolve_device
+from discli.errors import BadInputError, UsageError
+from discli.progress import NullReporter, Reporter
+from discli.train.config import TrainConfig, dump_toml
+from discli.train.engine import PHASES, PhaseRun, Source, run_phase
+from discli.train.estep import run_estep
+from discli.train.pretrain import check_same_architecture, labelled_dataset
+
+
+def init_checkpoint(cfg: TrainConfig) -> Path:
+    return Path(cfg.init) if cfg.init else Path(cfg.out) / "pretrain" / "final.pth"
+
+
+def round_dir(cfg: TrainConfig, r: int) -> Path:
+    return Path(cfg.out) / "finetune" / f"round-{r}"
+
+
+def round_input(cfg: TrainConfig, r: int) -> Path:
+    """The model file a round starts from."""
+    return init_checkpoint(cfg) if r == 1 else round_dir(cfg, r - 1) / "model.pth"
+
+
+def round_status(cfg: TrainConfig, r: int) -> str:
+    d = round_dir(cfg, r)
+    if (d / "model.pth").exists():
+        return "done"
+    if (d / "last.pth").exists():
+        return "mstep-running"
+    if (d / "cache.h5").exists():
+        return "estep-done"
+    if (d / "cache.parts").exists():
+        return "estep-running"
+    return "todo"
+
+
+def finetune(cfg: TrainConfig, only: str | None = None, round_: int | None = None,
+             reporter: Reporter | None = None, force: bool = False) -> dict[str, Any]:
+    from discli.data.manifest import read_manifest
+    from discli.train.pseudo import PseudoLabelled
+
+    if only not in (None, "estep", "mstep"):
+        raise UsageError(f"--only must be estep or mstep, got {only!r}")
+    if round_ is not None and not 1 <= round_ <= cfg.rounds:
+        raise UsageError(f"--round must be in 1..{cfg.rounds}, got {round_}")
+    reporter = reporter or NullReporter()
+    device = resolve_device(cfg.device)
+    dist = init_distributed(device)
+    if not cfg.tagged:
+        raise UsageError("no tagged manifest given (--tagged)")
+    tagged = read_manifest(cfg.tagged, root=cfg.root or None)
+    labelled_manifest, labelled = labelled_dataset(cfg)
+    if tagged.classes != labelled_manifest.classes:
+        raise BadInputError(f"classes {tagged.classes} differ from the labelled manifest's "
+                            f"{labelled_manifest.classes}", cfg.tagged)
+    out = Path(cfg.out) / "finetune"
+    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        atomic_write_bytes(out / "config.toml", lambda f: f.write(dump_toml(cfg).encode()))
+    summary: dict[str, Any] = {"out": str(out), "rounds": {}}
+    rounds = [round_] if round_ is not None else list(range(1, cfg.rounds + 1))
+    for r in rounds:
+        rdir = round_dir(cfg, r)
+        status = round_status(cfg, r)
+        if status == "done":
+            summary["rounds"][r] = "already done"
+            continue
+        source = round_input(cfg, r)
+        if not source.exists():
+            what = "pretrain has" if r == 1 else f"round {r - 1} has"
+            raise UsageError(f"{source} not found: {what} not finished")
+        source_hash = file_hash(source)
+        cache_path = rdir / "cache.h5"
+        if only in (None, "estep") and not cache_path.exists():
+            state = load_checkpoint(source)
+            check_same_architecture(state, cfg, tagged.classes, source)
+            model = model_from_checkpoint(state, source).to(device)
+            run_estep(model, tagged, cache_path, t_tr=cfg.t_tr, inference=cfg.inference(),
+                      checkpoint_hash=source_hash, batch_size=cfg.estep_batch_size,
+                      device=device, num_workers=cfg.num_workers, reporter=reporter,
+                      force=force, amp=cfg.amp, dist=dist)
+        if only == "estep":
+            summary["rounds"][r] = "estep done"
+            continue
+        if not cache_path.exists():
+            raise UsageError(f"{cache_path} not found: run the E-step of round {r} first")
+        cache = PseudoCache(cache_path, checkpoint_hash=source_hash, force=force)
+        last = rdir / "last.pth"
+        resume = load_checkpoint(last) if last.exists() else None
+        start_state = resume if resume is not None else load_checkpoint(source)
+        check_same_architecture(start_state, cfg, tagged.classes, last if resume else source)
+        model = model_from_checkpoint(start_state, source).to(device)
+        pseudo = PseudoLabelled(tagged, cache, labelled.transform, cfg.confidence,
+                                cfg.tag_threshold)
+        n_tagged = round(cfg.batch_size * cfg.tagged_ratio)
+        sources = [Source(labelled, cfg.batch_size - n_tagged), Source(pseudo, n_tagged)]
+        run = PhaseRun(checkpoint=last, log=out / "log.jsonl", stage="finetune",
+                       extra={"round": r, "source_hash": source_hash},
+                       classes=tagged.classes)
+        run_phase(model, PHASES["mstep"], [s for s in sources if s.per_batch > 0], cfg,
+                  cfg.mstep_iters, run, device, resume=resume, dist=dist, reporter=reporter)
+        if dist.is_main:
+            atomic_write_bytes(rdir / "model.pth", lambda f: f.write(last.read_bytes()))
+            last.unlink()
+        barrier()
+        summary["rounds"][r] = "trained"
+    final = round_dir(cfg, cfg.rounds) / "model.pth"
+    if cfg.rounds and final.exists():
+        if dist.is_main:
+            atomic_write_bytes(out / "final.pth", lambda f: f.write(final.read_bytes()))
+        summary["checkpoint"] = str(out / "final.pth")
+    return summary

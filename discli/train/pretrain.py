@@ -1,0 +1,110 @@
+"""Stage 1 (section 3, "Fully-supervised Stage"): pretrain on pixel-labelled images in 3 steps.
+
+Files in ``<out>/pretrain/``: ``last.pth`` (rolling checkpoint: resume point), ``step1.pth``,
+``step2.pth``, ``final.pth`` (after step 3, the input of finetune), ``config.toml`` (the
+effective configuration) and ``log.jsonl`` (metrics). Re-running the same command on the same
+folder continues where it stopped; a finished step is never redone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from discli.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
+from discli.distributed import barrier, init_distributed, resolve_device
+from discli.errors import IncompatibleError, UsageError
+from discli.model import DISNet, ModelConfig
+from discli.progress import Reporter
+from discli.train.config import TrainConfig, dump_toml
+from discli.train.engine import PHASES, PhaseRun, Source, run_phase
+
+ARCH_KEYS = ("backbone", "num_classes", "backbone_kwargs")
+
+
+def new_model(cfg: TrainConfig, classes: list[str]) -> DISNet:
+    torch.manual_seed(cfg.seed)
+    kwargs = {"channels": cfg.channels} if cfg.backbone == "tiny" else {}
+    return DISNet(ModelConfig(backbone=cfg.backbone, num_classes=len(classes),
+                              backbone_weights=cfg.backbone_weights or None,
+                              backbone_kwargs=kwargs))
+
+
+def check_same_architecture(state: dict[str, Any], cfg: TrainConfig, classes: list[str],
+                            path: Path) -> None:
+    stored = state["model_config"]
+    want = {"backbone": cfg.backbone, "num_classes": len(classes)}
+    for key, value in want.items():
+        if stored.get(key) != value:
+            raise IncompatibleError(f"checkpoint has {key}={stored.get(key)!r} but this run asks "
+                                    f"for {value!r} (use another --out, or the same options)",
+                                    path)
+    if state.get("classes") and list(state["classes"]) != list(classes):
+        raise IncompatibleError(f"checkpoint classes {state['classes']} differ from the "
+                                f"manifest's {classes}", path)
+
+
+def labelled_dataset(cfg: TrainConfig):  # noqa: ANN201
+    from discli.data.dataset import SegDataset, train_transform
+    from discli.data.manifest import read_manifest
+
+    if not cfg.labelled:
+        raise UsageError("no pixel-labelled manifest given (--labelled)")
+    manifest = read_manifest(cfg.labelled, root=cfg.root or None)
+    manifest.records = [r for r in manifest.records if r.labelmap]
+    if not manifest.records:
+        raise UsageError(f"{cfg.labelled}: no record with a labelmap")
+    transform = train_transform(cfg.crop_size, scale=(cfg.scale_min, cfg.scale_max))
+    return manifest, SegDataset(manifest, transform=transform)
+
+
+def pretrain(cfg: TrainConfig, steps: Sequence[int] = (1, 2, 3),
+             reporter: Reporter | None = None) -> dict[str, Any]:
+    """Run (or continue) the requested pretraining steps; returns a summary."""
+    if any(s not in (1, 2, 3) for s in steps):
+        raise UsageError(f"--step must be 1, 2 or 3, got {list(steps)}")
+    device = resolve_device(cfg.device)
+    dist = init_distributed(device)
+    if cfg.batch_size % dist.world_size:
+        raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by the "
+                         f"{dist.world_size} processes")
+    out = Path(cfg.out) / "pretrain"
+    out.mkdir(parents=True, exist_ok=True)
+    manifest, dataset = labelled_dataset(cfg)
+    last = out / "last.pth"
+    state = load_checkpoint(last) if last.exists() else None
+    if state is not None:
+        check_same_architecture(state, cfg, manifest.classes, last)
+        model = model_from_checkpoint(state, last)
+    else:
+        model = new_model(cfg, manifest.classes)
+    model.to(device)
+    if dist.is_main:
+        atomic_write_bytes(out / "config.toml", lambda f: f.write(dump_toml(cfg).encode()))
+    run = PhaseRun(checkpoint=last, log=out / "log.jsonl", stage="pretrain", extra={},
+                   classes=manifest.classes)
+    iters = {1: cfg.iters_step1, 2: cfg.iters_step2, 3: cfg.iters_step3}
+    summary: dict[str, Any] = {"out": str(out), "steps": {}}
+    for step in sorted(steps):
+        done_step = 0 if state is None else int(state["step"]) - (0 if state["done"] else 1)
+        if done_step >= step:
+            summary["steps"][step] = "already done"
+            continue
+        if done_step < step - 1:
+            raise UsageError(f"pretrain step {step - 1} has not finished in {out} "
+                             f"(run --step {step - 1} first)")
+        resume = state if state is not None and int(state["step"]) == step else None
+        run.extra = {"step": step}
+        state = run_phase(model, PHASES[f"step{step}"], [Source(dataset, cfg.batch_size)], cfg,
+                          iters[step], run, device, resume=resume, dist=dist, reporter=reporter)
+        if dist.is_main:
+            target = out / ("final.pth" if step == 3 else f"step{step}.pth")
+            atomic_write_bytes(target, lambda f: f.write(last.read_bytes()))
+        barrier()
+        summary["steps"][step] = "trained"
+    if (out / "final.pth").exists():
+        summary["checkpoint"] = str(out / "final.pth")
+    return summary
