@@ -34,7 +34,7 @@ import h5py
 import numpy as np
 
 from discli import __version__
-from discli.errors import BadInputError, IncompatibleError
+from discli.errors import BadInputError, DisError, IncompatibleError
 
 FORMAT = "dis-pseudo-cache"
 FORMAT_VERSION = 1
@@ -141,6 +141,10 @@ class CacheWriter:
         """Merge all parts into the final cache file (atomic) and remove the parts."""
         parts = self.parts()
         expected = None if expected_ids is None else set(expected_ids)
+        if expected is not None and not expected <= self.done_ids():
+            missing = sorted(expected - self.done_ids())
+            raise DisError(f"cannot finish the cache: {len(missing)} images have no entry yet "
+                           f"(first: {missing[0]!r}); re-run to complete them", self.path)
 
         def fill(h5: h5py.File) -> None:
             h5.attrs.update(self.attrs)

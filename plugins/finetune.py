@@ -9,6 +9,7 @@ import typer
 
 from dis_plugins import train_options as opt
 from discli.cli.output import RichReporter, print_json
+from discli.distributed import dist_info
 from discli.train.finetune import finetune as run_finetune
 
 
@@ -53,8 +54,11 @@ def finetune(
                            tagged_ratio=tagged_ratio, backbone=backbone, batch_size=batch_size,
                            crop_size=crop_size, lr=lr, seed=seed, device=device,
                            num_workers=num_workers, amp=amp, root=root)
-    with RichReporter(quiet=quiet) as reporter:
+    main_rank = dist_info().is_main  # under torchrun only rank 0 talks
+    with RichReporter(quiet=quiet or not main_rank) as reporter:
         summary = run_finetune(cfg, only=only, round_=round_, reporter=reporter, force=force)
+    if not main_rank:
+        return
     if json_out:
         print_json(summary)
     else:

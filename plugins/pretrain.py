@@ -9,6 +9,7 @@ import typer
 
 from dis_plugins import train_options as opt
 from discli.cli.output import RichReporter, print_json
+from discli.distributed import dist_info
 from discli.train.pretrain import pretrain as run_pretrain
 
 
@@ -48,8 +49,11 @@ def pretrain(
                            backbone_weights=backbone_weights, batch_size=batch_size,
                            crop_size=crop_size, lr=lr, seed=seed, device=device,
                            num_workers=num_workers, amp=amp, root=root, **step_iters)
-    with RichReporter(quiet=quiet) as reporter:
+    main_rank = dist_info().is_main  # under torchrun only rank 0 talks
+    with RichReporter(quiet=quiet or not main_rank) as reporter:
         summary = run_pretrain(cfg, steps=step or (1, 2, 3), reporter=reporter)
+    if not main_rank:
+        return
     if json_out:
         print_json(summary)
     else:

@@ -84,6 +84,7 @@ def run_estep(model: DISNet, manifest: Any, cache_path: str | Path, *, t_tr: int
     attrs = make_attrs(manifest.classes, t_tr, checkpoint_hash, cfg.__dict__)
     writer = CacheWriter(cache_path, attrs, rank=dist.rank, force=force)
     done = writer.done_ids()
+    barrier()  # every rank must see the same finished set before anyone writes a new part
     todo = [i for i, rec in enumerate(manifest.records) if rec.id not in done]
     sizes = image_sizes(manifest)
     batches = size_buckets(sizes, todo, batch_size)[dist.rank::dist.world_size]
