@@ -1,0 +1,199 @@
+"""`dis evaluate` as a library: VOC-protocol scores of several inference setups in one pass.
+
+For every image the backbone runs once; inference is snapshotted at each requested ``t_ts``
+(:func:`discli.inference.infer_steps`), and each snapshot is one *setup*. The *ensemble* setup
+(section 4.2 of the paper: different inference iterations disagree usefully) averages the
+upsampled final probabilities of all snapshots and takes the argmax.
+
+Per setup the accumulators are a :class:`~discli.metrics.ConfusionMatrix` and a
+:class:`~discli.metrics.BoundaryF` (rules in :mod:`discli.metrics`): both keep their state in one
+tensor, so a distributed run gives each rank a shard of the images and calls
+:meth:`Evaluator.all_reduce` before :meth:`Evaluator.result`.
+
+Timing: ``ms_per_image`` is the wall time of the forward, the inference up to the largest t, the
+upsampling and the argmax, divided by the number of images (CUDA synchronised; data loading and
+scoring not included). The first batch is left out when there are others (it carries one-time
+costs). All setups come from that one pass, so it is the cost of the largest t (the t=0 setup
+alone would cost less).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from discli.errors import BadInputError, UsageError
+from discli.inference import InferenceConfig
+from discli.metrics import BoundaryF, ConfusionMatrix
+from discli.model import DISNet
+from discli.predict import (check_classes, run_inference, size_batches, synchronize,
+                            upsample_probs)
+from discli.progress import NullReporter, Reporter
+
+ENSEMBLE = "ensemble"
+
+
+def setup_names(steps: Sequence[int], ensemble: bool = True) -> list[str]:
+    names = [f"t={t}" for t in steps]
+    return names + [ENSEMBLE] if ensemble and len(steps) > 1 else names
+
+
+class Evaluator:
+    """Accumulates confusion matrices and boundary counts for every setup."""
+
+    def __init__(self, num_classes: int, steps: Sequence[int], ensemble: bool = True,
+                 boundary_tolerance: float = 2.0, device: str | torch.device = "cpu"):
+        self.steps = list(steps)
+        self.names = setup_names(self.steps, ensemble)
+        self.device = torch.device(device)  # where the states live: cuda for an NCCL all_reduce
+        self.confusion = {n: ConfusionMatrix(num_classes, device) for n in self.names}
+        self.boundary = {n: BoundaryF(boundary_tolerance, device=device) for n in self.names}
+        self.images = 0
+        # timing: the first batch (one-time costs: allocator, kernel selection) is kept apart
+        self.timed_images, self.seconds = 0, 0.0
+        self.warmup_images, self.warmup_seconds = 0, 0.0
+
+    def add_time(self, seconds: float, images: int) -> None:
+        self.images += images
+        if self.warmup_images == 0:
+            self.warmup_images, self.warmup_seconds = images, seconds
+        else:
+            self.timed_images += images
+            self.seconds += seconds
+
+    @property
+    def ms_per_image(self) -> float:
+        if self.timed_images:
+            return 1000 * self.seconds / self.timed_images
+        return 1000 * self.warmup_seconds / self.warmup_images if self.warmup_images else math.nan
+
+    def update(self, name: str, pred: torch.Tensor, target: torch.Tensor) -> None:
+        self.confusion[name].update(pred, target)
+        for p, t in zip(pred, target):
+            self.boundary[name].update(p, t)
+
+    def all_reduce(self) -> Evaluator:
+        from discli.distributed import all_reduce_sum
+
+        for name in self.names:
+            self.confusion[name].all_reduce()
+            self.boundary[name].all_reduce()
+        totals = all_reduce_sum(torch.tensor(
+            [self.images, self.timed_images, self.seconds, self.warmup_images,
+             self.warmup_seconds], dtype=torch.float64, device=self.device)).tolist()
+        self.images, self.timed_images, self.warmup_images = (int(totals[i]) for i in (0, 1, 3))
+        self.seconds, self.warmup_seconds = totals[2], totals[4]
+        return self
+
+    def result(self, classes: Sequence[str]) -> dict[str, Any]:
+        ms = self.ms_per_image
+        setups = []
+        for name in self.names:
+            scores = self.confusion[name].compute(classes)
+            setups.append({"name": name,
+                           "steps": self.steps if name == ENSEMBLE else int(name[2:]),
+                           "miou": scores["miou"], "pixel_acc": scores["pixel_acc"],
+                           "boundary": self.boundary[name].compute(), "ms_per_image": ms,
+                           "iou": scores["iou"], "classes_counted": scores["classes_counted"],
+                           "pixels": scores["pixels"]})
+        return {"images": self.images, "ms_per_image": ms, "setups": setups}
+
+
+def _finite(value: Any) -> Any:
+    """NaN -> None throughout (JSON has no NaN)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def parse_steps(text: str) -> list[int]:
+    """"0,10,30" -> [0, 10, 30] (sorted, unique, each >= 0)."""
+    try:
+        steps = sorted({int(part) for part in text.replace(" ", "").split(",") if part})
+    except ValueError:
+        raise UsageError(f"--t-ts: expected comma-separated integers, got {text!r}") from None
+    if not steps or steps[0] < 0:
+        raise UsageError(f"--t-ts: expected integers >= 0, got {text!r}")
+    return steps
+
+
+def _labelled(manifest: Any, split: str | None) -> Any:
+    records = [r for r in manifest.records
+               if r.labelmap and (split is None or r.split == split)]
+    if not records:
+        where = f" in split {split!r}" if split else ""
+        raise BadInputError(f"no records with a labelmap{where} to evaluate on", manifest.path)
+    return dataclasses.replace(manifest, records=records)
+
+
+def evaluate(model: DISNet, manifest: Any, steps: Sequence[int] = (0,),
+             cfg: InferenceConfig | None = None, *, classes: Sequence[str] | None = None,
+             ensemble: bool = True, batch_size: int = 8, device: str | torch.device = "cpu",
+             amp: bool = False, boundary_tolerance: float = 2.0, split: str | None = None,
+             num_workers: int = 0, limit: int | None = None,
+             checkpoint: str | None = None, reporter: Reporter | None = None
+             ) -> dict[str, Any]:
+    """Evaluate ``model`` on the labelled records of ``manifest`` (a
+    :class:`discli.data.manifest.Manifest`) at every t in ``steps`` (+ their ensemble).
+
+    Returns ``{"manifest", "split", "classes", "steps", "images", "ms_per_image",
+    "boundary_tolerance", "checkpoint", "setups": [{"name", "steps", "miou", "pixel_acc",
+    "boundary": {"precision", "recall", "f1", "tolerance"}, "ms_per_image", "iou": {class: IoU
+    or None}, "classes_counted", "pixels"}, ...]}``; mIoU over classes with gt + pred pixels > 0.
+    """
+    from discli.data.dataset import SegDataset
+
+    cfg = cfg or InferenceConfig()
+    reporter = reporter or NullReporter()
+    device = torch.device(device)
+    steps = sorted(set(int(t) for t in steps))
+    classes = list(classes) if classes is not None else list(manifest.classes)
+    check_classes(classes, manifest.classes, "manifest", manifest.path, checkpoint)
+    data = _labelled(manifest, split)
+    if limit is not None:
+        data = dataclasses.replace(data, records=data.records[:limit])
+    dataset = SegDataset(data, transform=None, use_labelmaps=True)
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers)
+    model = model.to(device).eval()
+    acc = Evaluator(len(classes), steps, ensemble, boundary_tolerance)
+    reporter.start("evaluate", total=len(dataset))
+    items = (item for item in loader if bool(item["has_labelmap"]))
+    for batch in size_batches(items, lambda item: tuple(item["image"].shape), batch_size):
+        _score_batch(model, batch, acc, cfg, amp, device)
+        latest = acc.confusion[acc.names[-1]].compute()
+        reporter.advance(len(batch), mIoU=latest["miou"])
+    if acc.images == 0:
+        raise BadInputError("no image had a readable labelmap", manifest.path)
+    report = _finite(acc.result(classes))
+    return {"manifest": str(manifest.path), "checkpoint": checkpoint, "split": split,
+            "classes": classes, "steps": steps, "boundary_tolerance": boundary_tolerance,
+            **report}
+
+
+def _score_batch(model: DISNet, batch: list[dict[str, Any]], acc: Evaluator,
+                 cfg: InferenceConfig, amp: bool, device: torch.device) -> None:
+    """One backbone forward for a batch of same-size images, scored for every setup."""
+    images = torch.stack([torch.as_tensor(item["image"]) for item in batch]).to(device)
+    target = torch.stack([torch.as_tensor(item["labelmap"]) for item in batch])
+    size = tuple(images.shape[-2:])
+    start = time.perf_counter()
+    results = run_inference(model, images, acc.steps, cfg, amp)
+    full = {t: upsample_probs(results[t].probs, size) for t in acc.steps}
+    preds = {f"t={t}": full[t].argmax(dim=1) for t in acc.steps}
+    if ENSEMBLE in acc.names:
+        preds[ENSEMBLE] = torch.stack(list(full.values())).mean(dim=0).argmax(dim=1)
+    preds = {name: p.cpu() for name, p in preds.items()}
+    synchronize(device)
+    acc.add_time(time.perf_counter() - start, len(batch))
+    for name, pred in preds.items():
+        acc.update(name, pred, target)

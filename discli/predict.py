@@ -1,0 +1,470 @@
+"""`dis infer` as a library: collect inputs, batch by size, write labelmaps and probabilities.
+
+Outputs for an image with id ``ID`` under ``out_dir`` (an id may contain "/": sub-folders):
+
+    ID.png           class indices, 8-bit greyscale ('L'), at the image's own resolution
+    ID_color.png     the same labelmap with the VOC palette ('P')
+    ID_overlay.jpg   (overlay=True) image and coloured labelmap blended half and half
+
+Final probabilities (stride 8) are upsampled bilinearly (align_corners=False) to the image size
+before the argmax. Images are batched only with images of the *same size* (never padded), so an
+image's prediction does not depend on its batch mates. Every file is written atomically (temp +
+rename); an image whose requested outputs all exist is skipped (resume) unless ``overwrite``.
+``out_dir/.dis-infer.json`` records the checkpoint and settings: resuming into a folder made with
+other ones is refused.
+
+``probs_path`` (HDF5): root attrs ``format="dis-probs"``, ``format_version``, ``classes`` (JSON),
+``steps``, ``checkpoint_hash``; ``/entries/<key>`` per image (key = id with "/" as "%2F") holds
+``probs`` float16 (K, H, W) at the image's resolution, ``tag_probs`` float32 (K,), attr ``id``.
+The file is written to a temporary name (entries of an existing file carried over) and renamed
+when the run ends (also when it stops on an error or ^C, with the images done so far), so it is
+never torn.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from discli.cache import key_of
+from discli.checkpoint import atomic_write_bytes, file_hash, load_model
+from discli.errors import BadInputError, IncompatibleError, UsageError
+from discli.inference import InferenceConfig, InferenceResult, infer_steps
+from discli.model import DISNet
+from discli.progress import NullReporter, Reporter
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+PROBS_FORMAT = "dis-probs"
+PROBS_FORMAT_VERSION = 1
+RUN_INFO = ".dis-infer.json"
+
+
+# ----------------------------------------------------------------------------- model and device
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``None``/"auto": cuda when available, else cpu; asking for an absent cuda is an error."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device: unknown device {name!r} (use cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+def checkpoint_classes(state: dict[str, Any], num_classes: int) -> list[str]:
+    classes = state.get("classes")
+    if isinstance(classes, (list, tuple)) and len(classes) == num_classes:
+        return [str(c) for c in classes]
+    return ["background"] + [f"class{k}" for k in range(1, num_classes)]
+
+
+@dataclass
+class LoadedModel:
+    model: DISNet
+    classes: list[str]
+    checkpoint_hash: str
+    path: Path
+
+
+def load_for_inference(checkpoint: str | Path, device: torch.device | str = "cpu"
+                       ) -> LoadedModel:
+    model, state = load_model(checkpoint, device)
+    return LoadedModel(model, checkpoint_classes(state, model.num_classes), file_hash(checkpoint),
+                       Path(checkpoint))
+
+
+def check_classes(model_classes: Sequence[str], other: Sequence[str], what: str,
+                  path: str | Path | None, checkpoint: str | Path | None = None) -> None:
+    """Refuse data or a cache whose class count differs from the checkpoint's."""
+    if len(model_classes) != len(other):
+        model = f"checkpoint {checkpoint}" if checkpoint is not None else "the model"
+        raise IncompatibleError(f"{what} has {len(other)} classes but {model} has "
+                                f"{len(model_classes)}; use a checkpoint trained on these "
+                                f"classes", path)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class InputImage:
+    id: str
+    path: Path
+
+
+def _inside(path: Path, folder: Path | None) -> bool:
+    return folder is not None and (path.resolve() == folder or folder in path.resolve().parents)
+
+
+def _folder_images(folder: Path, exclude: Path | None = None) -> list[InputImage]:
+    found = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() in IMAGE_EXTENSIONS and not _inside(p, exclude))
+    return [InputImage(p.relative_to(folder).with_suffix("").as_posix(), p) for p in found]
+
+
+def _manifest_images(path: Path) -> list[InputImage]:
+    from discli.data.manifest import read_manifest
+
+    manifest = read_manifest(path)
+    return [InputImage(rec.id, Path(manifest.image_path(rec))) for rec in manifest.records]
+
+
+def _expand(source: str, exclude: Path | None) -> list[InputImage]:
+    path = Path(source)
+    if path.is_dir():
+        return _folder_images(path, exclude)
+    if not path.exists():
+        raise BadInputError("no such image, folder or manifest", path)
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return [InputImage(path.stem, path)]
+    return _manifest_images(path)
+
+
+def collect_inputs(sources: Sequence[str], stdin: TextIO | None = None,
+                   exclude: str | Path | None = None) -> list[InputImage]:
+    """Expand image files, folders (recursively; id = relative path without suffix), manifests
+    (id = record id) and ``-`` (one path per line on stdin) into a list of unique ids.
+
+    Folder scans skip hidden files and anything under ``exclude`` (the output folder, so a
+    re-run does not take its own outputs for inputs).
+    """
+    exclude = Path(exclude).resolve() if exclude is not None else None
+    images: list[InputImage] = []
+    for source in sources:
+        if source == "-":
+            stream = stdin if stdin is not None else sys.stdin
+            for line in stream:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    images.extend(_expand(line, exclude))
+        else:
+            images.extend(_expand(source, exclude))
+    seen: dict[str, Path] = {}
+    for image in images:
+        if image.id in seen:
+            raise BadInputError(f"two inputs share the id {image.id!r}: {seen[image.id]} and "
+                                f"{image.path}; rename one or pass them in separate runs",
+                                image.path)
+        seen[image.id] = image.path
+    if not images:
+        raise UsageError("no input images (give image files, folders, a manifest, or - for a "
+                         "list of paths on stdin)")
+    return images
+
+
+# ----------------------------------------------------------------------------- output paths
+
+
+def safe_join(out_dir: Path, name: str) -> Path:
+    """``out_dir/name`` for an id-derived name, refusing anything that would leave out_dir."""
+    parts = name.replace("\\", "/").split("/")
+    if (not name or "\x00" in name or name.startswith("/") or any(p in ("", ".", "..")
+                                                                    for p in parts)
+            or (len(parts[0]) >= 2 and parts[0][1] == ":")):
+        raise BadInputError(f"image id {name!r} would write outside the output folder "
+                            f"(absolute, empty or '..' path component)", out_dir)
+    path = out_dir.joinpath(*parts)
+    root = out_dir.resolve()
+    resolved = path.resolve()
+    if resolved != root and root not in resolved.parents:
+        raise BadInputError(f"image id {name!r} would write outside the output folder "
+                            f"(through a symbolic link)", out_dir)
+    return path
+
+
+def output_paths(out_dir: Path, image_id: str, overlay: bool) -> dict[str, Path]:
+    paths = {"labelmap": safe_join(out_dir, f"{image_id}.png"),
+             "color": safe_join(out_dir, f"{image_id}_color.png")}
+    if overlay:
+        paths["overlay"] = safe_join(out_dir, f"{image_id}_overlay.jpg")
+    return paths
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+@functools.lru_cache(maxsize=1)
+def palette() -> np.ndarray:
+    """The VOC colour map, uint8 (256, 3)."""
+    from discli.data.voc import voc_palette
+
+    return np.asarray(voc_palette(), dtype=np.uint8).reshape(256, 3)
+
+
+def _save_image(path: Path, image: Image.Image, fmt: str, **options: Any) -> None:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    atomic_write_bytes(path, lambda f: f.write(buffer.getvalue()))
+
+
+def write_index_png(path: Path, labelmap: np.ndarray) -> None:
+    _save_image(path, Image.fromarray(labelmap.astype(np.uint8), mode="L"), "PNG")
+
+
+def write_color_png(path: Path, labelmap: np.ndarray) -> None:
+    h, w = labelmap.shape
+    image = Image.frombytes("P", (w, h), labelmap.astype(np.uint8).tobytes())
+    image.putpalette(palette().reshape(-1).tolist())
+    _save_image(path, image, "PNG")
+
+
+def overlay_image(image: np.ndarray, labelmap: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    colors = palette()[labelmap]
+    return ((1 - alpha) * image.astype(np.float32) + alpha * colors).round().astype(np.uint8)
+
+
+def write_overlay(path: Path, image: np.ndarray, labelmap: np.ndarray) -> None:
+    _save_image(path, Image.fromarray(overlay_image(image, labelmap)), "JPEG", quality=90)
+
+
+class ProbsWriter:
+    """Writes the ``--probs`` HDF5 file (see the module docstring) to a temp name, then renames."""
+
+    def __init__(self, path: str | Path, attrs: dict[str, Any], overwrite: bool = False):
+        self.path = Path(path)
+        self.attrs = attrs
+        self.done: set[str] = set()
+        old = None
+        if self.path.exists() and not overwrite:
+            old = self._check_existing()
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.h5 = h5py.File(self.tmp, "w")
+        self.h5.attrs.update(attrs)
+        self.entries = self.h5.require_group("entries")
+        if old is not None:
+            with h5py.File(self.path, "r") as src:
+                for key, group in src.get("entries", {}).items():
+                    src.copy(group, self.entries, name=key)
+                    self.done.add(str(group.attrs["id"]))
+
+    def _check_existing(self) -> Path:
+        try:
+            with h5py.File(self.path, "r") as h5:
+                attrs = dict(h5.attrs)
+        except OSError as exc:
+            raise BadInputError(f"not a readable HDF5 file ({exc}); pass --overwrite to replace "
+                                f"it", self.path) from None
+        if attrs.get("format") != PROBS_FORMAT:
+            raise IncompatibleError("not a dis probabilities file; pass --overwrite to replace it",
+                                    self.path)
+        for key in ("classes", "steps", "checkpoint_hash", "inference"):
+            if str(attrs.get(key)) != str(self.attrs.get(key)):
+                raise IncompatibleError(f"made with another {key} ({attrs.get(key)}, now "
+                                        f"{self.attrs.get(key)}); pass --overwrite to replace "
+                                        f"it", self.path)
+        return self.path
+
+    def add(self, image_id: str, probs: np.ndarray, tag_probs: np.ndarray) -> None:
+        key = key_of(image_id)
+        if key in self.entries:
+            del self.entries[key]
+        try:
+            g = self.entries.create_group(key)
+            g.attrs["id"] = image_id
+            g.create_dataset("probs", data=probs.astype(np.float16), compression="gzip",
+                             compression_opts=1, chunks=True)
+            g.create_dataset("tag_probs", data=tag_probs.astype(np.float32))
+        except BaseException:
+            if key in self.entries:  # never keep a half-written entry
+                del self.entries[key]
+            raise
+
+    def close(self, commit: bool = True) -> None:
+        self.h5.close()
+        try:
+            if commit:
+                with open(self.tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(self.tmp, self.path)
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def size_batches(items: Iterable[Any], size_of: Callable[[Any], tuple[int, ...]],
+                 batch_size: int, max_pending: int | None = None) -> Iterator[list[Any]]:
+    """Group a stream into batches of items of equal size, in roughly input order.
+
+    At most ``max_pending`` items (default 4 batches) wait for mates: past that, the fullest
+    bucket goes out even if short, so memory stays bounded on sets with many sizes.
+    """
+    max_pending = max_pending or 4 * batch_size
+    buckets: dict[tuple[int, ...], list[Any]] = {}
+    pending = 0
+    for item in items:
+        bucket = buckets.setdefault(tuple(size_of(item)), [])
+        bucket.append(item)
+        pending += 1
+        if len(bucket) >= batch_size:
+            pending -= len(bucket)
+            yield buckets.pop(tuple(size_of(item)))
+        elif pending > max_pending:
+            key = max(buckets, key=lambda k: len(buckets[k]))
+            pending -= len(buckets[key])
+            yield buckets.pop(key)
+    yield from buckets.values()
+
+
+def upsample_probs(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Final probabilities (B,K,h,w) -> (B,K,H,W), bilinear, align_corners=False."""
+    return F.interpolate(probs.float(), size=size, mode="bilinear", align_corners=False)
+
+
+def run_inference(model: DISNet, images: torch.Tensor, steps: Sequence[int],
+                  cfg: InferenceConfig, amp: bool = False) -> dict[int, InferenceResult]:
+    """:func:`infer_steps` with the backbone forward under autocast when ``amp`` on CUDA."""
+    use_amp = amp and images.device.type == "cuda"
+    with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+        return infer_steps(model, images, steps, cfg)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def _normalize(image: np.ndarray) -> torch.Tensor:
+    from discli.data.dataset import normalize
+
+    return torch.as_tensor(normalize(image))
+
+
+def _check_run_info(out_dir: Path, info: dict[str, Any], overwrite: bool) -> None:
+    path = out_dir / RUN_INFO
+    if path.exists() and not overwrite:
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old != info:
+            changed = sorted(k for k in info if not isinstance(old, dict) or old.get(k) != info[k])
+            raise IncompatibleError(f"outputs there were made with another {', '.join(changed)} "
+                                    f"(see {RUN_INFO}); pass --overwrite to replace them, or "
+                                    f"another --out", out_dir)
+    atomic_write_bytes(path, lambda f: f.write(json.dumps(info, indent=1).encode()))
+
+
+def predict(model: DISNet, inputs: Sequence[InputImage], *, classes: Sequence[str],
+            out_dir: str | Path | None = None, steps: int = 0, cfg: InferenceConfig | None = None,
+            batch_size: int = 8, device: str | torch.device = "cpu", amp: bool = False,
+            overlay: bool = False, probs_path: str | Path | None = None, overwrite: bool = False,
+            checkpoint_hash: str = "", reporter: Reporter | None = None
+            ) -> Iterator[dict[str, Any]]:
+    """Infer every input and write its outputs; yields one summary dict per image.
+
+    Summary: ``id``, ``image`` (path), ``size`` [H, W], ``skipped`` (outputs already there),
+    ``outputs`` {kind: path}, and for computed images ``classes`` {name: pixel fraction}
+    (largest first), ``tags`` {name: probability} (background excluded), ``loss`` (final
+    objective) and ``ms`` (inference time of the image's share of its batch).
+    """
+    cfg = cfg or InferenceConfig()
+    reporter = reporter or NullReporter()
+    device = torch.device(device)
+    model = model.to(device).eval()
+    out = Path(out_dir) if out_dir is not None else None
+    settings = {"checkpoint_hash": checkpoint_hash, "steps": int(steps),
+                "inference": {"lr": cfg.lr, "momentum": cfg.momentum,
+                              "proximity": cfg.proximity}, "classes": list(classes)}
+    plans = [(item, output_paths(out, item.id, overlay) if out is not None else {})
+             for item in inputs]
+    targets = [p for _, paths in plans for p in paths.values()]
+    if len(set(targets)) != len(targets):
+        raise BadInputError("two images would write the same output file (an id ending in "
+                            "'_color' or '_overlay' next to its stem?)", out)
+    if out is not None:
+        _check_run_info(out, settings, overwrite)
+    probs = None
+    if probs_path is not None:
+        probs = ProbsWriter(probs_path, {"format": PROBS_FORMAT,
+                                         "format_version": PROBS_FORMAT_VERSION,
+                                         "classes": json.dumps(list(classes)),
+                                         "steps": int(steps), "checkpoint_hash": checkpoint_hash,
+                                         "inference": json.dumps(settings["inference"])},
+                            overwrite=overwrite)
+    reporter.start("infer", total=len(plans))
+    try:
+        todo = []
+        for item, paths in plans:
+            done = (bool(paths) or probs is not None) and not overwrite and all(
+                p.is_file() for p in paths.values()) and (probs is None or item.id in probs.done)
+            if done:
+                reporter.advance(1)
+                yield {"id": item.id, "image": str(item.path), "skipped": True,
+                       "outputs": {k: str(p) for k, p in paths.items()}}
+            else:
+                todo.append((item, paths))
+        yield from _predict_batches(model, todo, classes, steps, cfg, batch_size, device, amp,
+                                    probs, reporter)
+    finally:
+        # Entries are complete one by one: keep what was done, even after an error or ^C,
+        # so a re-run resumes from there.
+        if probs is not None:
+            probs.close()
+
+
+def _loaded(todo: list[tuple[InputImage, dict[str, Path]]]
+            ) -> Iterator[tuple[InputImage, dict[str, Path], np.ndarray]]:
+    from discli.data.voc import read_image
+
+    for item, paths in todo:
+        yield item, paths, read_image(item.path)
+
+
+def _predict_batches(model: DISNet, todo: list[tuple[InputImage, dict[str, Path]]],
+                     classes: Sequence[str], steps: int, cfg: InferenceConfig, batch_size: int,
+                     device: torch.device, amp: bool, probs: ProbsWriter | None,
+                     reporter: Reporter) -> Iterator[dict[str, Any]]:
+    names = list(classes)
+    for batch in size_batches(_loaded(todo), lambda x: x[2].shape, batch_size):
+        images = torch.stack([_normalize(rgb) for _, _, rgb in batch]).to(device)
+        size = batch[0][2].shape[:2]
+        start = time.perf_counter()
+        result = run_inference(model, images, [steps], cfg, amp)[steps]
+        full = upsample_probs(result.probs, size)
+        labelmaps = full.argmax(dim=1).to(torch.uint8).cpu().numpy()
+        synchronize(device)
+        ms = 1000 * (time.perf_counter() - start) / len(batch)
+        tag_probs = result.tag_probs.float().cpu().numpy()
+        for i, (item, paths, rgb) in enumerate(batch):
+            lm = labelmaps[i]
+            if "labelmap" in paths:
+                write_index_png(paths["labelmap"], lm)
+                write_color_png(paths["color"], lm)
+            if "overlay" in paths:
+                write_overlay(paths["overlay"], rgb, lm)
+            if probs is not None:
+                probs.add(item.id, full[i].cpu().numpy(), tag_probs[i])
+            counts = np.bincount(lm.reshape(-1), minlength=len(names))
+            order = np.argsort(-counts, kind="stable")
+            reporter.advance(1)
+            yield {"id": item.id, "image": str(item.path), "size": [int(size[0]), int(size[1])],
+                   "skipped": False, "outputs": {k: str(p) for k, p in paths.items()},
+                   "classes": {names[k]: round(float(counts[k]) / lm.size, 4) for k in order
+                               if counts[k] > 0},
+                   "tags": {names[k]: round(float(tag_probs[i][k]), 4)
+                            for k in range(1, len(names))},
+                   "loss": float(result.losses[i, -1]), "ms": round(ms, 2)}

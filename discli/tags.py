@@ -1,0 +1,266 @@
+"""`dis clean-tags` as a library: the noisy and cleaned tags of a pseudo-label cache.
+
+A finetune cache (:mod:`discli.cache`) holds, per image, the tags it came with (``noisy_tags``)
+and the tag probabilities after training-time inference (``tag_probs`` = sigmoid(v3)). The
+*cleaned* tags are the classes with probability >= ``threshold`` (default 0.5). Background (class
+0) is present in every image and is never listed as a tag.
+
+Export formats (one line per image, cache order):
+
+- ``jsonl``: ``{"id", "noisy": [names], "cleaned": [names], "probs": {name: p}}``
+- ``csv`` / ``tsv``: header ``id,noisy,cleaned,p_<class>...``; tag lists joined with ``;``.
+
+Ground-truth tag files for :func:`tag_stats` are JSON Lines ``{"id": ..., "tags": [names]}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from discli.cache import PseudoCache
+from discli.errors import BadInputError, UsageError
+from discli.metrics import tag_scores
+
+FORMATS = ("jsonl", "csv", "tsv")
+DEFAULT_THRESHOLD = 0.5
+LIST_SEP = ";"
+
+
+@dataclass
+class TagRow:
+    id: str
+    noisy: np.ndarray  # bool (K,)
+    probs: np.ndarray  # float (K,)
+    cleaned: np.ndarray  # bool (K,)
+
+
+def check_threshold(threshold: float) -> float:
+    if not 0.0 <= threshold <= 1.0:
+        raise UsageError(f"--threshold must be within 0..1, got {threshold}")
+    return threshold
+
+
+def open_cache(path: str | Path) -> PseudoCache:
+    return PseudoCache(path)
+
+
+def _row(entry: Any, threshold: float) -> TagRow:
+    probs = np.asarray(entry.tag_probs, dtype=np.float64)
+    noisy = np.asarray(entry.noisy_tags).astype(bool)
+    cleaned = probs >= threshold
+    noisy[0] = cleaned[0] = True  # background is always there
+    return TagRow(entry.id, noisy, probs, cleaned)
+
+
+def rows(cache: PseudoCache, threshold: float = DEFAULT_THRESHOLD) -> Iterator[TagRow]:
+    check_threshold(threshold)
+    k = len(cache.classes)
+    for entry in cache:
+        if len(entry.tag_probs) != k:
+            raise BadInputError(f"entry {entry.id!r} has {len(entry.tag_probs)} tag probabilities "
+                                f"for {k} classes (corrupt cache?)", cache.path)
+        yield _row(entry, threshold)
+
+
+def names(mask: np.ndarray, classes: Sequence[str]) -> list[str]:
+    return [classes[k] for k in range(1, len(classes)) if mask[k]]
+
+
+def row_dict(row: TagRow, classes: Sequence[str]) -> dict[str, Any]:
+    return {"id": row.id, "noisy": names(row.noisy, classes),
+            "cleaned": names(row.cleaned, classes),
+            "probs": {classes[k]: round(float(row.probs[k]), 6) for k in range(1, len(classes))}}
+
+
+def write_export(tag_rows: Iterable[TagRow], classes: Sequence[str], fmt: str = "jsonl",
+                 stream: TextIO | None = None) -> int:
+    """Write the rows in ``fmt`` (jsonl, csv, tsv); returns the number of rows written."""
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    stream = stream or sys.stdout
+    count = 0
+    writer = None
+    if fmt != "jsonl":
+        writer = csv.writer(stream, delimiter="," if fmt == "csv" else "\t", lineterminator="\n")
+        writer.writerow(["id", "noisy", "cleaned", *[f"p_{c}" for c in classes[1:]]])
+    for row in tag_rows:
+        data = row_dict(row, classes)
+        if writer is None:
+            stream.write(json.dumps(data) + "\n")
+        else:
+            writer.writerow([data["id"], LIST_SEP.join(data["noisy"]),
+                             LIST_SEP.join(data["cleaned"]),
+                             *[f"{data['probs'][c]:.6f}" for c in classes[1:]]])
+        count += 1
+    stream.flush()
+    return count
+
+
+def read_export(stream: TextIO, fmt: str = "jsonl") -> list[dict[str, Any]]:
+    """Parse an export back into the ``jsonl`` dicts (for scripts and tests)."""
+    if fmt == "jsonl":
+        return [json.loads(line) for line in stream if line.strip()]
+    reader = csv.DictReader(stream, delimiter="," if fmt == "csv" else "\t")
+    out = []
+    for rec in reader:
+        split = lambda s: [x for x in s.split(LIST_SEP) if x]  # noqa: E731
+        out.append({"id": rec["id"], "noisy": split(rec["noisy"]),
+                    "cleaned": split(rec["cleaned"]),
+                    "probs": {k[2:]: float(v) for k, v in rec.items() if k.startswith("p_")}})
+    return out
+
+
+def show(cache: PseudoCache, image_id: str, threshold: float = DEFAULT_THRESHOLD
+         ) -> dict[str, Any]:
+    """One image: per class its noisy tag, probability and cleaned tag, plus what changed."""
+    check_threshold(threshold)
+    if image_id not in cache:
+        raise BadInputError(f"no image with id {image_id!r} in the cache", cache.path)
+    row = _row(cache.get(image_id), threshold)
+    classes = cache.classes
+    added, removed = _changes(row, classes)
+    return {**row_dict(row, classes), "added": added, "removed": removed,
+            "threshold": threshold,
+            "table": [{"class": classes[k], "noisy": bool(row.noisy[k]),
+                       "prob": float(row.probs[k]), "cleaned": bool(row.cleaned[k])}
+                      for k in range(1, len(classes))]}
+
+
+def _changes(row: TagRow, classes: Sequence[str]) -> tuple[list[str], list[str]]:
+    return names(row.cleaned & ~row.noisy, classes), names(row.noisy & ~row.cleaned, classes)
+
+
+def diff(cache: PseudoCache, threshold: float = DEFAULT_THRESHOLD,
+         include_unchanged: bool = False) -> dict[str, Any]:
+    """Tags added and removed by cleaning, per image and counted per class."""
+    classes = cache.classes
+    per_class = {c: {"added": 0, "removed": 0, "noisy": 0, "cleaned": 0} for c in classes[1:]}
+    images = []
+    total = 0
+    for row in rows(cache, threshold):
+        total += 1
+        added, removed = _changes(row, classes)
+        for c in added:
+            per_class[c]["added"] += 1
+        for c in removed:
+            per_class[c]["removed"] += 1
+        for c in names(row.noisy, classes):
+            per_class[c]["noisy"] += 1
+        for c in names(row.cleaned, classes):
+            per_class[c]["cleaned"] += 1
+        if added or removed or include_unchanged:
+            images.append({"id": row.id, "added": added, "removed": removed})
+    return {"images": images, "per_class": per_class, "total_images": total,
+            "changed_images": sum(1 for i in images if i["added"] or i["removed"]),
+            "added": sum(v["added"] for v in per_class.values()),
+            "removed": sum(v["removed"] for v in per_class.values()), "threshold": threshold}
+
+
+def read_truth(path: str | Path, classes: Sequence[str]) -> dict[str, set[str]]:
+    """Ground-truth tags, JSON Lines ``{"id": ..., "tags": [names]}``; ``-`` reads stdin."""
+    from discli.data.fileio import read_text
+
+    known = set(classes[1:])
+    truth: dict[str, set[str]] = {}
+    for n, line in enumerate(read_text(path, "ground-truth tag file").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BadInputError(f"line {n}: malformed JSON ({exc.msg})", path) from None
+        if (not isinstance(obj, dict) or not isinstance(obj.get("id"), str)
+                or not isinstance(obj.get("tags"), list)):
+            raise BadInputError(f'line {n}: expected {{"id": "...", "tags": [names]}}', path)
+        unknown = [t for t in obj["tags"] if t not in known and t != classes[0]]
+        if unknown:
+            raise BadInputError(f"line {n}: unknown class(es) {unknown} (classes of the cache: "
+                                f"{', '.join(classes[1:])})", path)
+        if obj["id"] in truth:
+            raise BadInputError(f"line {n}: duplicate id {obj['id']!r}", path)
+        truth[obj["id"]] = {t for t in obj["tags"] if t != classes[0]}
+    return truth
+
+
+def tag_stats(cache: PseudoCache, truth: dict[str, set[str]],
+              threshold: float = DEFAULT_THRESHOLD, truth_path: str | Path = "truth"
+              ) -> dict[str, Any]:
+    """Precision / recall / F1 (per class and micro) of the noisy and of the cleaned tags."""
+    classes = cache.classes
+    noisy, cleaned, true = [], [], []
+    missing = []
+    for row in rows(cache, threshold):
+        if row.id not in truth:
+            missing.append(row.id)
+            continue
+        noisy.append(row.noisy)
+        cleaned.append(row.cleaned)
+        true.append(np.array([k == 0 or c in truth[row.id] for k, c in enumerate(classes)]))
+    if not true:
+        raise BadInputError(f"no image of cache {cache.path} has ground-truth tags here",
+                            truth_path)
+    return {"images": len(true), "missing_truth": len(missing),
+            "missing_examples": missing[:5], "threshold": threshold,
+            "noisy": tag_scores(np.stack(noisy), np.stack(true), classes),
+            "cleaned": tag_scores(np.stack(cleaned), np.stack(true), classes)}
+
+
+def run_clean(checkpoint: str | Path, manifest_path: str | Path, cache_path: str | Path, *,
+              t_tr: int, cfg: Any = None, threshold: float = DEFAULT_THRESHOLD,
+              split: str | None = None, batch_size: int = 8, device: Any = "cpu",
+              amp: bool = False, num_workers: int = 0, overwrite: bool = False,
+              reporter: Any = None) -> dict[str, Any]:
+    """Cleaned tags of a tagged manifest without a finetune: one E-step with ``checkpoint``.
+
+    Writes the cache at ``cache_path`` (:func:`discli.train.estep.run_estep`) and returns the
+    :func:`diff` summary (per-class counts, no per-image list) with ``cache`` and ``reused``. An
+    existing cache is reused when it was made by the same checkpoint and t_tr and holds every
+    image; one of another class count, checkpoint or t_tr is refused unless ``overwrite``.
+    """
+    from discli.data.manifest import read_manifest
+    from discli.errors import IncompatibleError
+    from discli.inference import InferenceConfig
+    from discli.predict import check_classes, load_for_inference
+
+    check_threshold(threshold)
+    if t_tr < 0:
+        raise UsageError(f"--t-tr must be >= 0, got {t_tr}")
+    loaded = load_for_inference(checkpoint, device)
+    manifest = read_manifest(manifest_path).select(split)
+    check_classes(loaded.classes, manifest.classes, "manifest", manifest_path, checkpoint)
+    if not manifest.records:
+        raise BadInputError(f"no records{f' in split {split!r}' if split else ''}",
+                            manifest_path)
+    cache_path = Path(cache_path)
+    reused = False
+    if cache_path.exists() and not overwrite:
+        old = PseudoCache(cache_path)
+        check_classes(loaded.classes, old.classes, "existing cache", cache_path, checkpoint)
+        made = {"checkpoint": old.attrs.get("checkpoint_hash"), "t_tr": old.attrs.get("t_tr")}
+        wanted = {"checkpoint": loaded.checkpoint_hash, "t_tr": t_tr}
+        for key in made:
+            if str(made[key]) != str(wanted[key]):
+                raise IncompatibleError(f"existing cache was made with {key} {made[key]}, not "
+                                        f"{wanted[key]}; pass --overwrite or another --out",
+                                        cache_path)
+        reused = set(old.ids()) >= {rec.id for rec in manifest.records}
+        old.close()
+    if not reused:
+        from discli.train.estep import run_estep
+
+        run_estep(loaded.model, manifest, cache_path, t_tr=t_tr,
+                  inference=cfg or InferenceConfig(), checkpoint_hash=loaded.checkpoint_hash,
+                  batch_size=batch_size, device=device, num_workers=num_workers,
+                  reporter=reporter, amp=amp)
+    cache = PseudoCache(cache_path)
+    summary = diff(cache, threshold)
+    summary.pop("images")
+    return {"cache": str(cache_path), "reused": reused, "t_tr": t_tr, **summary}

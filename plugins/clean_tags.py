@@ -1,0 +1,187 @@
+"""`dis clean-tags`: inspect the noisy and cleaned tags of finetune caches, or compute them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from discli.cli.output import RichReporter, print_json
+from discli.inference import InferenceConfig
+
+_DEFAULTS = InferenceConfig()
+
+app = typer.Typer(help="Noisy vs cleaned image tags of a pseudo-label cache (export, show, "
+                  "diff, stats) or of a tagged manifest (run).", no_args_is_help=True)
+
+THRESHOLD = typer.Option(0.5, "--threshold", "-t", min=0.0, max=1.0,
+                         help="A class is a cleaned tag when its probability is >= this.")
+JSON = typer.Option(False, "--json", help="JSON on stdout.")
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console()
+
+
+@app.command()
+def export(
+    cache: Path = typer.Argument(..., help="Pseudo-label cache (cache.h5)."),
+    fmt: str = typer.Option("jsonl", "--format", "-f", help="jsonl, csv or tsv."),
+    threshold: float = THRESHOLD,
+    output: str = typer.Option("-", "--output", "-o", help="Output file (- = stdout)."),
+) -> None:
+    """One line per image: id, noisy tags, cleaned tags, tag probabilities."""
+    from discli import tags
+
+    if fmt not in tags.FORMATS:
+        from discli.errors import UsageError
+
+        raise UsageError(f"--format must be one of {', '.join(tags.FORMATS)}, not {fmt!r}")
+    store = tags.open_cache(cache)
+    rows = tags.rows(store, threshold)
+    if output == "-":
+        tags.write_export(rows, store.classes, fmt)
+        return
+    import io
+
+    from discli.checkpoint import atomic_write_bytes
+
+    buffer = io.StringIO()
+    tags.write_export(rows, store.classes, fmt, buffer)
+    atomic_write_bytes(output, lambda f: f.write(buffer.getvalue().encode("utf-8")))
+
+
+@app.command()
+def show(
+    cache: Path = typer.Argument(..., help="Pseudo-label cache."),
+    image_id: str = typer.Argument(..., metavar="ID", help="Image id."),
+    threshold: float = THRESHOLD,
+    json_out: bool = JSON,
+) -> None:
+    """Per class: the noisy tag, the probability after inference, the cleaned tag."""
+    from rich.table import Table
+
+    from discli import tags
+
+    info = tags.show(tags.open_cache(cache), image_id, threshold)
+    if json_out:
+        print_json({k: v for k, v in info.items() if k != "table"})
+        return
+    table = Table("class", "noisy", "prob", "cleaned", "", title=image_id, title_justify="left")
+    for row in info["table"]:
+        change = ("added" if row["cleaned"] and not row["noisy"]
+                  else "removed" if row["noisy"] and not row["cleaned"] else "")
+        if row["noisy"] or row["cleaned"] or row["prob"] >= 0.05:
+            table.add_row(row["class"], "x" if row["noisy"] else "", f"{row['prob']:.3f}",
+                          "x" if row["cleaned"] else "", change)
+    _console().print(table)
+
+
+@app.command("diff")
+def diff_cmd(
+    cache: Path = typer.Argument(..., help="Pseudo-label cache."),
+    threshold: float = THRESHOLD,
+    json_out: bool = JSON,
+) -> None:
+    """Tags added and removed by cleaning, per image, and counts per class."""
+    from rich.table import Table
+
+    from discli import tags
+
+    result = tags.diff(tags.open_cache(cache), threshold)
+    if json_out:
+        print_json(result)
+        return
+    for image in result["images"]:
+        parts = [f"+{c}" for c in image["added"]] + [f"-{c}" for c in image["removed"]]
+        typer.echo(f"{image['id']}\t{' '.join(parts)}")
+    table = Table("class", "noisy", "cleaned", "added", "removed", title_justify="left",
+                  title=f"{result['changed_images']} of {result['total_images']} images changed "
+                        f"(threshold {threshold:g})")
+    for name, c in result["per_class"].items():
+        table.add_row(name, str(c["noisy"]), str(c["cleaned"]), str(c["added"]),
+                      str(c["removed"]))
+    table.add_section()
+    table.add_row("total", "", "", str(result["added"]), str(result["removed"]), style="bold")
+    _console().print(table)
+
+
+@app.command()
+def stats(
+    cache: Path = typer.Argument(..., help="Pseudo-label cache."),
+    truth: str = typer.Option(..., "--truth", help='Ground-truth tags, JSON Lines {"id": ..., '
+                              '"tags": [names]} (- = stdin).'),
+    threshold: float = THRESHOLD,
+    json_out: bool = JSON,
+) -> None:
+    """Precision, recall and F1 (per class, micro) of noisy and cleaned tags vs ground truth."""
+    from rich.table import Table
+
+    from discli import tags
+    from discli.cli.output import warn
+
+    store = tags.open_cache(cache)
+    result = tags.tag_stats(store, tags.read_truth(truth, store.classes), threshold, truth)
+    if result["missing_truth"]:
+        warn(f"{result['missing_truth']} image(s) of the cache have no ground truth in {truth} "
+             f"and are left out (e.g. {', '.join(result['missing_examples'])})")
+    if json_out:
+        print_json(result)
+        return
+    table = Table("class", "support", "noisy P", "noisy R", "noisy F1", "clean P", "clean R",
+                  "clean F1", title=f"{result['images']} images, threshold {threshold:g}",
+                  title_justify="left")
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    for name, n in result["noisy"]["per_class"].items():
+        c = result["cleaned"]["per_class"][name]
+        table.add_row(name, str(n["support"]), pct(n["precision"]), pct(n["recall"]),
+                      pct(n["f1"]), pct(c["precision"]), pct(c["recall"]), pct(c["f1"]))
+    table.add_section()
+    n, c = result["noisy"]["micro"], result["cleaned"]["micro"]
+    table.add_row("micro", str(n["tp"] + n["fn"]), pct(n["precision"]), pct(n["recall"]),
+                  pct(n["f1"]), pct(c["precision"]), pct(c["recall"]), pct(c["f1"]),
+                  style="bold")
+    _console().print(table)
+
+
+@app.command()
+def run(
+    manifest: Path = typer.Argument(..., help="Tagged manifest (JSON Lines)."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Model checkpoint."),
+    out: Path = typer.Option(..., "--out", "-o", help="Cache file to write (cache.h5)."),
+    t_tr: int = typer.Option(10, "--t-tr", min=0, help="Training-time inference iterations."),
+    split: str | None = typer.Option(None, "--split", help="Only records of this split."),
+    threshold: float = THRESHOLD,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Recompute an existing cache."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
+    num_workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes."),
+    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda if "
+                                      "available)."),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="float16 backbone forward on CUDA."),
+    lr: float = typer.Option(_DEFAULTS.lr, "--lr", help="Inference step size."),
+    momentum: float = typer.Option(_DEFAULTS.momentum, "--momentum", help="Inference momentum."),
+    tag_weight: float = typer.Option(_DEFAULTS.tag_weight, "--tag-weight",
+                                     help="Weight of the noisy-tag loss in inference."),
+    json_out: bool = JSON,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Compute cleaned tags for a tagged manifest (one E-step, no finetune)."""
+    from discli import tags
+    from discli.predict import resolve_device
+
+    cfg = InferenceConfig(lr=lr, momentum=momentum, tag_weight=tag_weight)
+    with RichReporter(quiet=quiet) as reporter:
+        result = tags.run_clean(checkpoint, manifest, out, t_tr=t_tr, cfg=cfg,
+                                threshold=threshold, split=split, batch_size=batch_size,
+                                device=resolve_device(device), amp=amp, num_workers=num_workers,
+                                overwrite=overwrite, reporter=reporter)
+    if json_out:
+        print_json(result)
+        return
+    typer.echo(f"{result['cache']}: {result['total_images']} images, "
+               f"{result['changed_images']} with changed tags ({result['added']} added, "
+               f"{result['removed']} removed at threshold {threshold:g})"
+               + (" [existing cache reused]" if result["reused"] else ""))

@@ -1,0 +1,93 @@
+"""`dis evaluate`: VOC mIoU, pixel accuracy and boundary F of several t_ts in one pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from discli.cli.output import RichReporter, print_json
+from discli.inference import InferenceConfig
+
+_DEFAULTS = InferenceConfig()
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{100 * value:.1f}"
+
+
+def render(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    setups = report["setups"]
+    table = Table(title=f"{report['manifest']} ({report['images']} images)", title_justify="left")
+    table.add_column("class")
+    for setup in setups:
+        table.add_column(setup["name"], justify="right")
+    for name in report["classes"]:
+        table.add_row(name, *[_pct(s["iou"][name]) for s in setups])
+    table.add_section()
+    table.add_row("mIoU", *[_pct(s["miou"]) for s in setups], style="bold")
+    table.add_row("pixel acc", *[_pct(s["pixel_acc"]) for s in setups])
+    table.add_row(f"boundary F ({report['boundary_tolerance']:g}px)",
+                  *[_pct(s["boundary"]["f1"]) for s in setups])
+    table.add_row("ms/image (one pass)", *[f"{s['ms_per_image']:.1f}" for s in setups])
+    Console().print(table)
+
+
+def evaluate(
+    manifest: Path | None = typer.Argument(None, help="Manifest with labelmaps (JSON Lines)."),
+    manifest_opt: Path | None = typer.Option(None, "--manifest", "-m", help="The manifest, as "
+                                             "an option (instead of the argument)."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Model checkpoint."),
+    t_ts: str = typer.Option("0", "--t-ts", help="Comma-separated test-time iteration counts, "
+                             "e.g. 0,10,30: all from one pass, plus their ensemble."),
+    split: str | None = typer.Option(None, "--split", help="Only records of this split."),
+    root: Path | None = typer.Option(None, "--root", help="Override the manifest's root."),
+    ensemble: bool = typer.Option(True, "--ensemble/--no-ensemble", help="Also score the "
+                                  "average of the setups' probabilities (with 2+ t values)."),
+    boundary_tol: float = typer.Option(2.0, "--boundary-tol", min=0, help="Boundary F "
+                                       "matching tolerance in pixels."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N images."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
+    num_workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes."),
+    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda if "
+                                      "available)."),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="float16 backbone forward on CUDA."),
+    lr: float = typer.Option(_DEFAULTS.lr, "--lr", help="Inference step size."),
+    momentum: float = typer.Option(_DEFAULTS.momentum, "--momentum", help="Inference momentum."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Score a checkpoint on a labelled manifest (mIoU, pixel accuracy, boundary F).
+
+    VOC protocol: one confusion matrix over the whole set, 255 ignored; mIoU is the mean over the
+    classes with ground-truth or predicted pixels.
+    """
+    from discli.data.manifest import read_manifest
+    from discli.evaluate import evaluate as run_evaluate
+    from discli.evaluate import parse_steps
+    from discli.predict import load_for_inference, resolve_device
+
+    from discli.errors import UsageError
+
+    if (manifest is None) == (manifest_opt is None):
+        raise UsageError("give the manifest once: as the argument or with --manifest")
+    manifest = manifest or manifest_opt
+    steps = parse_steps(t_ts)
+    dev = resolve_device(device)
+    data = read_manifest(manifest, root=root)
+    loaded = load_for_inference(checkpoint, dev)
+    with RichReporter(quiet=quiet) as reporter:
+        report = run_evaluate(loaded.model, data, steps, InferenceConfig(lr=lr, momentum=momentum),
+                              classes=loaded.classes, ensemble=ensemble, batch_size=batch_size,
+                              device=dev, amp=amp, boundary_tolerance=boundary_tol, split=split,
+                              num_workers=num_workers, limit=limit,
+                              checkpoint=str(checkpoint), reporter=reporter)
+    report["checkpoint_hash"] = loaded.checkpoint_hash
+    if json_out:
+        print_json(report)
+    else:
+        render(report)

@@ -1,0 +1,61 @@
+"""`dis infer`: labelmaps for images, folders, a manifest or a list of paths on stdin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from discli.cli.output import RichReporter, print_json
+from discli.inference import InferenceConfig
+
+_DEFAULTS = InferenceConfig()
+
+
+def infer(
+    inputs: list[str] = typer.Argument(..., help="Image files, folders, a manifest, or - to read "
+                                       "paths (one per line) from stdin."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Model checkpoint."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder: <id>.png (class "
+                                    "indices), <id>_color.png (VOC palette), <id>_overlay.jpg."),
+    t_ts: int = typer.Option(0, "--t-ts", min=0, help="Test-time inference iterations "
+                             "(0 = plain forward)."),
+    overlay: bool = typer.Option(False, "--overlay", help="Also write image/labelmap blends."),
+    probs: Path | None = typer.Option(None, "--probs", help="HDF5 file for class and tag "
+                                      "probabilities."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Recompute images whose outputs "
+                                   "already exist (default: skip them)."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per batch "
+                                   "(images of one size only)."),
+    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda if "
+                                      "available)."),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="float16 backbone forward on CUDA."),
+    lr: float = typer.Option(_DEFAULTS.lr, "--lr", help="Inference step size."),
+    momentum: float = typer.Option(_DEFAULTS.momentum, "--momentum", help="Inference momentum."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON summary line per image on "
+                                  "stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Predict labelmaps at each image's own resolution (batched by size, resumable)."""
+    from discli.errors import UsageError
+    from discli.predict import collect_inputs, load_for_inference, predict, resolve_device
+
+    if out is None and probs is None and not json_out:
+        raise UsageError("nothing to write: pass --out DIR, --probs FILE and/or --json")
+    dev = resolve_device(device)
+    images = collect_inputs(inputs, exclude=out)
+    loaded = load_for_inference(checkpoint, dev)
+    cfg = InferenceConfig(steps=t_ts, lr=lr, momentum=momentum)
+    written = skipped = 0
+    with RichReporter(quiet=quiet) as reporter:
+        for summary in predict(loaded.model, images, classes=loaded.classes, out_dir=out,
+                               steps=t_ts, cfg=cfg, batch_size=batch_size, device=dev, amp=amp,
+                               overlay=overlay, probs_path=probs, overwrite=overwrite,
+                               checkpoint_hash=loaded.checkpoint_hash, reporter=reporter):
+            skipped += summary["skipped"]
+            written += not summary["skipped"]
+            if json_out:
+                print_json(summary)
+        reporter.close()
+        reporter.log(f"{written} image(s) predicted, {skipped} skipped (outputs already there)"
+                     + (f" -> {out}" if out is not None else ""))

@@ -1,0 +1,181 @@
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+from test_infer_cli import (CLASSES, cli, dis, one_thread, save_tiny,  # noqa: F401
+                            tiny_checkpoint, write_dataset)
+
+from discli.cache import CacheEntry, CacheWriter, PseudoCache, make_attrs
+from discli.tags import diff, read_export, rows, tag_stats
+
+# id: (noisy tags, tag probabilities [bg, cat, dog])
+ENTRIES = {
+    "a": ([1, 1, 0], [0.99, 0.90, 0.70]),  # dog added
+    "b": ([1, 1, 1], [0.99, 0.20, 0.80]),  # cat removed
+    "c": ([1, 0, 1], [0.99, 0.10, 0.60]),  # unchanged
+    "d/e": ([1, 0, 0], [0.99, 0.55, 0.10]),  # cat added (an id with a slash)
+}
+TRUTH = {"a": ["cat", "dog"], "b": ["dog"], "c": ["dog"], "d/e": []}
+
+
+def make_cache(path, entries=ENTRIES, classes=CLASSES, checkpoint_hash="h"):
+    writer = CacheWriter(path, make_attrs(list(classes), 5, checkpoint_hash, {"lr": 0.1}))
+    writer.write([CacheEntry(i, np.zeros((8, 8), np.uint8), np.ones((8, 8), np.float16),
+                             np.array(p, np.float32), np.array(n, np.uint8))
+                  for i, (n, p) in entries.items()])
+    return writer.merge()
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return make_cache(tmp_path / "c.h5")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "tsv"])
+def test_export_parses_back(cache, capsys, fmt):
+    code, out, err = cli(capsys, "clean-tags", "export", str(cache), "--format", fmt)
+    assert code == 0, err
+    parsed = read_export(io.StringIO(out), fmt)
+    assert [r["id"] for r in parsed] == list(ENTRIES)
+    by_id = {r["id"]: r for r in parsed}
+    assert by_id["a"]["noisy"] == ["cat"] and by_id["a"]["cleaned"] == ["cat", "dog"]
+    assert by_id["b"]["cleaned"] == ["dog"] and by_id["d/e"]["cleaned"] == ["cat"]
+    assert by_id["a"]["probs"] == pytest.approx({"cat": 0.9, "dog": 0.7})
+    if fmt != "jsonl":
+        header = next(csv.reader(io.StringIO(out), delimiter="," if fmt == "csv" else "\t"))
+        assert header == ["id", "noisy", "cleaned", "p_cat", "p_dog"]
+
+
+def test_export_threshold_and_file_output(cache, tmp_path, capsys):
+    target = tmp_path / "tags.jsonl"
+    code, out, _ = cli(capsys, "clean-tags", "export", str(cache), "--threshold", "0.65",
+                       "-o", str(target))
+    assert code == 0 and out == ""
+    parsed = {r["id"]: r for r in read_export(target.open())}
+    assert parsed["c"]["cleaned"] == [] and parsed["a"]["cleaned"] == ["cat", "dog"]
+    code, _, err = cli(capsys, "clean-tags", "export", str(cache), "--format", "xml")
+    assert code == 2 and "--format" in err
+
+
+def test_export_pipe_to_head_through_console_script(tmp_path):
+    rng = np.random.default_rng(0)
+    many = {f"im{i:05d}": ([1, 1, 0], rng.random(3).tolist()) for i in range(1500)}
+    path = make_cache(tmp_path / "big.h5", many)
+    r = dis("clean-tags", "export", str(path), "|", "head", "-n", "3", shell=True)
+    assert r.returncode == 0
+    assert len(r.stdout.splitlines()) == 3
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+    assert [json.loads(line)["id"] for line in r.stdout.splitlines()] == list(many)[:3]
+
+
+def test_show(cache, capsys):
+    code, out, err = cli(capsys, "clean-tags", "show", str(cache), "a", "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["added"] == ["dog"] and info["removed"] == [] and info["noisy"] == ["cat"]
+    code, out, _ = cli(capsys, "clean-tags", "show", str(cache), "d/e")
+    assert code == 0 and "cat" in out and "added" in out
+    code, _, err = cli(capsys, "clean-tags", "show", str(cache), "zzz")
+    assert code == 3 and "'zzz'" in err and str(cache) in err
+
+
+def test_diff_counts(cache, capsys):
+    result = diff(PseudoCache(cache))
+    assert result["images"] == [{"id": "a", "added": ["dog"], "removed": []},
+                                {"id": "b", "added": [], "removed": ["cat"]},
+                                {"id": "d/e", "added": ["cat"], "removed": []}]
+    assert result["per_class"]["cat"] == {"added": 1, "removed": 1, "noisy": 2, "cleaned": 2}
+    assert result["per_class"]["dog"] == {"added": 1, "removed": 0, "noisy": 2, "cleaned": 3}
+    assert result["changed_images"] == 3 and result["total_images"] == 4
+    code, out, _ = cli(capsys, "clean-tags", "diff", str(cache))
+    assert code == 0 and "a\t+dog" in out and "b\t-cat" in out
+    code, out, _ = cli(capsys, "clean-tags", "diff", str(cache), "--json")
+    assert json.loads(out)["added"] == 2
+
+
+def test_stats_against_truth(cache, tmp_path, capsys):
+    truth = tmp_path / "truth.jsonl"
+    truth.write_text("".join(json.dumps({"id": i, "tags": t}) + "\n" for i, t in TRUTH.items()))
+    code, out, err = cli(capsys, "clean-tags", "stats", str(cache), "--truth", str(truth),
+                         "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    # noisy: cat tp=a fp=b fn=-; dog tp=b,c fn=a  -> micro tp 3 fp 1 fn 1
+    noisy = result["noisy"]
+    assert noisy["per_class"]["cat"]["precision"] == 0.5
+    assert noisy["per_class"]["dog"]["recall"] == pytest.approx(2 / 3)
+    assert (noisy["micro"]["tp"], noisy["micro"]["fp"], noisy["micro"]["fn"]) == (3, 1, 1)
+    # cleaned: cat a, d/e (fp) ; dog a, b, c all right -> tp 4 fp 1 fn 0
+    cleaned = result["cleaned"]
+    assert (cleaned["micro"]["tp"], cleaned["micro"]["fp"], cleaned["micro"]["fn"]) == (4, 1, 0)
+    assert cleaned["micro"]["f1"] == pytest.approx(2 * 0.8 * 1.0 / 1.8)
+    assert result["images"] == 4
+    code, out, _ = cli(capsys, "clean-tags", "stats", str(cache), "--truth", str(truth))
+    assert code == 0 and "micro" in out
+    direct = tag_stats(PseudoCache(cache), {k: set(v) for k, v in TRUTH.items()})
+    assert direct["cleaned"]["micro"] == cleaned["micro"]
+
+
+def test_stats_bad_truth_names_the_file(cache, tmp_path, capsys):
+    truth = tmp_path / "truth.jsonl"
+    truth.write_text('{"id": "a", "tags": ["cow"]}\n')
+    code, _, err = cli(capsys, "clean-tags", "stats", str(cache), "--truth", str(truth))
+    assert code == 3 and "truth.jsonl" in err and "cow" in err and "line 1" in err
+
+
+def test_rows_threshold_validation(cache):
+    with pytest.raises(Exception) as info:
+        list(rows(PseudoCache(cache), threshold=1.5))
+    assert getattr(info.value, "exit_code", None) == 2
+
+
+def test_run_computes_cleaned_tags(tiny_checkpoint, tmp_path, capsys):
+    pytest.importorskip("discli.train.estep")
+    manifest = write_dataset(tmp_path / "data", [(32, 32), (32, 40), (32, 32)], split="train")
+    out = tmp_path / "round" / "cache.h5"
+    args = ("clean-tags", "run", str(manifest), "-c", str(tiny_checkpoint), "--out", str(out),
+            "--t-tr", "2", "--device", "cpu", "--json", "-q")
+    code, stdout, err = cli(capsys, *args)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["total_images"] == 3 and not summary["reused"]
+    cache = PseudoCache(out)
+    assert sorted(cache.ids()) == ["img000", "img001", "img002"]
+    assert cache.attrs["t_tr"] == 2
+    code, stdout, _ = cli(capsys, *args)
+    assert code == 0 and json.loads(stdout)["reused"]
+    code, stdout, _ = cli(capsys, "clean-tags", "export", str(out))
+    assert len(stdout.splitlines()) == 3
+    code, _, err = cli(capsys, *args[:-2], "--t-tr", "3")
+    assert code == 4 and "t_tr" in err
+
+
+def test_run_refuses_a_cache_of_another_class_count(tiny_checkpoint, tmp_path, capsys):
+    manifest = write_dataset(tmp_path / "data", [(32, 32)], split="train")
+    out = make_cache(tmp_path / "c5.h5", {"img000": ([1, 0, 0, 0, 1], [1, .1, .2, .3, .9])},
+                     classes=["background", "a", "b", "c", "d"])
+    code, _, err = cli(capsys, "clean-tags", "run", str(manifest), "-c", str(tiny_checkpoint),
+                       "--out", str(out), "--device", "cpu")
+    assert code == 4
+    assert "existing cache has 5 classes" in err and "has 3" in err and "c5.h5" in err
+
+
+def test_run_refuses_a_manifest_of_another_class_count(tmp_path, capsys):
+    from discli.model import ModelConfig, build_model
+
+    model = build_model(ModelConfig(backbone="tiny", num_classes=5,
+                                    backbone_kwargs={"channels": 16}))
+    ckpt = save_tiny(tmp_path / "k5.pt", model, ["background", "a", "b", "c", "d"])
+    manifest = write_dataset(tmp_path / "data", [(32, 32)], split="train")
+    code, _, err = cli(capsys, "clean-tags", "run", str(manifest), "-c", str(ckpt), "--out",
+                       str(tmp_path / "c.h5"), "--device", "cpu")
+    assert code == 4 and "manifest has 3 classes" in err and "k5.pt" in err
+
+
+def test_help_lists_subcommands(capsys):
+    code, out, _ = cli(capsys, "clean-tags", "--help")
+    assert code == 0
+    for name in ("export", "show", "diff", "stats", "run"):
+        assert name in out

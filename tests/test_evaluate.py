@@ -1,0 +1,155 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_infer_cli import (CLASSES, cli, dis, one_thread, save_tiny,  # noqa: F401
+                            tiny_checkpoint, write_dataset)
+
+from discli.checkpoint import load_model
+from discli.data.dataset import normalize
+from discli.data.manifest import read_manifest
+from discli.data.voc import read_image, read_labelmap
+from discli.evaluate import Evaluator, evaluate, parse_steps
+from discli.inference import InferenceConfig, infer
+
+SIZES = [(32, 40), (32, 40), (40, 32), (48, 48), (32, 40)]
+CFG = InferenceConfig(lr=0.5, momentum=0.9)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("data"), SIZES, seed=5)
+
+
+def reference_scores(model, manifest_path, steps: list[int]) -> tuple[float, list]:
+    """Independent computation: image by image, separate inference runs per t, per-class
+    intersection and union counted with numpy set operations (no confusion matrix)."""
+    manifest = read_manifest(manifest_path)
+    inter = np.zeros(len(CLASSES))
+    union = np.zeros(len(CLASSES))
+    for rec in manifest.records:
+        image = read_image(manifest.image_path(rec))
+        gt = read_labelmap(manifest.labelmap_path(rec), len(CLASSES))
+        probs = [F.interpolate(infer(model, normalize(image)[None], t, CFG).probs,
+                               size=gt.shape, mode="bilinear", align_corners=False)
+                 for t in steps]
+        pred = torch.stack(probs).mean(dim=0).argmax(dim=1)[0].numpy()
+        valid = gt != 255
+        for c in range(len(CLASSES)):
+            p, g = (pred == c) & valid, (gt == c) & valid
+            inter[c] += (p & g).sum()
+            union[c] += (p | g).sum()
+    iou = [None if u == 0 else i / u for i, u in zip(inter, union)]
+    return float(np.mean([v for v in iou if v is not None])), iou
+
+
+def _setup(report, name):
+    return next(s for s in report["setups"] if s["name"] == name)
+
+
+def test_multi_t_and_ensemble_equal_separate_runs(tiny_checkpoint, dataset):
+    model, _ = load_model(tiny_checkpoint)
+    manifest = read_manifest(dataset)
+    both = evaluate(model, manifest, [0, 3], CFG, batch_size=2)
+    assert [s["name"] for s in both["setups"]] == ["t=0", "t=3", "ensemble"]
+    assert both["images"] == len(SIZES)
+    for t in (0, 3):
+        alone = evaluate(model, manifest, [t], CFG, batch_size=1)
+        assert [s["name"] for s in alone["setups"]] == [f"t={t}"]
+        a, b = _setup(both, f"t={t}"), alone["setups"][0]
+        assert a["miou"] == pytest.approx(b["miou"], abs=1e-9)
+        assert a["iou"] == pytest.approx(b["iou"], abs=1e-9)
+        assert a["boundary"] == pytest.approx(b["boundary"])
+        ref_miou, ref_iou = reference_scores(model, dataset, [t])
+        assert a["miou"] == pytest.approx(ref_miou)
+        assert list(a["iou"].values()) == pytest.approx(ref_iou)
+    ref_miou, ref_iou = reference_scores(model, dataset, [0, 3])
+    ens = _setup(both, "ensemble")
+    assert ens["miou"] == pytest.approx(ref_miou)
+    assert list(ens["iou"].values()) == pytest.approx(ref_iou)
+    assert ens["steps"] == [0, 3]
+
+
+def test_ignored_pixels_are_not_counted(tiny_checkpoint, tmp_path):
+    from discli.data.voc import write_palette_png
+
+    model, _ = load_model(tiny_checkpoint)
+    path = write_dataset(tmp_path, [(32, 32), (32, 32)], seed=9)
+    manifest = read_manifest(path)
+    before = evaluate(model, manifest, [0], CFG)["setups"][0]
+    # void the whole bottom half of the first labelmap: 512 fewer pixels, and IoU changes only
+    # through the pixels removed (checked against the independent reference)
+    lm_path = manifest.labelmap_path(manifest.records[0])
+    lm = read_labelmap(lm_path, 3)
+    lm[16:] = 255
+    write_palette_png(lm_path, lm)
+    after = evaluate(model, manifest, [0], CFG)["setups"][0]
+    assert after["pixels"] == before["pixels"] - 16 * 32
+    assert after["miou"] == pytest.approx(reference_scores(model, path, [0])[0])
+
+
+def test_cli_json_matches_library(tiny_checkpoint, dataset):
+    r = dis("evaluate", str(dataset), "-c", str(tiny_checkpoint), "--t-ts", "0,3", "--json",
+            "--device", "cpu", "--lr", str(CFG.lr), "--momentum", str(CFG.momentum), "-b", "3")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert [s["name"] for s in report["setups"]] == ["t=0", "t=3", "ensemble"]
+    assert report["classes"] == CLASSES and report["images"] == len(SIZES)
+    model, _ = load_model(tiny_checkpoint)
+    lib = evaluate(model, read_manifest(dataset), [0, 3], CFG)
+    for got, want in zip(report["setups"], lib["setups"]):
+        assert set(got["iou"]) == set(CLASSES)
+        assert got["miou"] == pytest.approx(want["miou"], abs=1e-6)
+        assert 0 <= got["boundary"]["f1"] <= 1 and got["ms_per_image"] > 0
+        assert 0 <= got["pixel_acc"] <= 1
+
+
+def test_cli_table_and_split(tiny_checkpoint, dataset, capsys):
+    code, out, err = cli(capsys, "evaluate", "--manifest", str(dataset), "-c",
+                         str(tiny_checkpoint), "--t-ts", "0", "--device", "cpu", "-q")
+    assert code == 0, err
+    assert "mIoU" in out and "boundary F" in out and "cat" in out
+    code, _, err = cli(capsys, "evaluate", str(dataset), "-c", str(tiny_checkpoint),
+                       "--split", "train", "--device", "cpu", "-q")
+    assert code == 3 and "no records with a labelmap in split 'train'" in err
+    code, _, err = cli(capsys, "evaluate", "-c", str(tiny_checkpoint))
+    assert code == 2 and "manifest" in err
+
+
+def test_class_count_mismatch_is_incompatible(tmp_path, dataset, capsys):
+    from discli.model import ModelConfig, build_model
+
+    other = build_model(ModelConfig(backbone="tiny", num_classes=5,
+                                    backbone_kwargs={"channels": 16}))
+    ckpt = save_tiny(tmp_path / "k5.pt", other, ["background", "a", "b", "c", "d"])
+    code, _, err = cli(capsys, "evaluate", str(dataset), "-c", str(ckpt), "--device", "cpu")
+    assert code == 4 and "3 classes" in err and "k5.pt" in err and str(dataset) in err
+
+
+def test_bad_t_ts_is_usage_error(capsys):
+    for bad in ("a,b", "-1", ""):
+        with pytest.raises(Exception) as info:
+            parse_steps(bad)
+        assert getattr(info.value, "exit_code", None) == 2
+    assert parse_steps("30, 0,10,10") == [0, 10, 30]
+
+
+def test_evaluator_all_reduce_single_process_group(tmp_path):
+    import torch.distributed as dist
+
+    acc = Evaluator(3, [0, 2])
+    gt = torch.tensor([[[0, 1], [2, 255]]])
+    acc.update("t=0", torch.tensor([[[0, 1], [1, 0]]]), gt)
+    acc.add_time(9.0, 1)  # warm-up batch: left out of the mean
+    acc.add_time(0.5, 1)
+    before = acc.result(CLASSES)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        after = acc.all_reduce().result(CLASSES)
+    finally:
+        dist.destroy_process_group()
+    assert after["setups"][0] == before["setups"][0] and before["setups"][0]["pixels"] == 3
+    assert after["images"] == 2 and after["ms_per_image"] == pytest.approx(500)

@@ -1,0 +1,301 @@
+"""`dis infer` through the installed console script, on a tiny trained checkpoint.
+
+The helpers here (a synthetic labelled set and a checkpoint trained on it for a few seconds) are
+shared with test_evaluate.py and test_clean_tags.py.
+"""
+
+import functools
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from discli.checkpoint import save_checkpoint
+from discli.data.dataset import normalize
+from discli.data.manifest import Manifest, Record, write_manifest
+from discli.data.voc import voc_palette, write_palette_png
+from discli.losses import map_loss, tag_loss
+from discli.model import ModelConfig, build_model
+
+CLASSES = ["background", "cat", "dog"]
+COLORS = {1: (230, 40, 40), 2: (40, 200, 60)}
+
+
+def make_sample(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """A grey noisy image with up to two coloured rectangles; labelmap = their classes."""
+    image = rng.integers(90, 150, (h, w, 3)).astype(np.uint8)
+    labelmap = np.zeros((h, w), np.uint8)
+    for cls in (1, 2):
+        if rng.random() < 0.6:
+            y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+            dy, dx = rng.integers(h // 4, h // 2 + 1), rng.integers(w // 4, w // 2 + 1)
+            image[y:y + dy, x:x + dx] = np.clip(np.array(COLORS[cls]) + rng.integers(
+                -20, 20, (min(dy, h - y), min(dx, w - x), 3)), 0, 255)
+            labelmap[y:y + dy, x:x + dx] = cls
+    return image, labelmap
+
+
+def train_tiny(steps: int = 30, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = build_model(ModelConfig(backbone="tiny", num_classes=len(CLASSES),
+                                    backbone_kwargs={"channels": 16}))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for _ in range(steps):
+        samples = [make_sample(rng, 32, 32) for _ in range(4)]
+        x = torch.stack([normalize(img) for img, _ in samples])
+        y = torch.stack([torch.from_numpy(lm).long() for _, lm in samples])
+        tags = torch.stack([torch.tensor([1.0] + [float((lm == c).any()) for c in (1, 2)])
+                            for _, lm in samples])
+        out = model(x)
+        loss = (map_loss(out["u3"], y) + tag_loss(out["v3"], tags)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def save_tiny(path: Path, model: torch.nn.Module, classes=CLASSES) -> Path:
+    save_checkpoint(path, {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                           "classes": list(classes)})
+    return path
+
+
+def write_dataset(root: Path, sizes: list[tuple[int, int]], seed: int = 1,
+                  split: str = "val") -> Path:
+    """Images, labelmaps and a manifest under ``root``; returns the manifest path."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for i, (h, w) in enumerate(sizes):
+        image, labelmap = make_sample(rng, h, w)
+        rid = f"img{i:03d}"
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / "images" / f"{rid}.png")
+        write_palette_png(root / "labels" / f"{rid}.png", labelmap)
+        tags = [CLASSES[c] for c in (1, 2) if (labelmap == c).any()]
+        records.append(Record(id=rid, image=f"images/{rid}.png", labelmap=f"labels/{rid}.png",
+                              tags=tags, split=split))
+    path = root / "manifest.jsonl"
+    write_manifest(path, Manifest(classes=list(CLASSES), records=records, root=root))
+    return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These workloads are tiny: one intra-op thread is several times faster than two on a
+    busy 2-core machine (thread hand-offs dominate)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@functools.lru_cache(maxsize=None)
+def _trained() -> torch.nn.Module:  # trained once per test session, whichever file asks first
+    return train_tiny()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("ckpt") / "tiny.pt", _trained())
+
+
+def dis(*args: str, stdin: str | None = None, shell: bool = False,
+        plugins: str = "infer,evaluate,clean-tags") -> subprocess.CompletedProcess:
+    """Run the installed console script (only our plugins load: faster start)."""
+    env = {**os.environ, "DIS_LOAD_PLUGINS": plugins, "OMP_NUM_THREADS": "1"}
+    exe = Path(sys.executable).with_name("dis")
+    cmd = [str(exe) if exe.exists() else "dis", *args]
+    return subprocess.run(" ".join(cmd) if shell else cmd, input=stdin, capture_output=True,
+                          text=True, timeout=120, env=env, shell=shell)
+
+
+def cli(capsys, *args: str, stdin: str | None = None, monkeypatch=None
+        ) -> tuple[int, str, str]:
+    """Run `dis ARGS` in this process (fast); returns (exit code, stdout, stderr)."""
+    from discli.cli.app import main
+
+    capsys.readouterr()
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(3)
+    for name, (h, w) in {"a": (40, 48), "b": (40, 48), "c": (33, 57)}.items():
+        Image.fromarray(make_sample(rng, h, w)[0]).save(root / f"{name}.png")
+    (root / "sub").mkdir()
+    Image.fromarray(make_sample(rng, 36, 36)[0]).save(root / "sub" / "d.jpg")
+    return root
+
+
+def test_trained_checkpoint_is_not_constant(tiny_checkpoint, images):
+    from discli.checkpoint import load_model
+    from discli.data.voc import read_image
+    from discli.inference import infer
+
+    model, _ = load_model(tiny_checkpoint)
+    preds = infer(model, normalize(read_image(images / "a.png"))[None], 0).labelmap
+    assert len(torch.unique(preds)) > 1
+
+
+def test_infer_folder_writes_outputs_at_image_size(tiny_checkpoint, images, tmp_path):
+    out = tmp_path / "out"
+    r = dis("infer", str(images), "-c", str(tiny_checkpoint), "--out", str(out), "--overlay",
+            "--json", "--device", "cpu", "--t-ts", "2", "-b", "2", "--probs",
+            str(tmp_path / "p.h5"))
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert sorted(s["id"] for s in lines) == ["a", "b", "c", "sub/d"]
+    assert all(not s["skipped"] and s["size"] for s in lines)
+    sizes = {"a": (48, 40), "b": (48, 40), "c": (57, 33), "sub/d": (36, 36)}
+    for image_id, size in sizes.items():
+        with Image.open(out / f"{image_id}.png") as im:
+            assert im.mode == "L" and im.size == size
+            index = np.asarray(im)
+        with Image.open(out / f"{image_id}_color.png") as im:
+            assert im.mode == "P" and im.size == size
+            assert im.getpalette()[:9] == voc_palette()[:9]
+            assert np.array_equal(np.asarray(im), index)
+        with Image.open(out / f"{image_id}_overlay.jpg") as im:
+            assert im.mode == "RGB" and im.size == size
+        assert index.max() < len(CLASSES)
+    with h5py.File(tmp_path / "p.h5") as h5:
+        assert json.loads(h5.attrs["classes"]) == CLASSES
+        g = h5["entries"]["sub%2Fd"]
+        assert g.attrs["id"] == "sub/d" and g["probs"].shape == (3, 36, 36)
+        assert g["tag_probs"].shape == (3,)
+        probs = h5["entries"]["c"]["probs"][()].astype(np.float32)
+        assert np.allclose(probs.sum(axis=0), 1, atol=1e-2)
+    with Image.open(out / "c.png") as im:
+        # probabilities are stored as float16: near-ties may flip
+        assert (np.asarray(im) == probs.argmax(axis=0)).mean() > 0.98
+    assert not list(out.rglob(".*.tmp*"))
+
+
+def test_batching_does_not_change_results(tiny_checkpoint, images, tmp_path, capsys):
+    outs = []
+    for bs in ("1", "4"):
+        out = tmp_path / bs
+        code, _, err = cli(capsys, "infer", str(images), "-c", str(tiny_checkpoint), "--out",
+                           str(out), "--device", "cpu", "--t-ts", "3", "-b", bs, "-q")
+        assert code == 0, err
+        outs.append({p.name: np.asarray(Image.open(p)) for p in sorted(out.glob("*.png"))})
+    assert outs[0].keys() == outs[1].keys()
+    assert all(np.array_equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_stdin_list_through_console_script(tiny_checkpoint, images, tmp_path):
+    out = tmp_path / "out"
+    paths = f"{images / 'a.png'}\n{images / 'c.png'}\n"
+    r = dis("infer", "-", "-c", str(tiny_checkpoint), "-o", str(out), "--json", "--device",
+            "cpu", stdin=paths)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x)["id"] for x in r.stdout.splitlines()] == ["a", "c"]
+    assert (out / "a.png").is_file() and (out / "c_color.png").is_file()
+
+
+def test_resume_and_settings_guard(tiny_checkpoint, images, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    paths = f"{images / 'a.png'}\n{images / 'c.png'}\n"
+    args = ("infer", "-", "-c", str(tiny_checkpoint), "-o", str(out), "--device", "cpu")
+
+    def run(*extra):
+        code, stdout, err = cli(capsys, *args, *extra, stdin=paths, monkeypatch=monkeypatch)
+        return code, [json.loads(x) for x in stdout.splitlines()], err
+
+    code, lines, err = run("--json")
+    assert code == 0 and [x["skipped"] for x in lines] == [False, False], err
+    code, lines, _ = run("--json")
+    assert code == 0 and all(x["skipped"] for x in lines)
+    (out / "c_color.png").unlink()  # incomplete outputs are redone
+    code, lines, _ = run("--json")
+    assert {x["id"]: x["skipped"] for x in lines} == {"a": True, "c": False}
+    # other settings into the same folder: refused (exit 4) unless --overwrite
+    code, _, err = run("--t-ts", "5")
+    assert code == 4 and err.startswith("dis: error:") and str(out) in err
+    code, lines, _ = run("--t-ts", "5", "--overwrite", "--json")
+    assert code == 0 and not any(x["skipped"] for x in lines)
+
+
+def test_output_folder_inside_the_input_folder(tiny_checkpoint, images, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "in"
+    shutil.copytree(images, folder)
+    for _ in range(2):  # the second run must not take the first run's outputs for inputs
+        code, _, err = cli(capsys, "infer", str(folder), "-c", str(tiny_checkpoint), "-o",
+                           str(folder / "pred"), "--device", "cpu", "-q")
+        assert code == 0, err
+    assert sorted(p.name for p in (folder / "pred").glob("*.png") if "_" not in p.name) == \
+        ["a.png", "b.png", "c.png"]
+
+
+def test_manifest_input(tiny_checkpoint, tmp_path, capsys):
+    manifest = write_dataset(tmp_path / "data", [(32, 40), (40, 32)])
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "infer", str(manifest), "-c", str(tiny_checkpoint), "-o",
+                       str(out), "-q", "--device", "cpu")
+    assert code == 0, err
+    with Image.open(out / "img001.png") as im:
+        assert im.size == (32, 40)
+
+
+def test_ids_cannot_escape_the_output_folder(tmp_path):
+    from discli.errors import BadInputError
+    from discli.predict import safe_join
+
+    out = tmp_path / "out"
+    out.mkdir()
+    assert safe_join(out, "a/b.png") == out / "a" / "b.png"
+    for bad in ("../x.png", "a/../../x.png", "/etc/x.png", "", "a//b.png"):
+        with pytest.raises(BadInputError):
+            safe_join(out, bad)
+    (out / "link").symlink_to(tmp_path)
+    with pytest.raises(BadInputError):
+        safe_join(out, "link/x.png")
+
+
+def test_errors_are_one_line(tiny_checkpoint, tmp_path, capsys):
+    def run(*args):
+        return cli(capsys, "infer", *args, "-c", str(tiny_checkpoint), "--device", "cpu")
+
+    code, _, err = run(str(tmp_path / "missing.png"), "--json")
+    assert code == 3 and len(err.strip().splitlines()) == 1 and "missing.png" in err
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    code, _, err = run(str(bad), "--json")
+    last = err.strip().splitlines()[-1]
+    assert code == 3 and last.startswith("dis: error:") and "bad.png" in last
+    code, _, err = run(str(bad))
+    assert code == 2  # nothing to write
+
+
+def test_size_batches_groups_equal_sizes():
+    from discli.predict import size_batches
+
+    items = [(1, "a"), (2, "b"), (1, "c"), (1, "d"), (3, "e"), (2, "f")]
+    batches = list(size_batches(items, lambda x: (x[0],), 2))
+    assert all(len({x[0] for x in b}) == 1 for b in batches)
+    assert sorted(x for b in batches for x in b) == sorted(items)
+    assert all(len(b) <= 2 for b in batches)
+    bounded = list(size_batches([(i, str(i)) for i in range(10)], lambda x: (x[0],), 4,
+                                max_pending=3))
+    assert sum(len(b) for b in bounded) == 10
