@@ -132,6 +132,32 @@ class TinyBackbone(nn.Module):
         return self.stage4(mid), self.image_branch(mid)
 
 
+class SmallBackbone(nn.Module):
+    """Eight 3x3 conv layers in four stages (output stride 8, the last stage dilated 2 and 4):
+    a receptive field of about 100 px, enough to tell objects apart by shape on small images.
+    The demo's backbone: a few seconds per hundred iterations on a CPU."""
+
+    output_stride = 8
+
+    def __init__(self, channels: int = 128, weights: str | None = None):
+        super().__init__()
+        self.stage1 = nn.Sequential(_conv_bn_relu(3, 32, stride=2), _conv_bn_relu(32, 32))
+        self.stage2 = nn.Sequential(_conv_bn_relu(32, 64, stride=2), _conv_bn_relu(64, 64))
+        self.stage3 = nn.Sequential(_conv_bn_relu(64, 96, stride=2), _conv_bn_relu(96, 96))
+        self.stage4 = nn.Sequential(_conv_bn_relu(96, channels, dilation=2),
+                                    _conv_bn_relu(channels, channels, dilation=4))
+        self.out_channels = channels
+        self.image_branch = ImageBranch(96, channels)
+        if weights not in (None, "", "none"):
+            if weights == "imagenet":
+                raise UsageError("the small backbone has no imagenet weights")
+            _load_into(self, weights)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mid = self.stage3(self.stage2(self.stage1(images)))
+        return self.stage4(mid), self.image_branch(mid)
+
+
 @BACKBONES.register("resnet101")
 def resnet101(weights: str | None = None, **_: object) -> nn.Module:
     return ResNetBackbone(101, weights)
@@ -145,6 +171,11 @@ def resnet50(weights: str | None = None, **_: object) -> nn.Module:
 @BACKBONES.register("tiny")
 def tiny(weights: str | None = None, channels: int = 64, **_: object) -> nn.Module:
     return TinyBackbone(channels, weights)
+
+
+@BACKBONES.register("small")
+def small(weights: str | None = None, channels: int = 128, **_: object) -> nn.Module:
+    return SmallBackbone(channels, weights)
 
 
 def build_backbone(name: str, weights: str | None = None, **kwargs: object) -> nn.Module:

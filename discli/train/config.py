@@ -28,9 +28,12 @@ class TrainConfig:
     # model
     backbone: str = "tiny"
     backbone_weights: str = ""  # "", "imagenet" or a local state-dict path
-    channels: int = 64  # width of the tiny backbone (ignored by the ResNets)
+    channels: int = 64  # width of the tiny/small backbones (ignored by the ResNets)
     freeze_bn: bool = False  # keep BatchNorm statistics fixed (DeepLab practice for small batches)
-    # optimisation (SGD, momentum, poly schedule; new layers get head_lr_mult x lr)
+    # optimisation (poly schedule; new layers get head_lr_mult x lr). The paper (and DeepLab)
+    # use SGD with momentum on an ImageNet-initialised ResNet; a backbone trained from scratch
+    # on a few images (the demo's) learns far faster with AdamW.
+    optimizer: str = "sgd"  # "sgd" | "adamw"
     batch_size: int = 8
     crop_size: int = 321
     scale_min: float = 0.5
@@ -60,6 +63,7 @@ class TrainConfig:
     inf_tag_weight: float = InferenceConfig.tag_weight
     inf_proximity: float = InferenceConfig.proximity
     estep_batch_size: int = 8
+    estep_part_images: int = 64  # E-step images per crash-safe cache part (a kill loses < this)
     # run
     seed: int = 0
     device: str = "auto"
@@ -104,7 +108,12 @@ def validate(cfg: TrainConfig, source: str = "config") -> TrainConfig:
               ("t_tr", cfg.t_tr >= 0), ("rounds", cfg.rounds >= 0),
               ("tagged_ratio", 0.0 <= cfg.tagged_ratio <= 1.0),
               ("confidence", 0.0 <= cfg.confidence < 1.0), ("lr", cfg.lr > 0),
-              ("scale_min", 0 < cfg.scale_min <= cfg.scale_max)]
+              ("estep_batch_size", cfg.estep_batch_size >= 1),
+              ("estep_part_images", cfg.estep_part_images >= 1),
+              ("ckpt_every", cfg.ckpt_every >= 1), ("log_every", cfg.log_every >= 1),
+              ("num_workers", cfg.num_workers >= 0), ("channels", cfg.channels >= 1),
+              ("scale_min", 0 < cfg.scale_min <= cfg.scale_max),
+              ("optimizer", cfg.optimizer in ("sgd", "adamw"))]
     for name, ok in checks:
         if not ok:
             raise BadInputError(f"invalid value {getattr(cfg, name)!r} for {name!r}", source)

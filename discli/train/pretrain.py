@@ -3,7 +3,8 @@
 Files in ``<out>/pretrain/``: ``last.pth`` (rolling checkpoint: resume point), ``step1.pth``,
 ``step2.pth``, ``final.pth`` (after step 3, the input of finetune), ``config.toml`` (the
 effective configuration) and ``log.jsonl`` (metrics). Re-running the same command on the same
-folder continues where it stopped; a finished step is never redone.
+folder continues where it stopped; a finished step is never redone. The folder is locked while
+a run writes it (:mod:`discli.lock`): a second run on it stops with exit code 5.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 
 from discli.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
 from discli.distributed import barrier, init_distributed, resolve_device
-from discli.errors import IncompatibleError, UsageError
+from discli.errors import BadInputError, IncompatibleError, UsageError
+from discli.lock import lock_folder, make_folder, remove_stale_temps
 from discli.model import DISNet, ModelConfig
 from discli.progress import Reporter
 from discli.train.config import TrainConfig, dump_toml
@@ -27,7 +29,7 @@ ARCH_KEYS = ("backbone", "num_classes", "backbone_kwargs")
 
 def new_model(cfg: TrainConfig, classes: list[str]) -> DISNet:
     torch.manual_seed(cfg.seed)
-    kwargs = {"channels": cfg.channels} if cfg.backbone == "tiny" else {}
+    kwargs = {"channels": cfg.channels} if cfg.backbone in ("tiny", "small") else {}
     return DISNet(ModelConfig(backbone=cfg.backbone, num_classes=len(classes),
                               backbone_weights=cfg.backbone_weights or None,
                               backbone_kwargs=kwargs))
@@ -56,7 +58,7 @@ def labelled_dataset(cfg: TrainConfig):  # noqa: ANN201
     manifest = read_manifest(cfg.labelled, root=cfg.root or None)
     manifest.records = [r for r in manifest.records if r.labelmap]
     if not manifest.records:
-        raise UsageError(f"{cfg.labelled}: no record with a labelmap")
+        raise BadInputError("no record with a labelmap (nothing to train on)", cfg.labelled)
     transform = train_transform(cfg.crop_size, scale=(cfg.scale_min, cfg.scale_max))
     return manifest, SegDataset(manifest, transform=transform)
 
@@ -72,13 +74,29 @@ def pretrain(cfg: TrainConfig, steps: Sequence[int] = (1, 2, 3),
         raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by the "
                          f"{dist.world_size} processes")
     out = Path(cfg.out) / "pretrain"
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
+    with lock_folder(out):
+        return _pretrain(cfg, steps, reporter, out, device, dist)
+
+
+def step_file(out: Path, step: int) -> Path:
+    return out / ("final.pth" if step == 3 else f"step{step}.pth")
+
+
+def _pretrain(cfg: TrainConfig, steps: Sequence[int], reporter: Reporter | None, out: Path,
+              device: torch.device, dist: Any) -> dict[str, Any]:
+    if dist.is_main:
+        remove_stale_temps(out)  # checkpoint writes torn by a kill
     manifest, dataset = labelled_dataset(cfg)
     last = out / "last.pth"
     state = load_checkpoint(last) if last.exists() else None
     if state is not None:
         check_same_architecture(state, cfg, manifest.classes, last)
         model = model_from_checkpoint(state, last)
+        finished = step_file(out, int(state["step"]))
+        if state["done"] and dist.is_main and not finished.exists():
+            # killed between the step's last checkpoint and its copy: finish the copy now
+            atomic_write_bytes(finished, lambda f: f.write(last.read_bytes()))
     else:
         model = new_model(cfg, manifest.classes)
     model.to(device)
@@ -101,8 +119,7 @@ def pretrain(cfg: TrainConfig, steps: Sequence[int] = (1, 2, 3),
         state = run_phase(model, PHASES[f"step{step}"], [Source(dataset, cfg.batch_size)], cfg,
                           iters[step], run, device, resume=resume, dist=dist, reporter=reporter)
         if dist.is_main:
-            target = out / ("final.pth" if step == 3 else f"step{step}.pth")
-            atomic_write_bytes(target, lambda f: f.write(last.read_bytes()))
+            atomic_write_bytes(step_file(out, step), lambda f: f.write(last.read_bytes()))
         barrier()
         summary["steps"][step] = "trained"
     if (out / "final.pth").exists():

@@ -1,0 +1,190 @@
+"""`dis demo`: the paper's ablation (Table 3) reproduced on the synthetic benchmark.
+
+Stages, each the library function behind the subcommand a user would run (the report lists the
+equivalent command lines), each resuming by itself when the demo is interrupted and re-run:
+
+1. ``dis synth``: the benchmark (VOC-format labelled/test parts, IDW-style captions) and, through
+   the real ``prepare-voc`` / ``prepare-idw`` code, its manifests;
+2. ``dis pretrain`` on the few pixel-labelled images: the *baseline*;
+3. ``dis finetune --t-tr T`` from the baseline for every T (T = 0 is the no-inference ablation);
+4. the *upper bound*: ``dis pretrain`` on the labelled images plus every tagged image with its
+   true labelmap, for as many iterations as baseline + finetune together;
+5. ``dis evaluate --t-ts 0,10,30`` of every model (+ the ensemble of the t_ts);
+6. ``dis clean-tags stats``: precision/recall/F1 of the caption tags and of the cleaned tags.
+
+Results go to ``report.json``, ``report.md`` and ``figure.png`` (the layout of the paper's
+Fig. 5: input, reconstruction target, ground truth, baseline, t_tr = 0, DIS at growing t_ts).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from discli.checkpoint import atomic_write_bytes
+from discli.inference import InferenceConfig
+from discli.progress import NullReporter, Reporter
+from discli.train.config import TrainConfig
+
+
+@dataclass
+class DemoConfig:
+    out: str = "dis-demo"
+    seed: int = 0
+    quick: bool = False
+    t_tr: list[int] = field(default_factory=lambda: [0, 10, 30])
+    t_ts: list[int] = field(default_factory=lambda: [0, 10, 30])
+    # benchmark
+    n_labelled: int = 30
+    n_tagged: int = 400
+    n_test: int = 100
+    # training schedule (tiny backbone, 64 px crops)
+    iters: tuple[int, int, int] = (1500, 300, 500)
+    rounds: int = 2
+    mstep_iters: int = 600
+    train: dict[str, Any] = field(default_factory=dict)  # any other TrainConfig key
+    inference_lr: float = 0.1
+    device: str = "auto"
+    figure_rows: int = 4
+
+    @classmethod
+    def quick_config(cls, **overrides: Any) -> DemoConfig:
+        base = cls(quick=True, n_labelled=20, n_tagged=120, n_test=40, iters=(300, 100, 150),
+                   rounds=1, mstep_iters=200, figure_rows=3)
+        return replace(base, **overrides)
+
+
+def _train_config(demo: DemoConfig, out: Path, **extra: Any) -> TrainConfig:
+    values: dict[str, Any] = dict(
+        out=str(out), backbone="tiny", channels=64, batch_size=8, crop_size=64, lr=0.01,
+        head_lr_mult=10.0, scale_min=0.75, scale_max=1.5, iters_step1=demo.iters[0],
+        iters_step2=demo.iters[1], iters_step3=demo.iters[2], rounds=demo.rounds,
+        mstep_iters=demo.mstep_iters, seed=demo.seed, device=demo.device, amp=True,
+        ckpt_every=250, log_every=25, inf_lr=demo.inference_lr, estep_batch_size=16)
+    values.update(demo.train)
+    values.update(extra)
+    return TrainConfig(**values)
+
+
+def _cached_json(path: Path, compute: Any) -> Any:
+    """Results of a finished stage are kept, so a re-run demo skips it."""
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    atomic_write_bytes(path, lambda f: f.write(json.dumps(value, indent=1).encode()))
+    return value
+
+
+def _union_manifest(bench: Path, manifests: dict[str, str]) -> Path:
+    """Labelled images plus every tagged image with its true labelmap (for the upper bound)."""
+    from discli.data.manifest import Manifest, read_manifest, write_manifest
+    from discli.data.prepare import rebase
+
+    path = bench / "manifests" / "bound.jsonl"
+    if not path.exists():
+        train = read_manifest(manifests["train"])
+        oracle = read_manifest(manifests["tagged_oracle"])
+        records = (rebase(train.records, train.root, bench)
+                   + rebase(oracle.records, oracle.root, bench))
+        write_manifest(path, Manifest(train.classes, records, bench))
+    return path
+
+
+def _commands(demo: DemoConfig, bench: Path, runs: Path) -> list[str]:
+    m = bench / "manifests"
+    common = (f"--backbone tiny --crop-size 64 --batch-size 8 --set channels=64 "
+              f"--seed {demo.seed}")
+    iters = " ".join(f"--iters {i}" for i in demo.iters)
+    lines = [f"dis synth {bench} --seed {demo.seed} --n-labelled {demo.n_labelled} "
+             f"--n-tagged {demo.n_tagged} --n-test {demo.n_test}",
+             f"dis pretrain --labelled {m}/train.jsonl --out {runs}/baseline {iters} {common}"]
+    for t in demo.t_tr:
+        lines.append(f"dis finetune --labelled {m}/train.jsonl --tagged {m}/tagged.jsonl "
+                     f"--init {runs}/baseline/pretrain/final.pth --out {runs}/dis-t{t} "
+                     f"--t-tr {t} --rounds {demo.rounds} --mstep-iters {demo.mstep_iters} "
+                     f"{common}")
+    ts = ",".join(str(t) for t in demo.t_ts)
+    lines.append(f"dis evaluate --checkpoint {runs}/dis-t{demo.t_tr[-1]}/finetune/final.pth "
+                 f"--manifest {m}/val.jsonl --t-ts {ts}")
+    lines.append(f"dis clean-tags stats {runs}/dis-t{demo.t_tr[-1]}/finetune/round-"
+                 f"{demo.rounds}/cache.h5 --truth {bench}/idw/true_tags.jsonl")
+    return lines
+
+
+def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, Any]:
+    from discli.checkpoint import load_model
+    from discli.data.manifest import read_manifest
+    from discli.data.synthetic import generate_benchmark
+    from discli.evaluate import evaluate
+    from discli.tags import read_truth, tag_stats
+    from discli.cache import PseudoCache
+    from discli.train.finetune import finetune
+    from discli.train.pretrain import pretrain
+
+    reporter = reporter or NullReporter()
+    out = Path(demo.out)
+    bench, runs, results = out / "bench", out / "runs", out / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn: Any) -> Any:
+        tic = time.perf_counter()
+        value = fn()
+        timings[name] = round(time.perf_counter() - tic, 1)
+        return value
+
+    reporter.log(f"demo: benchmark in {bench}")
+    info = timed("benchmark", lambda: _cached_json(results / "benchmark.json", lambda: (
+        generate_benchmark(bench, seed=demo.seed, n_labelled=demo.n_labelled,
+                           n_tagged=demo.n_tagged, n_test=demo.n_test))))
+    manifests = info["manifests"]
+    common = dict(labelled=manifests["train"], tagged=manifests["tagged"])
+
+    reporter.log("demo: pretraining the baseline on the pixel-labelled images")
+    baseline_cfg = _train_config(demo, runs / "baseline", **common)
+    timed("pretrain", lambda: pretrain(baseline_cfg, reporter=reporter))
+    baseline = runs / "baseline" / "pretrain" / "final.pth"
+
+    checkpoints = {"baseline": baseline}
+    for t in demo.t_tr:
+        reporter.log(f"demo: fine-tuning with t_tr = {t}")
+        cfg = _train_config(demo, runs / f"dis-t{t}", init=str(baseline), t_tr=t, **common)
+        timed(f"finetune t_tr={t}", lambda cfg=cfg: finetune(cfg, reporter=reporter))
+        checkpoints[f"t_tr={t}"] = runs / f"dis-t{t}" / "finetune" / "final.pth"
+
+    reporter.log("demo: the fully supervised upper bound (every labelmap)")
+    extra_iters = demo.rounds * demo.mstep_iters
+    bound_cfg = _train_config(demo, runs / "bound", labelled=str(_union_manifest(bench,
+                              manifests)), iters_step3=demo.iters[2] + extra_iters)
+    timed("bound", lambda: pretrain(bound_cfg, reporter=reporter))
+    checkpoints["bound"] = runs / "bound" / "pretrain" / "final.pth"
+
+    val = read_manifest(manifests["val"])
+    inference = InferenceConfig(lr=demo.inference_lr)
+    scores: dict[str, Any] = {}
+    for name, ckpt in checkpoints.items():
+        reporter.log(f"demo: evaluating {name}")
+        model, _ = load_model(ckpt)
+        scores[name] = timed(f"evaluate {name}", lambda model=model, name=name: _cached_json(
+            results / f"eval-{name.replace('=', '')}.json",
+            lambda: evaluate(model, val, steps=demo.t_ts, cfg=inference, reporter=reporter)))
+
+    truth = read_truth(info["true_tags"], val.classes)
+    tags = {}
+    for t in demo.t_tr:
+        cache = PseudoCache(runs / f"dis-t{t}" / "finetune" / f"round-{demo.rounds}" / "cache.h5")
+        tags[f"t_tr={t}"] = tag_stats(cache, truth)
+        cache.close()
+
+    report = {"config": asdict(demo), "benchmark": info.get("stats"), "classes": val.classes,
+              "scores": scores, "tags": tags, "timings_s": timings,
+              "commands": _commands(demo, bench, runs)}
+    from discli.report import write_figure, write_report
+
+    timed("figure", lambda: write_figure(out / "figure.png", checkpoints, val, demo))
+    report["timings_s"] = timings
+    write_report(out, report)
+    return report
