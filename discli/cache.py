@@ -181,7 +181,11 @@ class PseudoCache:
         except OSError as exc:
             raise BadInputError(f"not a readable HDF5 file ({exc})", self.path) from None
         check_attrs(self.attrs, self.path, checkpoint_hash, force)
-        self.classes: list[str] = json.loads(self.attrs["classes"])
+        try:
+            self.classes: list[str] = json.loads(self.attrs["classes"])
+        except (KeyError, TypeError, ValueError):
+            raise IncompatibleError("cache has no valid 'classes' attribute (corrupt cache?)",
+                                    self.path) from None
         self._h5: h5py.File | None = None
 
     def ids(self) -> list[str]:
@@ -200,8 +204,13 @@ class PseudoCache:
             g = self._h5["entries"][key_of(image_id)]
         except KeyError:
             raise BadInputError(f"no entry for image {image_id!r}", self.path) from None
-        return CacheEntry(image_id, g["labelmap"][()], g["confidence"][()], g["tag_probs"][()],
-                          g["noisy_tags"][()])
+        try:
+            return CacheEntry(image_id, g["labelmap"][()], g["confidence"][()],
+                              g["tag_probs"][()], g["noisy_tags"][()])
+        except (KeyError, OSError) as exc:
+            raise BadInputError(f"entry {image_id!r} is incomplete or unreadable ({exc}); "
+                                f"corrupt cache? delete it and re-run the E-step",
+                                self.path) from None
 
     def __iter__(self) -> Iterator[CacheEntry]:
         for image_id in self._ids:

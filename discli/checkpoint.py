@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from discli.errors import BadInputError, IncompatibleError
+from discli.errors import BadInputError, DisError, IncompatibleError
 from discli.model import DISNet, ModelConfig
 
 FORMAT = "dis-checkpoint"
@@ -46,6 +46,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise BadInputError("expected a checkpoint file, found a folder", path)
     if not path.is_file():
         raise BadInputError("checkpoint not found", path)
     try:
@@ -66,12 +68,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def model_from_checkpoint(state: dict[str, Any], path: str | Path = "checkpoint") -> DISNet:
-    config = ModelConfig.from_dict(state["model_config"])
-    config.backbone_weights = None  # the checkpoint holds the weights: never re-download
-    model = DISNet(config)
     try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
+        config = ModelConfig.from_dict(state["model_config"])
+        weights = state["model"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IncompatibleError(f"checkpoint has no usable model_config/model entries "
+                                f"({type(exc).__name__}: {exc})", path) from None
+    config.backbone_weights = None  # the checkpoint holds the weights: never re-download
+    try:
+        model = DISNet(config)
+    except DisError as exc:  # e.g. a backbone plugin that is not installed here
+        raise IncompatibleError(f"cannot rebuild its model: {exc}", path) from None
+    except (TypeError, ValueError) as exc:
+        raise IncompatibleError(f"cannot rebuild its model from model_config {config}: "
+                                f"{type(exc).__name__}: {exc}", path) from None
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as exc:
         raise IncompatibleError(f"weights do not fit {config.backbone} with "
                                 f"{config.num_classes} classes: {str(exc).splitlines()[0]}",
                                 path) from None

@@ -16,13 +16,20 @@ other ones is refused.
 ``probs_path`` (HDF5): root attrs ``format="dis-probs"``, ``format_version``, ``classes`` (JSON),
 ``steps``, ``checkpoint_hash``; ``/entries/<key>`` per image (key = id with "/" as "%2F") holds
 ``probs`` float16 (K, H, W) at the image's resolution, ``tag_probs`` float32 (K,), attr ``id``.
-The file is written to a temporary name (entries of an existing file carried over) and renamed
-when the run ends (also when it stops on an error or ^C, with the images done so far), so it is
-never torn.
+While a run is in progress, entries go to small part files (``.<name>.parts/part-NNNNNN.h5``),
+each written under a temporary name and renamed when complete (every :data:`PROBS_PART_IMAGES`
+images or :data:`PROBS_PART_SECONDS` seconds); when the run ends (also on an error or ^C) the
+entries of the existing file and of the parts are merged into a new file that replaces it
+(temp + rename). So the file is never torn, and a run killed with SIGKILL loses at most the
+part being written: a re-run takes the finished parts as done.
+
+Only one process may write an output folder or probabilities file at a time: :func:`predict`
+locks them (:mod:`discli.lock`); a second one stops with exit code 5.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -44,6 +51,7 @@ from discli.cache import key_of
 from discli.checkpoint import atomic_write_bytes, file_hash, load_model
 from discli.errors import BadInputError, IncompatibleError, UsageError
 from discli.inference import InferenceConfig, InferenceResult, infer_steps
+from discli.lock import lock_file, lock_folder, make_folder, remove_stale_temps
 from discli.model import DISNet
 from discli.progress import NullReporter, Reporter
 
@@ -51,6 +59,8 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 PROBS_FORMAT = "dis-probs"
 PROBS_FORMAT_VERSION = 1
 RUN_INFO = ".dis-infer.json"
+PROBS_PART_IMAGES = 32  # a kill loses at most this many images' probabilities ...
+PROBS_PART_SECONDS = 60.0  # ... or this much work
 
 
 # ----------------------------------------------------------------------------- model and device
@@ -151,10 +161,14 @@ def collect_inputs(sources: Sequence[str], stdin: TextIO | None = None,
     for source in sources:
         if source == "-":
             stream = stdin if stdin is not None else sys.stdin
-            for line in stream:
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    images.extend(_expand(line, exclude))
+            try:
+                for line in stream or ():  # sys.stdin is None when fd 0 is closed
+                    line = line.strip()
+                    if line and not line.startswith("#"):
+                        images.extend(_expand(line, exclude))
+            except UnicodeDecodeError as exc:
+                raise BadInputError(f"the list of paths is not UTF-8 text ({exc.reason} at byte "
+                                    f"{exc.start} of a line)", "<stdin>") from None
         else:
             images.extend(_expand(source, exclude))
     seen: dict[str, Path] = {}
@@ -165,8 +179,9 @@ def collect_inputs(sources: Sequence[str], stdin: TextIO | None = None,
                                 image.path)
         seen[image.id] = image.path
     if not images:
-        raise UsageError("no input images (give image files, folders, a manifest, or - for a "
-                         "list of paths on stdin)")
+        where = ", ".join("<stdin>" if x == "-" else str(x) for x in sources) or "command line"
+        raise BadInputError("no input images (give image files, folders, a manifest, or - for "
+                            "a list of paths on stdin)", where)
     return images
 
 
@@ -236,67 +251,137 @@ def write_overlay(path: Path, image: np.ndarray, labelmap: np.ndarray) -> None:
 
 
 class ProbsWriter:
-    """Writes the ``--probs`` HDF5 file (see the module docstring) to a temp name, then renames."""
+    """Writes the ``--probs`` HDF5 file (see the module docstring): crash-safe part files while
+    the run goes, merged into the file (temp + rename) by :meth:`close`."""
 
-    def __init__(self, path: str | Path, attrs: dict[str, Any], overwrite: bool = False):
+    def __init__(self, path: str | Path, attrs: dict[str, Any], overwrite: bool = False,
+                 part_images: int = PROBS_PART_IMAGES,
+                 part_seconds: float = PROBS_PART_SECONDS):
         self.path = Path(path)
         self.attrs = attrs
+        self.overwrite = overwrite
+        self.part_images, self.part_seconds = part_images, part_seconds
+        self.parts_dir = self.path.with_name(f".{self.path.name}.parts")
         self.done: set[str] = set()
-        old = None
-        if self.path.exists() and not overwrite:
-            old = self._check_existing()
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.h5 = h5py.File(self.tmp, "w")
-        self.h5.attrs.update(attrs)
-        self.entries = self.h5.require_group("entries")
-        if old is not None:
-            with h5py.File(self.path, "r") as src:
-                for key, group in src.get("entries", {}).items():
-                    src.copy(group, self.entries, name=key)
-                    self.done.add(str(group.attrs["id"]))
+        remove_stale_temps(self.path.parent)
+        remove_stale_temps(self.parts_dir)
+        if overwrite:
+            for part in self.parts():
+                part.unlink()
+        else:
+            if self.path.exists():
+                self._check(self.path)
+                self.done |= self._ids(self.path)
+            for part in self.parts():
+                self._check(part)
+                self.done |= self._ids(part)
+        self._seq = max((int(p.stem.split("-")[1]) for p in self.parts()), default=-1) + 1
+        self._h5: h5py.File | None = None
+        self._tmp: Path | None = None
+        self._count = 0
+        self._opened = 0.0
 
-    def _check_existing(self) -> Path:
+    def parts(self) -> list[Path]:
+        return sorted(self.parts_dir.glob("part-*.h5")) if self.parts_dir.is_dir() else []
+
+    @staticmethod
+    def _ids(path: Path) -> set[str]:
+        with h5py.File(path, "r") as h5:
+            return {str(g.attrs["id"]) for g in h5.get("entries", {}).values()}
+
+    def _check(self, path: Path) -> None:
         try:
-            with h5py.File(self.path, "r") as h5:
+            with h5py.File(path, "r") as h5:
                 attrs = dict(h5.attrs)
         except OSError as exc:
             raise BadInputError(f"not a readable HDF5 file ({exc}); pass --overwrite to replace "
-                                f"it", self.path) from None
+                                f"it", path) from None
         if attrs.get("format") != PROBS_FORMAT:
             raise IncompatibleError("not a dis probabilities file; pass --overwrite to replace it",
-                                    self.path)
+                                    path)
         for key in ("classes", "steps", "checkpoint_hash", "inference"):
             if str(attrs.get(key)) != str(self.attrs.get(key)):
                 raise IncompatibleError(f"made with another {key} ({attrs.get(key)}, now "
                                         f"{self.attrs.get(key)}); pass --overwrite to replace "
-                                        f"it", self.path)
-        return self.path
+                                        f"it", path)
+
+    def _open_part(self) -> h5py.File:
+        if self._h5 is None:
+            self.parts_dir.mkdir(parents=True, exist_ok=True)
+            self._tmp = self.parts_dir / f".part-{self._seq:06d}.h5.tmp{os.getpid()}"
+            self._h5 = h5py.File(self._tmp, "w")
+            self._h5.attrs.update(self.attrs)
+            self._h5.require_group("entries")
+            self._count, self._opened = 0, time.monotonic()
+        return self._h5
+
+    def _finish_part(self) -> None:
+        """Close the part being written and give it its final name (it is now complete)."""
+        if self._h5 is None:
+            return
+        self._h5.close()
+        self._h5 = None
+        tmp, self._tmp = self._tmp, None
+        assert tmp is not None
+        if self._count:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.parts_dir / f"part-{self._seq:06d}.h5")
+            self._seq += 1
+        else:
+            tmp.unlink(missing_ok=True)
 
     def add(self, image_id: str, probs: np.ndarray, tag_probs: np.ndarray) -> None:
+        entries = self._open_part()["entries"]
         key = key_of(image_id)
-        if key in self.entries:
-            del self.entries[key]
         try:
-            g = self.entries.create_group(key)
+            g = entries.create_group(key)
             g.attrs["id"] = image_id
             g.create_dataset("probs", data=probs.astype(np.float16), compression="gzip",
                              compression_opts=1, chunks=True)
             g.create_dataset("tag_probs", data=tag_probs.astype(np.float32))
         except BaseException:
-            if key in self.entries:  # never keep a half-written entry
-                del self.entries[key]
+            if key in entries:  # never keep a half-written entry
+                del entries[key]
             raise
+        self._count += 1
+        self.done.add(image_id)
+        if (self._count >= self.part_images
+                or time.monotonic() - self._opened >= self.part_seconds):
+            self._finish_part()
 
     def close(self, commit: bool = True) -> None:
-        self.h5.close()
+        """Finish the current part; with ``commit``, merge everything into the file."""
+        self._finish_part()
+        parts = self.parts()
+        if not commit or (not parts and self.path.exists() and not self.overwrite):
+            return  # nothing new: the file is already what a merge would write
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         try:
-            if commit:
-                with open(self.tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-                os.replace(self.tmp, self.path)
+            with h5py.File(tmp, "w") as h5:
+                h5.attrs.update(self.attrs)
+                entries = h5.require_group("entries")
+                sources = parts[::-1]  # the newest copy of an entry wins
+                if self.path.exists() and not self.overwrite:
+                    sources.append(self.path)
+                for source in sources:
+                    with h5py.File(source, "r") as src:
+                        for key, group in src.get("entries", {}).items():
+                            if key not in entries:
+                                src.copy(group, entries, name=key)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
         finally:
-            self.tmp.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
+        self.overwrite = False
+        for part in parts:
+            part.unlink()
+        try:
+            self.parts_dir.rmdir()
+        except OSError:
+            pass
 
 
 # ----------------------------------------------------------------------------- batching
@@ -353,19 +438,30 @@ def _normalize(image: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(normalize(image))
 
 
+def _write_run_info(out_dir: Path, info: dict[str, Any]) -> None:
+    atomic_write_bytes(out_dir / RUN_INFO, lambda f: f.write(json.dumps(info, indent=1).encode()))
+
+
 def _check_run_info(out_dir: Path, info: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to add outputs of other settings to a folder; with ``overwrite``, mark the folder
+    as being replaced until the run finishes (a run killed meanwhile leaves outputs of two
+    settings side by side: only another ``--overwrite`` run may continue there)."""
     path = out_dir / RUN_INFO
     if path.exists() and not overwrite:
         try:
             old = json.loads(path.read_text())
         except (OSError, ValueError):
             old = None
+        if isinstance(old, dict) and old.get("replacing"):
+            raise IncompatibleError(f"an --overwrite run into this folder did not finish, so it "
+                                    f"holds outputs of two settings (see {RUN_INFO}); pass "
+                                    f"--overwrite to finish replacing them", out_dir)
         if old != info:
             changed = sorted(k for k in info if not isinstance(old, dict) or old.get(k) != info[k])
             raise IncompatibleError(f"outputs there were made with another {', '.join(changed)} "
                                     f"(see {RUN_INFO}); pass --overwrite to replace them, or "
                                     f"another --out", out_dir)
-    atomic_write_bytes(path, lambda f: f.write(json.dumps(info, indent=1).encode()))
+    _write_run_info(out_dir, {**info, "replacing": True} if overwrite else info)
 
 
 def predict(model: DISNet, inputs: Sequence[InputImage], *, classes: Sequence[str],
@@ -395,7 +491,26 @@ def predict(model: DISNet, inputs: Sequence[InputImage], *, classes: Sequence[st
     if len(set(targets)) != len(targets):
         raise BadInputError("two images would write the same output file (an id ending in "
                             "'_color' or '_overlay' next to its stem?)", out)
+    with contextlib.ExitStack() as locks:
+        if out is not None:
+            make_folder(out)
+            locks.enter_context(lock_folder(out))
+        if probs_path is not None:
+            locks.enter_context(lock_file(probs_path))
+        yield from _predict_locked(model, plans, classes, out, steps, cfg, batch_size, device,
+                                   amp, probs_path, overwrite, checkpoint_hash, settings,
+                                   reporter)
+
+
+def _predict_locked(model: DISNet, plans: list[tuple[InputImage, dict[str, Path]]],
+                    classes: Sequence[str], out: Path | None, steps: int, cfg: InferenceConfig,
+                    batch_size: int, device: torch.device, amp: bool,
+                    probs_path: str | Path | None, overwrite: bool, checkpoint_hash: str,
+                    settings: dict[str, Any], reporter: Reporter) -> Iterator[dict[str, Any]]:
     if out is not None:
+        # image writes torn by a kill: only where this run writes (never a scan of a big tree)
+        for folder in {out, *(p.parent for _, paths in plans for p in paths.values())}:
+            remove_stale_temps(folder)
         _check_run_info(out, settings, overwrite)
     probs = None
     if probs_path is not None:
@@ -406,6 +521,7 @@ def predict(model: DISNet, inputs: Sequence[InputImage], *, classes: Sequence[st
                                          "inference": json.dumps(settings["inference"])},
                             overwrite=overwrite)
     reporter.start("infer", total=len(plans))
+    finished = False
     try:
         todo = []
         for item, paths in plans:
@@ -419,11 +535,14 @@ def predict(model: DISNet, inputs: Sequence[InputImage], *, classes: Sequence[st
                 todo.append((item, paths))
         yield from _predict_batches(model, todo, classes, steps, cfg, batch_size, device, amp,
                                     probs, reporter)
+        finished = True
     finally:
         # Entries are complete one by one: keep what was done, even after an error or ^C,
         # so a re-run resumes from there.
         if probs is not None:
             probs.close()
+    if finished and out is not None and overwrite:
+        _write_run_info(out, settings)  # every output is now of these settings
 
 
 def _loaded(todo: list[tuple[InputImage, dict[str, Path]]]

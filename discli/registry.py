@@ -12,6 +12,7 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
 
+from discli.entrypoints import allowed
 from discli.errors import UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -42,7 +43,7 @@ class Registry(Generic[F]):
             return
         self._entry_points_loaded = True
         for ep in entry_points(group=self.group):
-            if ep.name in self._factories:
+            if ep.name in self._factories or not allowed(ep.name):
                 continue
             try:
                 self.add(ep.name, ep.load())

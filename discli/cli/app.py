@@ -10,12 +10,23 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+
 import typer
+
+try:  # typer >= 0.22 runs on its own vendored copy of click: its exceptions are those
+    from typer import _click as click
+except ImportError:  # pragma: no cover - older typer on the click package
+    import click  # type: ignore[no-redef]
 
 from discli import __version__
 from discli.cli.output import error, warn
 from discli.entrypoints import COMMANDS_GROUP, Plugin, load_group
 from discli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, DisError
+
+# click >= 8.2 raises this for a group called without a command (it prints the help)
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+# `dis ... | head`: the reader went away (128 + SIGPIPE, as the shell reports a SIGPIPE death).
+EXIT_BROKEN_PIPE = 141
 
 # What the last build_app() loaded, for `dis plugins`.
 LOADED: list[Plugin] = []
@@ -58,13 +69,55 @@ def build_app() -> typer.Typer:
     return app
 
 
+def _usage_line(exc: click.ClickException) -> str:
+    """A click usage error as one line: the problem, then where to find help."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        return f"{message} (see '{ctx.command_path} --help')"
+    return message
+
+
+def _broken_pipe() -> int:
+    """The reader of our stdout went away (`dis ... | head`): stop quietly with 141 (128 +
+    SIGPIPE, what the shell reports for a tool killed by SIGPIPE), so `set -o pipefail` scripts
+    still see that the output was cut short."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing more to flush at exit
+    except (OSError, ValueError):
+        pass
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; every failure is one line on stderr and a documented exit code (README)."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or bool(os.environ.get("DIS_DEBUG"))
+    # Started with a standard stream closed (`dis ... <&-`): Python leaves it None. Read an
+    # absent stdin as empty input (so `-` arguments say what is missing) and discard writes
+    # to an absent stdout/stderr, instead of failing on None.
+    for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, mode, encoding="utf-8"))
     try:
-        build_app()(args=argv, prog_name="dis", standalone_mode=True)
+        code = build_app()(args=argv, prog_name="dis", standalone_mode=False)
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if code == 1 and isinstance(sys.stdout, click.utils.PacifyFlushWrapper):
+            return _broken_pipe()  # typer/click turned EPIPE into exit 1
+        return code
+    except _NO_ARGS_IS_HELP as exc:  # `dis` alone: the help
+        exc.show()
+        return exc.exit_code
+    except click.ClickException as exc:  # bad option or argument
+        if debug:
+            traceback.print_exc()
+        error(_usage_line(exc))
+        return exc.exit_code
+    except typer.Abort:  # EOF on an interactive prompt
+        error("aborted")
+        return EXIT_FAILURE
     except DisError as exc:
         if debug:
             traceback.print_exc()
@@ -74,16 +127,16 @@ def main(argv: list[str] | None = None) -> int:
         error("interrupted")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        # The reader of our stdout went away (`dis ... | head`): not an error of ours.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 0
+        return _broken_pipe()
     except Exception as exc:  # a bug: one line unless --debug
         if debug:
             traceback.print_exc()
         error(f"internal error: {type(exc).__name__}: {exc} (run with --debug for a traceback)")
         return EXIT_FAILURE
-    return 0
+    if code == EXIT_INTERRUPTED:  # typer turns ^C into a silent exit 130
+        error("interrupted")
+    # In non-standalone mode click returns the command's return value, or the code of an Exit.
+    return code if isinstance(code, int) and not isinstance(code, bool) else 0
 
 
 def run() -> None:

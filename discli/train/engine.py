@@ -201,17 +201,21 @@ class PhaseRun:
     classes: list[str]
 
 
-def _trim_log(path: Path, phase: str, upto: int) -> None:
-    """On resume, drop log lines of this phase past the checkpoint (they will be redone)."""
+def _trim_log(path: Path, run: PhaseRun, phase: str, upto: int) -> None:
+    """Before (re)starting a phase at iteration ``upto``, drop its log lines past that point:
+    a killed attempt may have logged iterations it never checkpointed, and they will be redone.
+    Lines of other stages, phases, steps and rounds are kept."""
     if not path.exists():
         return
+    this = {"stage": run.stage, "phase": phase,
+            **{k: v for k, v in run.extra.items() if k in ("step", "round")}}
     kept = []
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line torn by a kill
-        if rec.get("phase") != phase or rec.get("iter", 0) <= upto:
+        if any(rec.get(k) != v for k, v in this.items()) or rec.get("iter", 0) <= upto:
             kept.append(line)
     atomic_write_bytes(path, lambda f: f.write(("\n".join(kept) + "\n" if kept else "")
                                                .encode()))
@@ -246,8 +250,8 @@ def run_phase(model: DISNet, phase: Phase, sources: Sequence[Source], cfg: Train
             scaler.load_state_dict(resume["scaler"])
         set_rng_state(resume["rng"])
         start = int(resume["iteration"])
-        if dist.is_main:
-            _trim_log(run.log, phase.name, start)
+    if dist.is_main:
+        _trim_log(run.log, run, phase.name, start)
 
     def state(iteration: int, done: bool) -> dict[str, Any]:
         return {"model": unwrap(model).state_dict(),

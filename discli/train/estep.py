@@ -9,6 +9,11 @@ class per pixel, and the cleaned tag probabilities sigmoid(v3) go to an HDF5 cac
 Images are batched by size (never padded: padding would change avgpool(u1) and the borders, so an
 image's pseudo-label would depend on its batch mates). Under torchrun the size buckets are dealt
 round-robin to the ranks, each writes its own part files, and rank 0 merges them.
+
+Resuming after a kill gives the cache an uninterrupted run would have written, bit for bit: a
+part file holds whole batches only, and a size bucket's batches are consecutive slices of its
+sorted members, so removing finished batches leaves the remaining batches exactly as planned.
+The cache is locked while the E-step writes it (:func:`discli.lock.lock_file`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from torch.utils.data import DataLoader
 from discli.cache import CacheEntry, CacheWriter, make_attrs
 from discli.distributed import DistInfo, barrier, dist_info
 from discli.inference import InferenceConfig, infer
+from discli.lock import lock_file, remove_stale_temps
 from discli.model import DISNet
 from discli.progress import NullReporter, Reporter
 
@@ -44,13 +50,11 @@ def size_buckets(sizes: list[tuple[int, int]], indices: list[int], batch_size: i
 
 
 def image_sizes(manifest: Any) -> list[tuple[int, int]]:
-    from PIL import Image
+    """(H, W) of every image as it will be decoded (EXIF rotation applied), from the headers;
+    a missing, empty or unreadable file is a BadInputError naming it."""
+    from discli.data.images import probe_image
 
-    sizes = []
-    for rec in manifest.records:
-        with Image.open(manifest.image_path(rec)) as img:  # header only, no decode
-            sizes.append((img.height, img.width))
-    return sizes
+    return [probe_image(manifest.image_path(rec)) for rec in manifest.records]
 
 
 def pseudo_entries(result_probs: torch.Tensor, v3: torch.Tensor, batch: dict[str, Any]
@@ -70,16 +74,34 @@ def run_estep(model: DISNet, manifest: Any, cache_path: str | Path, *, t_tr: int
               inference: InferenceConfig, checkpoint_hash: str, batch_size: int = 8,
               device: str | torch.device = "cpu", num_workers: int = 0,
               reporter: Reporter | None = None, force: bool = False, amp: bool = False,
-              dist: DistInfo | None = None) -> Path:
-    """Write (or finish) the pseudo-label cache of ``manifest``'s images; returns its path."""
-    from discli.data.dataset import SegDataset, collate, eval_transform
+              dist: DistInfo | None = None, part_images: int = PART_IMAGES) -> Path:
+    """Write (or finish) the pseudo-label cache of ``manifest``'s images; returns its path.
 
+    ``part_images``: images per crash-safe part file (rounded up to whole batches).
+    """
     if t_tr < 0:
         raise ValueError(f"t_tr must be >= 0, got {t_tr}")
-    reporter = reporter or NullReporter()
     dist = dist or dist_info()
-    device = torch.device(device)
     cache_path = Path(cache_path)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file(cache_path):
+        return _run_estep(model, manifest, cache_path, t_tr=t_tr, inference=inference,
+                          checkpoint_hash=checkpoint_hash, batch_size=batch_size, device=device,
+                          num_workers=num_workers, reporter=reporter, force=force, amp=amp,
+                          dist=dist, part_images=part_images)
+
+
+def _run_estep(model: DISNet, manifest: Any, cache_path: Path, *, t_tr: int,
+               inference: InferenceConfig, checkpoint_hash: str, batch_size: int,
+               device: str | torch.device, num_workers: int, reporter: Reporter | None,
+               force: bool, amp: bool, dist: DistInfo, part_images: int) -> Path:
+    from discli.data.dataset import SegDataset, collate, eval_transform
+
+    reporter = reporter or NullReporter()
+    device = torch.device(device)
+    if dist.is_main:
+        remove_stale_temps(cache_path.parent)
+        remove_stale_temps(cache_path.with_name(cache_path.name.removesuffix(".h5") + ".parts"))
     cfg = InferenceConfig(**{**inference.__dict__, "steps": t_tr})
     attrs = make_attrs(manifest.classes, t_tr, checkpoint_hash, cfg.__dict__)
     writer = CacheWriter(cache_path, attrs, rank=dist.rank, force=force)
@@ -100,7 +122,7 @@ def run_estep(model: DISNet, manifest: Any, cache_path: str | Path, *, t_tr: int
                             device.type == "cuda"):
             result = infer(model, images, t_tr, cfg, tags=batch["tags"].to(device))
         pending += pseudo_entries(result.probs.float(), result.v3, batch)
-        if len(pending) >= PART_IMAGES:
+        if len(pending) >= part_images:
             writer.write(pending)
             pending = []
         reporter.advance(len(batch["id"]), loss=float(result.losses[:, -1].mean()))

@@ -12,19 +12,21 @@ Round ``r`` starts from the model of round ``r-1`` (round 1 from the pretrained 
 Everything a round has finished is a file, so the state of the loop is read off the folder:
 ``model.pth`` present = round done; ``cache.h5`` present = E-step done; ``last.pth`` = M-step in
 progress; ``cache.parts/`` = E-step in progress. Each step can be run alone
-(``only="estep"|"mstep"``, ``round_=N``), and re-running continues where it stopped.
+(``only="estep"|"mstep"``, ``round_=N``), and re-running continues where it stopped, also after
+a SIGKILL at any moment. ``<out>/finetune`` is locked while a run writes it (:mod:`discli.lock`).
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 from discli.cache import PseudoCache
-from discli.checkpoint import (atomic_write_bytes, file_hash, load_checkpoint,
-                               model_from_checkpoint)
+from discli.checkpoint import atomic_write_bytes, file_hash, load_checkpoint, model_from_checkpoint
 from discli.distributed import barrier, init_distributed, resolve_device
 from discli.errors import BadInputError, UsageError
+from discli.lock import lock_folder, make_folder, remove_stale_temps
 from discli.progress import NullReporter, Reporter
 from discli.train.config import TrainConfig, dump_toml
 from discli.train.engine import PHASES, PhaseRun, Source, run_phase
@@ -61,7 +63,6 @@ def round_status(cfg: TrainConfig, r: int) -> str:
 def finetune(cfg: TrainConfig, only: str | None = None, round_: int | None = None,
              reporter: Reporter | None = None, force: bool = False) -> dict[str, Any]:
     from discli.data.manifest import read_manifest
-    from discli.train.pseudo import PseudoLabelled
 
     if only not in (None, "estep", "mstep"):
         raise UsageError(f"--only must be estep or mstep, got {only!r}")
@@ -78,13 +79,36 @@ def finetune(cfg: TrainConfig, only: str | None = None, round_: int | None = Non
         raise BadInputError(f"classes {tagged.classes} differ from the labelled manifest's "
                             f"{labelled_manifest.classes}", cfg.tagged)
     out = Path(cfg.out) / "finetune"
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
+    with lock_folder(out):
+        return _finetune(cfg, only, round_, reporter, force, out, tagged, labelled_manifest,
+                         labelled, device, dist)
+
+
+def _tidy_round(rdir: Path) -> None:
+    """Remove what a kill between two steps of a finished piece of work left behind."""
+    remove_stale_temps(rdir)
+    if (rdir / "cache.h5").exists() and (rdir / "cache.parts").is_dir():
+        shutil.rmtree(rdir / "cache.parts")  # killed after the merge, before removing its parts
+    if (rdir / "model.pth").exists():
+        (rdir / "last.pth").unlink(missing_ok=True)  # killed after model.pth was written
+
+
+def _finetune(cfg: TrainConfig, only: str | None, round_: int | None, reporter: Reporter,
+              force: bool, out: Path, tagged: Any, labelled_manifest: Any, labelled: Any,
+              device: Any, dist: Any) -> dict[str, Any]:
+    from discli.train.pseudo import PseudoLabelled
+
     if dist.is_main:
+        remove_stale_temps(out)
         atomic_write_bytes(out / "config.toml", lambda f: f.write(dump_toml(cfg).encode()))
     summary: dict[str, Any] = {"out": str(out), "rounds": {}}
     rounds = [round_] if round_ is not None else list(range(1, cfg.rounds + 1))
     for r in rounds:
         rdir = round_dir(cfg, r)
+        if dist.is_main:
+            _tidy_round(rdir)
+        barrier()
         status = round_status(cfg, r)
         if status == "done":
             summary["rounds"][r] = "already done"
@@ -102,7 +126,8 @@ def finetune(cfg: TrainConfig, only: str | None = None, round_: int | None = Non
             run_estep(model, tagged, cache_path, t_tr=cfg.t_tr, inference=cfg.inference(),
                       checkpoint_hash=source_hash, batch_size=cfg.estep_batch_size,
                       device=device, num_workers=cfg.num_workers, reporter=reporter,
-                      force=force, amp=cfg.amp, dist=dist)
+                      force=force, amp=cfg.amp, dist=dist,
+                      part_images=cfg.estep_part_images)
         if only == "estep":
             summary["rounds"][r] = "estep done"
             continue

@@ -1,0 +1,707 @@
+"""The bad-input corpus: every kind of bad input, across the subcommands, gets one line.
+
+Contract for each case of :data:`CASES` (run in this process through :func:`discli.cli.main`,
+which is what the console script calls): the documented exit code (README: 2 bad option, 3 bad
+input data, 4 incompatible checkpoint or cache, 5 busy), exactly one line on stderr that starts
+with ``dis: error:``, names the input and says what is wrong, and no traceback unless
+``--debug``. Also here: inputs that look odd but are fine (CMYK, 16-bit), finished work surviving
+a failing run, the broken-pipe exit, and property-based tests of the manifest reader and the
+caption parser (complementing the round-trip properties of tests/test_data_*.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from discli.cache import CacheEntry, CacheWriter, make_attrs
+from discli.checkpoint import file_hash, save_checkpoint
+from discli.data.manifest import Manifest, Record, write_manifest
+from discli.data.voc import write_palette_png
+from discli.model import ModelConfig, build_model
+
+CLASSES = ["background", "cat", "dog"]
+DIS = shutil.which("dis") or str(Path(sys.executable).with_name("dis"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- file makers
+
+
+def png(path: Path, size=(40, 32), mode="RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).convert(mode).save(path)
+    return path
+
+
+def bomb_png(path: Path) -> Path:
+    """A valid 8x8 PNG whose header claims 20000 x 20000 pixels (CRC fixed)."""
+    Image.new("L", (8, 8)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", 20000, 20000)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def tiny_model(num_classes: int = len(CLASSES), channels: int = 8) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(backbone="tiny", num_classes=num_classes,
+                                   backbone_kwargs={"channels": channels})).eval()
+
+
+def save_model(path: Path, model: torch.nn.Module, classes=CLASSES) -> Path:
+    save_checkpoint(path, {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                           "classes": list(classes)})
+    return path
+
+
+def manifest(path: Path, records: list[dict], classes=CLASSES, root: str = ".") -> Path:
+    header = {"format": "dis-manifest", "version": 1, "root": root, "classes": classes}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(json.dumps(x) for x in [header, *records]) + "\n")
+    return path
+
+
+def labelled_set(root: Path, n: int = 3, classes=CLASSES, size=(40, 32)) -> Path:
+    records = []
+    for i in range(n):
+        png(root / "img" / f"i{i}.png", size)
+        lm = np.zeros(size[::-1], np.uint8)
+        lm[4:12, 4:12] = 1
+        write_palette_png(root / "gt" / f"i{i}.png", lm)
+        records.append(Record(id=f"i{i}", image=f"img/i{i}.png", labelmap=f"gt/i{i}.png",
+                              tags=[classes[1]]))
+    path = root / "set.jsonl"
+    write_manifest(path, Manifest(classes=list(classes), records=records, root=root))
+    return path
+
+
+def cache_file(path: Path, checkpoint_hash: str = "h", classes=CLASSES,
+               ids=("i0", "i1", "i2")) -> Path:
+    writer = CacheWriter(path, make_attrs(list(classes), 2, checkpoint_hash, {}))
+    k = len(classes)
+    writer.write([CacheEntry(i, np.zeros((32, 40), np.uint8), np.ones((32, 40), np.float16),
+                             np.full(k, 0.9, np.float32), np.ones(k, np.uint8)) for i in ids])
+    return writer.merge()
+
+
+class Exploit:
+    """A pickle payload: unpickling it creates ``marker`` (it must never happen)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@dataclass
+class Env:
+    root: Path
+    ckpt: Path  # a tiny model with CLASSES
+    img: Path  # a good 40x32 image
+    labelled: Path  # manifest with images + labelmaps (CLASSES)
+    cache: Path  # a finished cache made by `ckpt`
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> Env:
+    root = tmp_path_factory.mktemp("bad-inputs")
+    ckpt = save_model(root / "tiny.pth", tiny_model())
+    labelled = labelled_set(root / "data")
+    return Env(root, ckpt, png(root / "good.png"), labelled,
+               cache_file(root / "cache.h5", file_hash(ckpt)))
+
+
+def train_args(env: Env, out: Path) -> list[str]:
+    return ["--labelled", str(env.labelled), "--out", str(out), "--backbone", "tiny",
+            "--batch-size", "2", "--crop-size", "16", "--device", "cpu", "--set", "channels=8",
+            "--iters", "1", "--iters", "1", "--iters", "1", "--quiet"]
+
+
+def finetune_args(env: Env, out: Path, tagged: Path | None = None) -> list[str]:
+    return ["--labelled", str(env.labelled), "--tagged", str(tagged or env.labelled),
+            "--init", str(env.ckpt), "--out", str(out), "--backbone", "tiny", "--batch-size",
+            "2", "--crop-size", "16", "--device", "cpu", "--set", "channels=8", "--t-tr", "1",
+            "--mstep-iters", "1", "--rounds", "1", "--quiet"]
+
+
+def infer(env: Env, *inputs: str, ckpt: Path | None = None, extra=()) -> list[str]:
+    return ["infer", *inputs, "-c", str(ckpt or env.ckpt), "--device", "cpu", "--json", "-q",
+            *extra]
+
+
+# ----------------------------------------------------------------------------- the corpus
+# Each builder gets (env, tmp) and returns (argv, the name the message must contain, stdin).
+
+Builder = Callable[[Env, Path], tuple[list[str], str, str | None]]
+CASES: dict[str, tuple[Builder, int, str]] = {}
+
+
+def case(name: str, code: int, needle: str) -> Callable[[Builder], Builder]:
+    def register(fn: Builder) -> Builder:
+        assert name not in CASES
+        CASES[name] = (fn, code, needle)
+        return fn
+    return register
+
+
+# --- checkpoints
+@case("checkpoint-truncated", 4, "truncated or corrupt")
+def _(env, tmp):
+    bad = tmp / "trunc.pth"
+    bad.write_bytes(env.ckpt.read_bytes()[:3000])
+    return infer(env, str(env.img), ckpt=bad), "trunc.pth", None
+
+
+@case("checkpoint-missing", 3, "checkpoint not found")
+def _(env, tmp):
+    return infer(env, str(env.img), ckpt=tmp / "nope.pth"), "nope.pth", None
+
+
+@case("checkpoint-runs-pickle-code", 4, "arbitrary pickle code")
+def _(env, tmp):
+    bad = tmp / "evil.pth"
+    torch.save({"format": "dis-checkpoint", "x": Exploit(tmp / "pwned")}, bad)
+    return infer(env, str(env.img), ckpt=bad), "evil.pth", None
+
+
+@case("checkpoint-not-dis", 4, "not a dis checkpoint")
+def _(env, tmp):
+    bad = tmp / "plain.pth"
+    torch.save(tiny_model().state_dict(), bad)
+    return infer(env, str(env.img), ckpt=bad), "plain.pth", None
+
+
+@case("checkpoint-format-version", 4, "format version 7")
+def _(env, tmp):
+    bad = tmp / "future.pth"
+    torch.save({"format": "dis-checkpoint", "format_version": 7}, bad)
+    return infer(env, str(env.img), ckpt=bad), "future.pth", None
+
+
+@case("checkpoint-weights-of-another-width", 4, "weights do not fit")
+def _(env, tmp):
+    model = tiny_model(channels=16)
+    state = {"model": model.state_dict(), "classes": CLASSES,
+             "model_config": {**model.config.to_dict(), "backbone_kwargs": {"channels": 8}}}
+    save_checkpoint(tmp / "wide.pth", state)
+    return infer(env, str(env.img), ckpt=tmp / "wide.pth"), "wide.pth", None
+
+
+@case("checkpoint-needs-a-backbone-not-installed", 4, "unknown backbone 'convnext9000'")
+def _(env, tmp):
+    model = tiny_model()
+    state = {"model": model.state_dict(), "classes": CLASSES,
+             "model_config": {**model.config.to_dict(), "backbone": "convnext9000"}}
+    save_checkpoint(tmp / "alien.pth", state)
+    return infer(env, str(env.img), ckpt=tmp / "alien.pth"), "alien.pth", None
+
+
+@case("checkpoint-is-a-folder", 3, "expected a checkpoint file, found a folder")
+def _(env, tmp):
+    (tmp / "ckpt.pth").mkdir()
+    return infer(env, str(env.img), ckpt=tmp / "ckpt.pth"), "ckpt.pth", None
+
+
+@case("checkpoint-other-architecture", 4, "backbone='tiny' but this run asks for 'small'")
+def _(env, tmp):
+    args = finetune_args(env, tmp / "run")
+    args[args.index("tiny")] = "small"
+    return ["finetune", *args, "--only", "estep"], "tiny.pth", None
+
+
+@case("checkpoint-other-class-count", 4, "has 5 classes but checkpoint")
+def _(env, tmp):
+    classes = [*CLASSES, "bird", "car"]
+    return (["evaluate", str(labelled_set(tmp / "d5", classes=classes)), "-c", str(env.ckpt),
+             "--device", "cpu", "-q", "--json"], "set.jsonl", None)
+
+
+@case("checkpoint-other-classes-for-finetune", 4, "classes")
+def _(env, tmp):
+    other = save_model(tmp / "other.pth", tiny_model(), ["background", "cow", "sheep"])
+    args = finetune_args(env, tmp / "run")
+    args[args.index(str(env.ckpt))] = str(other)
+    return ["finetune", *args, "--only", "estep"], "other.pth", None
+
+
+# --- caches
+@case("cache-other-format-version", 4, "cache format version 99")
+def _(env, tmp):
+    path = shutil.copy(env.cache, tmp / "old.h5")
+    import h5py
+
+    with h5py.File(path, "r+") as h5:
+        h5.attrs["format_version"] = 99
+    return ["clean-tags", "export", str(path)], "old.h5", None
+
+
+@case("cache-stale-from-another-checkpoint", 4, "stale cache")
+def _(env, tmp):
+    rdir = tmp / "run" / "finetune" / "round-1"
+    cache_file(rdir / "cache.h5", checkpoint_hash="0123456789abcdef")
+    return ["finetune", *finetune_args(env, tmp / "run"), "--only", "mstep"], "cache.h5", None
+
+
+@case("cache-not-hdf5", 3, "not a readable HDF5 file")
+def _(env, tmp):
+    (tmp / "junk.h5").write_bytes(b"\x89HDF\r\n but not really")
+    return ["clean-tags", "export", str(tmp / "junk.h5")], "junk.h5", None
+
+
+@case("probs-file-not-hdf5", 3, "not a readable HDF5 file")
+def _(env, tmp):
+    (tmp / "p.h5").write_text("hello")
+    return infer(env, str(env.img), extra=["--probs", str(tmp / "p.h5")]), "p.h5", None
+
+
+# --- configuration and options
+@case("config-unknown-key", 3, "unknown key 'bogus'")
+def _(env, tmp):
+    (tmp / "run.toml").write_text("[train]\nbogus = 1\n")
+    return ["pretrain", *train_args(env, tmp / "o"), "--config", str(tmp / "run.toml")], \
+        "run.toml", None
+
+
+@case("config-wrong-type", 3, "key 'batch_size' must be int, got str")
+def _(env, tmp):
+    (tmp / "run.toml").write_text("batch_size = 'eight'\n")
+    return ["pretrain", *train_args(env, tmp / "o"), "--config", str(tmp / "run.toml")], \
+        "run.toml", None
+
+
+@case("config-not-toml", 3, "not valid TOML")
+def _(env, tmp):
+    (tmp / "run.toml").write_text("lr = = 1\n")
+    return ["pretrain", *train_args(env, tmp / "o"), "--config", str(tmp / "run.toml")], \
+        "run.toml", None
+
+
+@case("config-invalid-value", 3, "invalid value 0 for 'ckpt_every'")
+def _(env, tmp):
+    (tmp / "run.toml").write_text("ckpt_every = 0\n")
+    return ["pretrain", *train_args(env, tmp / "o"), "--config", str(tmp / "run.toml")], \
+        "run.toml", None
+
+
+@case("t-tr-negative", 2, "--t-tr must be >= 0, got -1")
+def _(env, tmp):
+    return ["finetune", *finetune_args(env, tmp / "o"), "--t-tr", "-1"], "--t-tr", None
+
+
+@case("clean-tags-t-tr-negative", 2, "--t-tr")
+def _(env, tmp):
+    return ["clean-tags", "run", str(env.labelled), "-c", str(env.ckpt), "-o",
+            str(tmp / "c.h5"), "--t-tr", "-1"], "--t-tr", None
+
+
+@case("set-without-value", 2, "--set expects KEY=VALUE")
+def _(env, tmp):
+    return ["pretrain", *train_args(env, tmp / "o"), "--set", "lr"], "--set", None
+
+
+# --- image lists
+@case("empty-image-folder", 3, "no input images")
+def _(env, tmp):
+    (tmp / "empty").mkdir()
+    return infer(env, str(tmp / "empty")), "empty", None
+
+
+@case("empty-stdin-list", 3, "no input images")
+def _(env, tmp):
+    return infer(env, "-"), "<stdin>", ""
+
+
+@case("manifest-without-records", 3, "no record with a labelmap")
+def _(env, tmp):
+    return ["pretrain", *train_args(env, tmp / "o")[2:], "--labelled",
+            str(manifest(tmp / "none.jsonl", []))], "none.jsonl", None
+
+
+# --- images
+@case("image-missing", 3, "no such image")
+def _(env, tmp):
+    return infer(env, str(tmp / "gone.png")), "gone.png", None
+
+
+@case("image-zero-byte", 3, "empty image file (0 bytes)")
+def _(env, tmp):
+    (tmp / "zero.png").write_bytes(b"")
+    return infer(env, str(tmp / "zero.png")), "zero.png", None
+
+
+@case("image-1x1", 3, "image too small")
+def _(env, tmp):
+    return infer(env, str(png(tmp / "px.png", (1, 1)))), "px.png", None
+
+
+@case("image-decompression-bomb", 3, "decompression bomb")
+def _(env, tmp):
+    return infer(env, str(bomb_png(tmp / "bomb.png"))), "bomb.png", None
+
+
+@case("image-truncated", 3, "truncated or corrupt")
+def _(env, tmp):
+    path = png(tmp / "cut.png", (64, 64))
+    path.write_bytes(path.read_bytes()[:500])
+    return infer(env, str(path)), "cut.png", None
+
+
+@case("image-not-an-image", 3, "not a decodable image")
+def _(env, tmp):
+    (tmp / "text.png").write_text("hello, I am text")
+    return infer(env, str(tmp / "text.png")), "text.png", None
+
+
+@case("image-missing-in-tagged-manifest", 3, "image not found")
+def _(env, tmp):
+    tagged = manifest(tmp / "web.jsonl", [{"id": "w0", "image": "nope.png", "tags": ["cat"]}])
+    return ["finetune", *finetune_args(env, tmp / "run", tagged), "--only", "estep"], \
+        "nope.png", None
+
+
+# --- manifests and labelmaps
+@case("manifest-path-escapes-root", 3, "escapes the manifest root")
+def _(env, tmp):
+    path = manifest(tmp / "m.jsonl", [{"id": "a", "image": "../../etc/passwd"}])
+    return infer(env, str(path)), "m.jsonl", None
+
+
+@case("manifest-unsafe-id", 3, "is not a safe file name")
+def _(env, tmp):
+    path = manifest(tmp / "m.jsonl", [{"id": "../../escape", "image": "good.png"}])
+    return infer(env, str(path), extra=["-o", str(tmp / "out")]), "m.jsonl", None
+
+
+@case("manifest-malformed-json", 3, "line 2: malformed JSON")
+def _(env, tmp):
+    path = manifest(tmp / "m.jsonl", [])
+    path.write_text(path.read_text() + "{oops\n")
+    return ["evaluate", str(path), "-c", str(env.ckpt), "--device", "cpu", "-q"], "m.jsonl", None
+
+
+@case("manifest-unknown-class", 3, "unknown class 'kitten'")
+def _(env, tmp):
+    path = manifest(tmp / "m.jsonl", [{"id": "a", "image": "a.png", "tags": ["kitten"]}])
+    return ["pretrain", *train_args(env, tmp / "o")[2:], "--labelled", str(path)], "m.jsonl", None
+
+
+@case("manifest-not-utf8", 3, "not UTF-8")
+def _(env, tmp):
+    path = manifest(tmp / "m.jsonl", [])
+    path.write_bytes(path.read_bytes() + b'{"id": "a", "image": "\xff.png"}\n')
+    return infer(env, str(path)), "m.jsonl", None
+
+
+@case("manifest-classes-differ", 3, "differ from the labelled manifest")
+def _(env, tmp):
+    tagged = manifest(tmp / "web.jsonl", [], classes=["background", "cow"])
+    return ["finetune", *finetune_args(env, tmp / "run", tagged)], "web.jsonl", None
+
+
+@case("labelmap-missing", 3, "not found")
+def _(env, tmp):
+    png(tmp / "a.png")
+    path = manifest(tmp / "m.jsonl", [{"id": "a", "image": "a.png", "labelmap": "gt/a.png"}])
+    return ["pretrain", *train_args(env, tmp / "o")[2:], "--labelled", str(path)], "a.png", None
+
+
+@case("labelmap-size-differs", 3, "labelmap is 20x20 but its image is 40x32")
+def _(env, tmp):
+    png(tmp / "a.png", (40, 32))
+    write_palette_png(tmp / "gt.png", np.zeros((20, 20), np.uint8))
+    path = manifest(tmp / "m.jsonl", [{"id": "a", "image": "a.png", "labelmap": "gt.png"}])
+    return ["evaluate", str(path), "-c", str(env.ckpt), "--device", "cpu", "-q"], "gt.png", None
+
+
+# --- captions and tag files
+@case("caption-not-utf8", 3, "not UTF-8")
+def _(env, tmp):
+    png(tmp / "a.png")
+    (tmp / "caps.jsonl").write_bytes(b'{"image": "a.png", "caption": "a \xe9t\xe9 cat"}\n')
+    return ["prepare-idw", str(tmp / "caps.jsonl"), "-o", str(tmp / "out.jsonl")], "caps.jsonl", \
+        None
+
+
+@case("truth-file-malformed", 3, "line 1: malformed JSON")
+def _(env, tmp):
+    (tmp / "truth.jsonl").write_text("{nope\n")
+    return ["clean-tags", "stats", str(env.cache), "--truth", str(tmp / "truth.jsonl")], \
+        "truth.jsonl", None
+
+
+# --- output locations
+@case("output-folder-is-a-file", 2, "not a folder")
+def _(env, tmp):
+    (tmp / "out").write_text("I am a file")
+    return infer(env, str(env.img), extra=["-o", str(tmp / "out")]), "out", None
+
+
+@case("output-outside-through-symlink", 3, "would write outside the output folder")
+def _(env, tmp):
+    (tmp / "in" / "sub").mkdir(parents=True)
+    png(tmp / "in" / "sub" / "x.png")
+    (tmp / "out").mkdir()
+    (tmp / "elsewhere").mkdir()
+    (tmp / "out" / "sub").symlink_to(tmp / "elsewhere")
+    return infer(env, str(tmp / "in"), extra=["-o", str(tmp / "out")]), "out", None
+
+
+def run_main(capfd, argv: list[str], stdin: str | None, monkeypatch) -> tuple[int, str, str]:
+    from discli.cli.app import main
+
+    capfd.readouterr()
+    if stdin is not None:
+        import io
+
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = main(argv)
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def test_corpus_is_large_enough():
+    assert len(CASES) >= 25
+    assert {2, 3, 4} <= {code for _, code, _ in CASES.values()}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input(name, env, tmp_path, capfd, monkeypatch):
+    build, code, needle = CASES[name]
+    argv, filename, stdin = build(env, tmp_path)
+    got, _, err = run_main(capfd, argv, stdin, monkeypatch)
+    lines = err.strip().splitlines()
+    assert got == code, err
+    assert "Traceback" not in err and "internal error" not in err, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("dis: error: "), lines[0]
+    assert filename in lines[0] and needle in lines[0], lines[0]
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("name", ["checkpoint-truncated", "image-zero-byte", "t-tr-negative",
+                                  "cache-stale-from-another-checkpoint"])
+def test_debug_shows_a_traceback(name, env, tmp_path, capfd, monkeypatch):
+    build, code, needle = CASES[name]
+    argv, _, stdin = build(env, tmp_path)
+    got, _, err = run_main(capfd, ["--debug", *argv], stdin, monkeypatch)
+    assert got == code and "Traceback (most recent call last)" in err and needle in err
+
+
+def test_busy_output_folder(env, tmp_path, capfd, monkeypatch):
+    """Another process holds the output folder: exit 5 naming it and the holder's pid."""
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from discli.lock import lock_folder\n"
+         "with lock_folder(sys.argv[1]):\n print('held', flush=True); time.sleep(60)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, _, err = run_main(capfd, infer(env, str(env.img), extra=["-o", str(out)]), None,
+                                monkeypatch)
+        assert code == 5 and len(err.strip().splitlines()) == 1, err
+        assert str(out) in err and f"pid {holder.pid}" in err
+        assert not (out / "good.png").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, err = run_main(capfd, infer(env, str(env.img), extra=["-o", str(out)]), None,
+                            monkeypatch)
+    assert code == 0 and (out / "good.png").is_file(), err  # a dead holder leaves no lock
+
+
+# ----------------------------------------------------------------------------- odd but valid
+
+
+def test_cmyk_and_16bit_png_inputs_are_predicted(env, tmp_path, capfd, monkeypatch):
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (30, 44, 3), dtype=np.uint8)).convert("CMYK").save(
+        tmp_path / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 65535, (36, 28), dtype=np.uint16)).save(tmp_path / "g16.png")
+    import io as _io
+
+    # a genuine 16-bit-per-channel RGB PNG, written by hand (PIL cannot write one)
+    raw = np.full((24, 20, 3), 4000, ">u2")
+    rows = b"".join(b"\x00" + raw[y].tobytes() for y in range(24))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    buf = _io.BytesIO()
+    buf.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20, 24, 16, 2, 0, 0, 0))
+              + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    (tmp_path / "rgb16.png").write_bytes(buf.getvalue())
+    out = tmp_path / "out"
+    code, stdout, err = run_main(capfd, infer(env, str(tmp_path / "cmyk.jpg"),
+                                              str(tmp_path / "g16.png"),
+                                              str(tmp_path / "rgb16.png"),
+                                              extra=["-o", str(out)]), None, monkeypatch)
+    assert code == 0, err
+    sizes = {json.loads(line)["id"]: json.loads(line)["size"] for line in stdout.splitlines()}
+    assert sizes == {"cmyk": [30, 44], "g16": [36, 28], "rgb16": [24, 20]}
+    for name, (h, w) in sizes.items():
+        with Image.open(out / f"{name}.png") as im:
+            assert im.size == (w, h)
+
+
+# ----------------------------------------------------------------------------- finished work
+
+
+def test_failed_runs_leave_finished_work_alone(env, tmp_path, capfd, monkeypatch):
+    out = tmp_path / "run"
+    code, _, err = run_main(capfd, ["pretrain", *train_args(env, out)], None, monkeypatch)
+    assert code == 0, err
+    before = {p.name: p.read_bytes() for p in (out / "pretrain").iterdir() if p.is_file()}
+    assert "final.pth" in before
+    (tmp_path / "bad.toml").write_text("bogus = 1\n")
+    bad_runs = [
+        ["pretrain", *train_args(env, out), "--config", str(tmp_path / "bad.toml")],
+        ["pretrain", *train_args(env, out)[2:], "--labelled", str(manifest(
+            tmp_path / "m.jsonl", [{"id": "a", "image": "../x.png"}]))],
+        ["pretrain", *train_args(env, out), "--backbone", "small"],  # another architecture
+    ]
+    for argv in bad_runs:
+        code, _, err = run_main(capfd, argv, None, monkeypatch)
+        assert code in (3, 4) and len(err.strip().splitlines()) == 1, err
+    after = {p.name: p.read_bytes() for p in (out / "pretrain").iterdir() if p.is_file()}
+    assert after == before
+
+    # infer: outputs of a first run survive a second run that stops on a bad image
+    pred = tmp_path / "pred"
+    code, _, err = run_main(capfd, infer(env, str(env.img), extra=["-o", str(pred)]), None,
+                            monkeypatch)
+    assert code == 0, err
+    first = (pred / "good.png").read_bytes()
+    (tmp_path / "zero.png").write_bytes(b"")
+    code, _, err = run_main(capfd, infer(env, str(env.img), str(tmp_path / "zero.png"),
+                                         extra=["-o", str(pred)]), None, monkeypatch)
+    assert code == 3 and "zero.png" in err
+    assert (pred / "good.png").read_bytes() == first
+
+
+# ----------------------------------------------------------------------------- pipes
+
+
+def _shell(command: str, **env: str) -> subprocess.CompletedProcess:
+    full = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120,
+                          env=full)
+
+
+def test_stdout_closed_early_in_a_pipeline(env, tmp_path):
+    """`dis ... | head -n 1`: no traceback, no message; dis exits 141 (128 + SIGPIPE)."""
+    many = [f"x{i:04d}" for i in range(3000)]
+    big = cache_file(tmp_path / "big.h5", ids=many)
+    r = _shell(f"set -o pipefail; {DIS} clean-tags export {big} | head -n 1; "
+               f"echo \"codes ${{PIPESTATUS[*]}}\" >&2", DIS_LOAD_PLUGINS="clean-tags")
+    assert json.loads(r.stdout.splitlines()[0])["id"] == "x0000"
+    assert r.stderr.strip() == "codes 141 0", r.stderr
+    images = tmp_path / "imgs"
+    for i in range(12):
+        png(images / f"p{i:02d}.png", (16, 16))
+    r = _shell(f"ls {images}/*.png | {DIS} infer - -c {env.ckpt} --device cpu --json -q -b 1 "
+               f"| head -n 1; echo \"codes ${{PIPESTATUS[*]}}\" >&2", DIS_LOAD_PLUGINS="infer")
+    assert json.loads(r.stdout)["id"] == "p00"
+    assert "Traceback" not in r.stderr and r.stderr.strip().endswith("codes 0 141 0"), r.stderr
+
+
+def test_stdin_closed_gives_no_input_images(env):
+    r = _shell(f"{DIS} infer - -c {env.ckpt} --device cpu --json <&-", DIS_LOAD_PLUGINS="infer")
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("dis: error: <stdin>: no input images"), r.stderr
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=400) | st.lists(
+    st.sampled_from([b'{"format": "dis-manifest", "version": 1, "root": ".", "classes": '
+                     b'["background", "cat"]}', b'{"id": "a", "image": "a.png"}', b"{",
+                     b'{"id": "a", "image": "../a.png"}', b'{"id": "..", "image": "a"}',
+                     b'{"id": "b", "image": "/abs.png", "tags": ["cat", "cat"]}', b"",
+                     b'{"id": "c", "image": "x", "labelmap": 3}', b"\xff\xfe", b"null",
+                     b'{"id": "d", "image": "d", "tags": "cat"}', b"[]", b'"str"']),
+    max_size=6).map(b"\n".join))
+def test_manifest_reader_never_crashes(tmp_path_factory, data):
+    """Any bytes: a Manifest or one-line BadInputError naming the file, nothing else; an
+    accepted record never points outside its root and its id is a safe file name."""
+    from discli.data.manifest import read_manifest
+    from discli.errors import BadInputError
+
+    path = tmp_path_factory.mktemp("fuzz") / "m.jsonl"
+    path.write_bytes(data)
+    try:
+        m = read_manifest(path)
+    except BadInputError as exc:
+        assert str(exc).startswith(str(path)) and "\n" not in str(exc)
+        return
+    for rec in m.records:
+        assert "/" not in rec.id and not rec.id.startswith(".")
+        for rel in (rec.image, rec.labelmap):
+            if rel is not None and not os.path.isabs(rel):
+                resolved = os.path.normpath(m.root / rel)
+                assert resolved.startswith(str(m.root))
+
+
+SEPARATORS = st.sampled_from([" ", ", ", "! ", " - ", "\n", "... ", " (", ") ", "; "])
+
+
+@settings(max_examples=200, deadline=None)
+@given(words=st.lists(st.sampled_from(["cat", "dog", "cats", "person", "people", "motor", "bike",
+                                       "hot", "dog", "the", "a", "on", "sofa", "tv", "monitor",
+                                       "dining", "table", "car", "aeroplane", "zzz"]),
+                      max_size=10), seps=st.lists(SEPARATORS, min_size=10, max_size=10),
+       upper=st.booleans())
+def test_caption_parser_ignores_case_and_punctuation(words, seps, upper):
+    """Tags depend on the words only, not on case or the punctuation between them."""
+    from discli.data.captions import parse_caption
+
+    plain = " ".join(words)
+    fancy = "".join(w + s for w, s in zip(words, seps))
+    assert parse_caption(fancy.upper() if upper else fancy) == parse_caption(plain)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=st.binary(max_size=200))
+def test_caption_file_bytes_are_text_or_a_clear_error(tmp_path_factory, raw):
+    """Caption bytes that are not UTF-8 are refused with the file and line, never a crash."""
+    from discli.data.fileio import decode_utf8
+    from discli.errors import BadInputError
+
+    try:
+        text = decode_utf8(raw, "caps.txt", 3)
+    except BadInputError as exc:
+        assert str(exc).startswith("caps.txt: line 3: not UTF-8")
+        return
+    from discli.data.captions import parse_caption
+    from discli.data.voc import VOC_CLASSES
+
+    assert set(parse_caption(text)) <= set(VOC_CLASSES[1:])
