@@ -1,0 +1,181 @@
+"""Loading a manifest for training and evaluation: a torch Dataset, transforms and collation.
+
+Every item is a dict::
+
+    id            str
+    index         int, position in the manifest
+    image         float32 (3, H, W), normalised with the ImageNet mean and std
+    labelmap      int64 (H, W), 255 = ignore; all 255 when the record has none
+    tags          float32 (K,), multi-hot, background (index 0) = 1
+    has_labelmap  bool
+    size          (H, W) of the image file, before any transform
+
+Files are opened in ``__getitem__`` only, so the dataset pickles cheaply into DataLoader workers.
+Transforms are torchvision ``transforms.v2`` pipelines called as ``transform(image, mask)`` on a
+``tv_tensors.Image`` (uint8) and a ``tv_tensors.Mask``, so geometric ops move both together
+(the mask with nearest-neighbour interpolation) and padding fills the image with 0 (the mean,
+after normalisation) and the mask with 255 (ignored by the loss).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from discli.data.images import read_image
+from discli.data.manifest import Manifest
+from discli.data.voc import IGNORE, read_labelmap
+from discli.errors import BadInputError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Transform = Callable[[tv_tensors.Image, tv_tensors.Mask], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _stats(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (3, 1, 1) if like.dim() == 3 else (1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=like.device).view(shape)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=like.device).view(shape)
+    return mean, std
+
+
+def normalize(img: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (H, W, 3) array, or a (3, H, W) / (B, 3, H, W) tensor (uint8, or float in [0, 1])
+    -> float32 tensor (…, 3, H, W) normalised with the ImageNet mean and std."""
+    if isinstance(img, np.ndarray):
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"expected an (H, W, 3) array, got shape {img.shape}")
+        img = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+    x = img.float() / 255.0 if img.dtype == torch.uint8 else img.float()
+    mean, std = _stats(x)
+    return (x - mean) / std
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`normalize`: float in [0, 1] (clamped), same shape."""
+    mean, std = _stats(x)
+    return (x.float() * std + mean).clamp(0.0, 1.0)
+
+
+class RandomScale:
+    """Resize image and mask together by a factor drawn uniformly from ``scale``.
+
+    (v2.RandomResize draws a target *size*; DeepLab-style training draws a *factor* of the
+    image's own size, which keeps small and large images in proportion.)
+    """
+
+    def __init__(self, scale: tuple[float, float] = (0.5, 2.0)):
+        self.scale = scale
+
+    def __call__(self, image: tv_tensors.Image, mask: tv_tensors.Mask
+                 ) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+        lo, hi = self.scale
+        s = lo + (hi - lo) * float(torch.rand(()))  # torch RNG: seeded per DataLoader worker
+        h, w = image.shape[-2:]
+        size = [max(1, round(h * s)), max(1, round(w * s))]
+        return (TF.resize(image, size, antialias=True),
+                TF.resize(mask, size, interpolation=v2.InterpolationMode.NEAREST))
+
+
+def _normalise_steps() -> list[Any]:
+    return [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+            v2.Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))]
+
+
+def train_transform(crop_size: int, scale: tuple[float, float] = (0.5, 2.0),
+                    hflip: bool = True) -> v2.Compose:
+    """Random scale, horizontal flip, normalisation, then a random ``crop_size`` square crop;
+    images smaller than the crop are padded (image 0 = the mean after normalisation, labelmap
+    255) so every item of a batch has the same size."""
+    steps: list[Any] = [RandomScale(scale)]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip(p=0.5))
+    steps += _normalise_steps()
+    steps.append(v2.RandomCrop(crop_size, pad_if_needed=True,
+                               fill={tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE}))
+    return v2.Compose(steps)
+
+
+def eval_transform() -> v2.Compose:
+    """Normalisation only: evaluation sees every image at its own size."""
+    return v2.Compose(_normalise_steps())
+
+
+class DataItemError(BadInputError):
+    """A :class:`BadInputError` that stays one line when raised inside a DataLoader worker.
+
+    torch re-raises a worker's exception in the main process as ``type(exc)(text)``, where the
+    text is "Caught ... in DataLoader worker process N. Original Traceback ..." ending with the
+    line ``<module>.DataItemError: <message>``. This constructor recovers that message, so the
+    CLI still prints ``dis: error: <file>: <problem>`` and exits 3.
+    """
+
+    def __init__(self, message: str, path: object | None = None):
+        if path is None and "Original Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message, path)
+
+
+class SegDataset(torch.utils.data.Dataset):
+    def __init__(self, manifest: Manifest, transform: Transform | None = None,
+                 use_labelmaps: bool = True):
+        self.manifest = manifest
+        self.transform = transform if transform is not None else eval_transform()
+        self.use_labelmaps = use_labelmaps
+
+    def __len__(self) -> int:
+        return len(self.manifest.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            return self._load(index)
+        except BadInputError as exc:
+            raise DataItemError(str(exc)) from None
+
+    def _load(self, index: int) -> dict[str, Any]:
+        rec = self.manifest.records[index]
+        image = read_image(self.manifest.image_path(rec))
+        h, w = image.shape[:2]
+        lm_path = self.manifest.labelmap_path(rec) if self.use_labelmaps else None
+        if lm_path is not None:
+            labelmap = read_labelmap(lm_path, len(self.manifest.classes))
+            if labelmap.shape != (h, w):
+                raise BadInputError(f"labelmap is {labelmap.shape[1]}x{labelmap.shape[0]} but "
+                                    f"its image is {w}x{h}", lm_path)
+        else:
+            labelmap = np.full((h, w), IGNORE, dtype=np.uint8)
+        img_t, mask_t = self.transform(
+            tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)),
+            tv_tensors.Mask(torch.from_numpy(labelmap)))
+        return {"id": rec.id, "index": index,
+                "image": img_t.as_subclass(torch.Tensor).float().contiguous(),
+                "labelmap": mask_t.as_subclass(torch.Tensor).long().contiguous(),
+                "tags": self.manifest.tag_vector(rec), "has_labelmap": lm_path is not None,
+                "size": (h, w)}
+
+
+def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack items, padding images with 0 and labelmaps with 255 at the bottom and right up to
+    the largest height and width in the batch (no resizing: evaluation keeps native sizes)."""
+    H = max(item["image"].shape[-2] for item in batch)
+    W = max(item["image"].shape[-1] for item in batch)
+    images = torch.zeros(len(batch), 3, H, W, dtype=torch.float32)
+    labelmaps = torch.full((len(batch), H, W), IGNORE, dtype=torch.int64)
+    for i, item in enumerate(batch):
+        h, w = item["image"].shape[-2:]
+        images[i, :, :h, :w] = item["image"]
+        labelmaps[i, :h, :w] = item["labelmap"]
+    return {"id": [item["id"] for item in batch],
+            "index": torch.tensor([item["index"] for item in batch], dtype=torch.int64),
+            "image": images, "labelmap": labelmaps,
+            "tags": torch.stack([item["tags"] for item in batch]),
+            "has_labelmap": torch.tensor([item["has_labelmap"] for item in batch]),
+            "size": [tuple(item["size"]) for item in batch]}

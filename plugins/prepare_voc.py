@@ -1,0 +1,51 @@
+"""`dis prepare-voc`: a VOCdevkit tree (and optionally SBD) -> one manifest per split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from discli.cli.output import err_console, print_json
+
+
+def prepare_voc(
+    voc: Path = typer.Argument(..., help="VOCdevkit/VOC2012, VOCdevkit, or the folder holding "
+                                         "VOCdevkit."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the manifests "
+                                                      "(<split>.jsonl)."),
+    sbd: Path | None = typer.Option(None, "--sbd", help="SBD 'VOC augment' (benchmark_RELEASE "
+                                    "or its dataset/): adds sbd_train, sbd_val and train_aug."),
+    splits: str | None = typer.Option(None, "--splits", help="Comma list of VOC splits "
+                                      "(default: every ImageSets/Segmentation/*.txt)."),
+    classes: str | None = typer.Option(None, "--classes", help="Comma list or a file, one name "
+                                       "a line, background first (default: the 21 VOC "
+                                       "classes)."),
+    decode: bool = typer.Option(False, "--decode", help="Decode every image fully (finds "
+                                "truncated files; slower). Default: headers only."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave bad images out and list "
+                                  "them, instead of stopping at the first."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Write VOC12 (and SBD, train_aug) manifests with tags derived from the labelmaps."""
+    from dis_plugins._render import bad_table, reporter
+    from discli.data.manifest import parse_classes
+    from discli.data.prepare import prepare_voc as run
+    from discli.data.voc import VOC_CLASSES
+
+    names = parse_classes(classes) if classes else VOC_CLASSES
+    split_list = [s.strip() for s in splits.split(",") if s.strip()] if splits else None
+    with reporter(quiet) as rep:
+        report = run(voc, out, sbd=sbd, splits=split_list, classes=names, skip_bad=skip_bad,
+                     decode=decode, reporter=rep)
+    if json_out:
+        print_json(report)
+        return
+    from rich.table import Table
+
+    table = Table("manifest", "records", "with labelmap", "path", title="prepare-voc")
+    for name, m in report["manifests"].items():
+        table.add_row(name, str(m["records"]), str(m["with_labelmap"]), m["path"])
+    err_console.print(table)
+    bad_table(report["bad"])
