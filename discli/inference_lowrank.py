@@ -227,7 +227,7 @@ def refine_lowrank(model: nn.Module, u1: torch.Tensor, v1: torch.Tensor, wanted:
     term. Returns, for every step in ``wanted`` (sorted, non-empty), the heads at that step and
     the per-image losses of steps 0..step, as :func:`discli.inference.refine_features` needs them.
     """
-    b, c, h, w = u1.shape
+    c, h, w = u1.shape[1:]
     with torch.no_grad():
         u3_0 = model.labelmap_logits(u1, v1).contiguous()
         v3_0 = model.tag_logits(u1, v1)

@@ -6,8 +6,19 @@ import pytest
 import torch
 
 import discli.inference
-from discli.inference import InferenceConfig, infer, infer_steps, refine_features, resolve_method
-from discli.inference_lowrank import apply_gram_u, apply_gram_v, gram_operators, supports_lowrank
+from discli.inference import (
+    InferenceConfig,
+    infer,
+    infer_steps,
+    refine_features,
+    resolve_method,
+)
+from discli.inference_lowrank import (
+    apply_gram_u,
+    apply_gram_v,
+    gram_operators,
+    supports_lowrank,
+)
 from discli.model import DISNet, ModelConfig, build_model
 
 K = 6

@@ -32,6 +32,13 @@ What makes it a *fair* miniature rather than a colour-sorting toy (see
   probability ``spurious_rate``, an absent class is named. ``parse_caption`` of every caption
   gives exactly the intended noisy tags (checked while generating).
 
+Measured with the defaults (one seed, the ``tiny`` backbone, labelmap loss only, 1000 steps of
+batch 16 on 64 px crops, on 2 CPU cores): trained on the 30 labelled images, 21 mIoU on the
+test images; trained on those plus the 400 tagged images with their true labelmaps, 37 mIoU
+(still underfitting: more steps raise it). Colour alone, fitted on the test images themselves,
+reaches about 38 mIoU with ~28 on the object classes. The knobs above (``CLUTTER``,
+``DISTRACTORS``, ``LOOKS``...) set the difficulty.
+
 Every image draws from its own generator seeded by (seed, part, index): the same seed gives
 byte-identical files, and changing ``n_tagged`` does not change the labelled or test images.
 """
