@@ -1,6 +1,7 @@
 """torchrun with 2 CPU processes (gloo) against one process with the same global batch."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -13,9 +14,15 @@ from discli.cache import PseudoCache
 from discli.checkpoint import load_checkpoint
 
 
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _run(args, nproc, tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                "--master-port", str(29500 + os.getpid() % 1000), "-m", "discli"]
+                "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "discli"]
     cmd = (launcher if nproc > 1 else [sys.executable, "-m", "discli"]) + args
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env,
