@@ -132,6 +132,11 @@ def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, An
     from discli.train.pretrain import pretrain
 
     reporter = reporter or NullReporter()
+    import torch
+
+    # The tiny model's convolutions are too small to split over threads: on a 2-core CPU two
+    # intra-op threads made a training step many times slower than one (measured in the demo).
+    torch.set_num_threads(1)
     out = Path(demo.out)
     bench, runs, results = out / "bench", out / "runs", out / "results"
     results.mkdir(parents=True, exist_ok=True)
