@@ -152,14 +152,20 @@ class SegDataset(torch.utils.data.Dataset):
                                     f"its image is {w}x{h}", lm_path)
         else:
             labelmap = np.full((h, w), IGNORE, dtype=np.uint8)
+        return self.make_item(rec.id, index, image, labelmap, self.manifest.tag_vector(rec),
+                              lm_path is not None)
+
+    def make_item(self, image_id: str, index: int, image: np.ndarray, labelmap: np.ndarray,
+                  tags: torch.Tensor, has_labelmap: bool) -> dict[str, Any]:
+        """Apply the joint transform to an (image, labelmap) pair and build the item dict
+        (subclasses with other label sources, e.g. pseudo-labels, reuse it)."""
         img_t, mask_t = self.transform(
             tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)),
             tv_tensors.Mask(torch.from_numpy(labelmap)))
-        return {"id": rec.id, "index": index,
+        return {"id": image_id, "index": index,
                 "image": img_t.as_subclass(torch.Tensor).float().contiguous(),
                 "labelmap": mask_t.as_subclass(torch.Tensor).long().contiguous(),
-                "tags": self.manifest.tag_vector(rec), "has_labelmap": lm_path is not None,
-                "size": (h, w)}
+                "tags": tags, "has_labelmap": has_labelmap, "size": image.shape[:2]}
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:

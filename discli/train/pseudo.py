@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision import tv_tensors
 
 from discli.cache import PseudoCache
 from discli.data.dataset import SegDataset, Transform
@@ -43,10 +42,4 @@ class PseudoLabelled(SegDataset):
         labelmap[entry.confidence.astype(np.float32) < self.confidence] = IGNORE_INDEX
         tags = torch.from_numpy((entry.tag_probs >= self.tag_threshold).astype(np.float32))
         tags[BACKGROUND] = 1.0
-        img_t, mask_t = self.transform(
-            tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)),
-            tv_tensors.Mask(torch.from_numpy(labelmap)))
-        return {"id": rec.id, "index": index,
-                "image": img_t.as_subclass(torch.Tensor).float().contiguous(),
-                "labelmap": mask_t.as_subclass(torch.Tensor).long().contiguous(),
-                "tags": tags, "has_labelmap": True, "size": image.shape[:2]}
+        return self.make_item(rec.id, index, image, labelmap, tags, True)
