@@ -3,15 +3,32 @@
 ``torchrun`` sets RANK, WORLD_SIZE and LOCAL_RANK; we never take a ``--local-rank`` argument
 (it broke under torch 2). A plain ``dis pretrain`` without torchrun is world size 1 and never
 touches torch.distributed.
+
+Sharded work (``dis infer``, ``dis evaluate``, the E-step) deals whole units (same-size batches)
+to the ranks with :func:`shard`: rank r takes units r, r+W, r+2W, ... of one list every rank
+computes identically (or receives from rank 0 through :func:`on_main`), so every unit is done
+exactly once, with no padding and no duplicates; a rank with nothing to do still joins every
+collective. Steps that may fail on one rank before a collective (taking a lock, checking a
+folder) go through :func:`together` or :func:`on_main`: a failure on any rank then stops every
+rank (the others raise :class:`PeerError` with the failing rank's exit code) instead of leaving
+them waiting for a collective that never comes.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from discli.errors import EXIT_FAILURE, DisError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -43,19 +60,147 @@ def init_distributed(device: torch.device) -> DistInfo:
     if info.enabled and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
+        atexit.register(_drain)
         info = dist_info()
     return info
 
 
-def barrier() -> None:
+EXIT_DRAIN_SECONDS = 0.1
+
+
+def _drain() -> None:
+    """At exit, give torch's collective worker threads the GIL for a moment.
+
+    Gloo (torch 2.14) frees a finished collective's tensors on its worker thread, which takes
+    the GIL to drop their Python objects. When the main thread returns right after a collective,
+    that thread can still be waiting for the GIL when the interpreter finalizes; it is then
+    killed inside a C++ destructor and the whole process aborts (SIGABRT, "terminate called
+    without an active exception"; about one exit in five on 2 CPU cores). A barrier does not
+    help (it holds the previous collectives and frees them the same way), and
+    ``destroy_process_group`` does not join those threads. Sleeping here, before finalization,
+    releases the GIL so the pending frees complete.
+    """
     if dist.is_available() and dist.is_initialized():
+        time.sleep(EXIT_DRAIN_SECONDS)
+
+
+def setup_distributed(device: str | torch.device) -> tuple[torch.device, DistInfo]:
+    """:func:`init_distributed` for a job on ``device``; returns the device this rank uses and
+    its :class:`DistInfo`. Under torchrun an unindexed ``cuda`` becomes ``cuda:LOCAL_RANK`` and
+    the current CUDA device (NCCL and the object collectives need it); world size 1 changes
+    nothing."""
+    device = torch.device(device)
+    info = dist_info()
+    if info.enabled and device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    return device, init_distributed(device)
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if _initialized():
         dist.barrier()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    """Sum ``tensor`` over the ranks, in place (a CPU tensor under NCCL goes through the
+    current CUDA device and back)."""
+    if _initialized():
+        if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+            moved = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+            tensor.copy_(moved)
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def shard(items: Sequence[T], info: DistInfo | None = None) -> list[T]:
+    """This rank's share of ``items``: items r, r+W, r+2W, ... (rank r of W).
+
+    Deterministic, disjoint and covering over the ranks, without padding: every item goes to
+    exactly one rank, and ranks beyond ``len(items)`` get ``[]``. Every rank must pass the same
+    list in the same order."""
+    info = info or dist_info()
+    if not 0 <= info.rank < info.world_size:
+        raise ValueError(f"rank {info.rank} is not in 0..{info.world_size - 1}")
+    return list(items[info.rank::info.world_size])
+
+
+class PeerError(DisError):
+    """Raised on the ranks whose own step succeeded when another rank's failed (same exit code
+    as the failing rank's error, its message quoted)."""
+
+    def __init__(self, rank: int, exit_code: int, message: str):
+        super().__init__(f"rank {rank} stopped: {message}")
+        self.rank = rank
+        self.exit_code = exit_code
+
+
+def _failure(exc: BaseException) -> tuple[int, str]:
+    return int(getattr(exc, "exit_code", EXIT_FAILURE)), str(exc) or type(exc).__name__
+
+
+def together(fn: Callable[[], T]) -> T:
+    """Run ``fn()`` on every rank; if it raises on any rank it fails on all of them.
+
+    The rank(s) where it raised re-raise their own error; the others raise :class:`PeerError`.
+    A collective (one ``all_gather_object``), so every rank must call it; without a process
+    group it is just ``fn()``."""
+    if not _initialized():
+        return fn()
+    error: Exception | None = None
+    result: Any = None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - handed to every rank, then re-raised
+        error = exc
+    failures: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, None if error is None else _failure(error))
+    if error is not None:
+        raise error
+    for rank, failure in enumerate(failures):
+        if failure is not None:
+            raise PeerError(rank, *failure)
+    return result
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run ``fn()`` on rank 0 only and return its result on every rank (pickled through a
+    broadcast); an error on rank 0 is raised there and as :class:`PeerError` on the others.
+    A collective; without a process group it is just ``fn()``."""
+    if not _initialized():
+        return fn()
+    payload: list[Any] = [None]
+    error: Exception | None = None
+    if dist.get_rank() == 0:
+        try:
+            payload[0] = ("ok", fn())
+        except Exception as exc:  # noqa: BLE001 - handed to every rank, then re-raised
+            error = exc
+            payload[0] = ("error", *_failure(exc))
+    dist.broadcast_object_list(payload, src=0)
+    if error is not None:
+        raise error
+    if payload[0][0] == "error":
+        raise PeerError(0, payload[0][1], payload[0][2])
+    return payload[0][1]
+
+
+def gather_to_main(obj: T) -> list[T] | None:
+    """Every rank's ``obj``, in rank order, on rank 0 (``None`` on the others). A collective;
+    without a process group: ``[obj]``."""
+    if not _initialized():
+        return [obj]
+    rank = dist.get_rank()
+    out: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def resolve_device(name: str = "auto") -> torch.device:

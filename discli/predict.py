@@ -25,6 +25,17 @@ part being written: a re-run takes the finished parts as done.
 
 Only one process may write an output folder or probabilities file at a time: :func:`predict`
 locks them (:mod:`discli.lock`); a second one stops with exit code 5.
+
+Under torchrun (same command line; :func:`discli.distributed.setup_distributed`) every rank
+takes its own per-rank lock (:mod:`discli.lock`), so the ranks of one job never refuse each other
+while a second job still is refused. Rank 0 alone cleans torn temporary files, checks and writes
+``.dis-infer.json``, decides which images are already done, and plans the batches one process
+would form (from the image headers, :func:`plan_batches`); it broadcasts that plan and the ranks
+take batches round-robin (:func:`discli.distributed.shard`): every image is computed exactly once,
+in the batch it would have had alone. Each rank writes its own images' files and its own
+probability parts (``part-r<rank>-NNNNNN.h5`` beside rank 0's ``part-NNNNNN.h5``); after a
+barrier rank 0 merges all the parts into the one file. A failure while locking or checking on any
+rank stops every rank (:func:`discli.distributed.together`).
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ import functools
 import io
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -49,6 +61,8 @@ from PIL import Image
 
 from discli.cache import key_of
 from discli.checkpoint import atomic_write_bytes, file_hash, load_model
+from discli.distributed import (DistInfo, barrier, gather_to_main, on_main, setup_distributed,
+                                shard, together)
 from discli.errors import BadInputError, IncompatibleError, UsageError
 from discli.inference import InferenceConfig, InferenceResult, infer_steps
 from discli.lock import lock_file, lock_folder, make_folder, remove_stale_temps
@@ -252,31 +266,42 @@ def write_overlay(path: Path, image: np.ndarray, labelmap: np.ndarray) -> None:
 
 class ProbsWriter:
     """Writes the ``--probs`` HDF5 file (see the module docstring): crash-safe part files while
-    the run goes, merged into the file (temp + rename) by :meth:`close`."""
+    the run goes, merged into the file (temp + rename) by :meth:`close`.
+
+    ``rank``: under torchrun, rank 0 cleans torn temporaries, deletes old parts (``overwrite``),
+    checks the file and the parts and lists the ids already done (:attr:`done`), and merges every
+    rank's parts in the end; the other ranks only write parts of their own name (``rank`` > 0:
+    nothing is read or deleted, :attr:`done` stays empty, close with ``commit=False``).
+    """
 
     def __init__(self, path: str | Path, attrs: dict[str, Any], overwrite: bool = False,
                  part_images: int = PROBS_PART_IMAGES,
-                 part_seconds: float = PROBS_PART_SECONDS):
+                 part_seconds: float = PROBS_PART_SECONDS, rank: int = 0):
         self.path = Path(path)
         self.attrs = attrs
         self.overwrite = overwrite
         self.part_images, self.part_seconds = part_images, part_seconds
         self.parts_dir = self.path.with_name(f".{self.path.name}.parts")
+        self.rank = rank
+        self._prefix = "part-" if rank == 0 else f"part-r{rank}-"
         self.done: set[str] = set()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(self.path.parent)
-        remove_stale_temps(self.parts_dir)
-        if overwrite:
-            for part in self.parts():
-                part.unlink()
-        else:
-            if self.path.exists():
-                self._check(self.path)
-                self.done |= self._ids(self.path)
-            for part in self.parts():
-                self._check(part)
-                self.done |= self._ids(part)
-        self._seq = max((int(p.stem.split("-")[1]) for p in self.parts()), default=-1) + 1
+        if rank == 0:
+            remove_stale_temps(self.path.parent)
+            remove_stale_temps(self.parts_dir)
+            if overwrite:
+                for part in self.parts():
+                    part.unlink()
+            else:
+                if self.path.exists():
+                    self._check(self.path)
+                    self.done |= self._ids(self.path)
+                for part in self.parts():
+                    self._check(part)
+                    self.done |= self._ids(part)
+        own = re.compile(re.escape(self._prefix) + r"(\d+)\.h5")
+        seqs = [int(m.group(1)) for m in (own.fullmatch(p.name) for p in self.parts()) if m]
+        self._seq = max(seqs, default=-1) + 1
         self._h5: h5py.File | None = None
         self._tmp: Path | None = None
         self._count = 0
@@ -306,10 +331,13 @@ class ProbsWriter:
                                         f"{self.attrs.get(key)}); pass --overwrite to replace "
                                         f"it", path)
 
+    def _part_name(self) -> str:
+        return f"{self._prefix}{self._seq:06d}.h5"
+
     def _open_part(self) -> h5py.File:
         if self._h5 is None:
             self.parts_dir.mkdir(parents=True, exist_ok=True)
-            self._tmp = self.parts_dir / f".part-{self._seq:06d}.h5.tmp{os.getpid()}"
+            self._tmp = self.parts_dir / f".{self._part_name()}.tmp{os.getpid()}"
             self._h5 = h5py.File(self._tmp, "w")
             self._h5.attrs.update(self.attrs)
             self._h5.require_group("entries")
@@ -327,7 +355,7 @@ class ProbsWriter:
         if self._count:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            os.replace(tmp, self.parts_dir / f"part-{self._seq:06d}.h5")
+            os.replace(tmp, self.parts_dir / self._part_name())
             self._seq += 1
         else:
             tmp.unlink(missing_ok=True)
@@ -352,7 +380,8 @@ class ProbsWriter:
             self._finish_part()
 
     def close(self, commit: bool = True) -> None:
-        """Finish the current part; with ``commit``, merge everything into the file."""
+        """Finish the current part; with ``commit``, merge everything into the file (every
+        rank's finished parts: under torchrun only rank 0 commits, once the others are done)."""
         self._finish_part()
         parts = self.parts()
         if not commit or (not parts and self.path.exists() and not self.overwrite):
@@ -409,6 +438,13 @@ def size_batches(items: Iterable[Any], size_of: Callable[[Any], tuple[int, ...]]
             pending -= len(buckets[key])
             yield buckets.pop(key)
     yield from buckets.values()
+
+
+def plan_batches(sizes: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """The batches :func:`size_batches` forms over a stream of items of these sizes, as lists of
+    indices: what one process streaming the decoded images would do, planned from the headers
+    (:func:`discli.data.images.probe_image`) so that torchrun ranks can share them out."""
+    return list(size_batches(range(len(sizes)), lambda i: tuple(sizes[i]), batch_size))
 
 
 def upsample_probs(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -476,10 +512,15 @@ def predict(model: DISNet, inputs: Sequence[InputImage], *, classes: Sequence[st
     ``outputs`` {kind: path}, and for computed images ``classes`` {name: pixel fraction}
     (largest first), ``tags`` {name: probability} (background excluded), ``loss`` (final
     objective) and ``ms`` (inference time of the image's share of its batch).
+
+    Under torchrun (see the module docstring) every rank must pass the same ``inputs`` (e.g.
+    collected on rank 0 and shared with :func:`discli.distributed.on_main`). Rank 0 yields the
+    summary of every image, the skipped ones first, then its own as they are computed, then
+    those of the other ranks once all are done; the other ranks yield their own images' only.
     """
     cfg = cfg or InferenceConfig()
     reporter = reporter or NullReporter()
-    device = torch.device(device)
+    device, info = setup_distributed(device)
     model = model.to(device).eval()
     out = Path(out_dir) if out_dir is not None else None
     settings = {"checkpoint_hash": checkpoint_hash, "steps": int(steps),
@@ -492,56 +533,105 @@ def predict(model: DISNet, inputs: Sequence[InputImage], *, classes: Sequence[st
         raise BadInputError("two images would write the same output file (an id ending in "
                             "'_color' or '_overlay' next to its stem?)", out)
     with contextlib.ExitStack() as locks:
-        if out is not None:
-            make_folder(out)
-            locks.enter_context(lock_folder(out))
-        if probs_path is not None:
-            locks.enter_context(lock_file(probs_path))
+        def take_locks() -> None:  # per-rank lock names: the ranks of one job share the folder
+            if out is not None:
+                make_folder(out)
+                locks.enter_context(lock_folder(out))
+            if probs_path is not None:
+                locks.enter_context(lock_file(probs_path))
+
+        together(take_locks)
         yield from _predict_locked(model, plans, classes, out, steps, cfg, batch_size, device,
                                    amp, probs_path, overwrite, checkpoint_hash, settings,
-                                   reporter)
+                                   reporter, info)
 
 
 def _predict_locked(model: DISNet, plans: list[tuple[InputImage, dict[str, Path]]],
                     classes: Sequence[str], out: Path | None, steps: int, cfg: InferenceConfig,
                     batch_size: int, device: torch.device, amp: bool,
                     probs_path: str | Path | None, overwrite: bool, checkpoint_hash: str,
-                    settings: dict[str, Any], reporter: Reporter) -> Iterator[dict[str, Any]]:
-    if out is not None:
-        # image writes torn by a kill: only where this run writes (never a scan of a big tree)
-        for folder in {out, *(p.parent for _, paths in plans for p in paths.values())}:
-            remove_stale_temps(folder)
-        _check_run_info(out, settings, overwrite)
-    probs = None
-    if probs_path is not None:
-        probs = ProbsWriter(probs_path, {"format": PROBS_FORMAT,
-                                         "format_version": PROBS_FORMAT_VERSION,
-                                         "classes": json.dumps(list(classes)),
-                                         "steps": int(steps), "checkpoint_hash": checkpoint_hash,
-                                         "inference": json.dumps(settings["inference"])},
-                            overwrite=overwrite)
-    reporter.start("infer", total=len(plans))
-    finished = False
-    try:
-        todo = []
-        for item, paths in plans:
+                    settings: dict[str, Any], reporter: Reporter, info: DistInfo
+                    ) -> Iterator[dict[str, Any]]:
+    main = info.is_main
+
+    def prepare() -> ProbsWriter | None:
+        if out is not None and main:
+            # image writes torn by a kill: only where this run writes (never a scan of a big tree)
+            for folder in {out, *(p.parent for _, paths in plans for p in paths.values())}:
+                remove_stale_temps(folder)
+            _check_run_info(out, settings, overwrite)
+        if probs_path is None:
+            return None
+        return ProbsWriter(probs_path, {"format": PROBS_FORMAT,
+                                        "format_version": PROBS_FORMAT_VERSION,
+                                        "classes": json.dumps(list(classes)),
+                                        "steps": int(steps), "checkpoint_hash": checkpoint_hash,
+                                        "inference": json.dumps(settings["inference"])},
+                           overwrite=overwrite, rank=info.rank)
+
+    probs = together(prepare)
+
+    def plan() -> tuple[list[int], list[int], list[list[int]] | None]:
+        """(skipped, to do, batches of the to-do images when sharded), decided by rank 0."""
+        skipped, todo = [], []
+        for i, (item, paths) in enumerate(plans):
             done = (bool(paths) or probs is not None) and not overwrite and all(
                 p.is_file() for p in paths.values()) and (probs is None or item.id in probs.done)
-            if done:
+            (skipped if done else todo).append(i)
+        if not info.enabled:
+            return skipped, todo, None
+        from discli.data.images import probe_image
+
+        sizes = [probe_image(plans[i][0].path) for i in todo]
+        return skipped, todo, [[todo[j] for j in batch]
+                               for batch in plan_batches(sizes, batch_size)]
+
+    try:
+        # Nobody writes before rank 0 has decided what is done: the plan comes after every
+        # rank's ProbsWriter exists and before any of them writes.
+        skipped, todo, planned = on_main(plan)
+        if planned is None:
+            mine = None
+            batches = size_batches(_loaded([plans[i] for i in todo]), lambda x: x[2].shape,
+                                   batch_size)
+            own_total = len(todo)
+        else:
+            mine = shard(planned, info)
+            batches = (list(_loaded([plans[i] for i in batch])) for batch in mine)
+            own_total = sum(len(batch) for batch in mine)
+        reporter.start("infer", total=(len(skipped) if main else 0) + own_total)
+        if main:
+            for i in skipped:
+                item, paths = plans[i]
                 reporter.advance(1)
                 yield {"id": item.id, "image": str(item.path), "skipped": True,
                        "outputs": {k: str(p) for k, p in paths.items()}}
-            else:
-                todo.append((item, paths))
-        yield from _predict_batches(model, todo, classes, steps, cfg, batch_size, device, amp,
-                                    probs, reporter)
-        finished = True
+        own: list[dict[str, Any]] = []
+        for summary in _predict_batches(model, batches, classes, steps, cfg, device, amp, probs,
+                                        reporter):
+            if not main:
+                own.append(summary)  # for rank 0 to report
+            yield summary
+        if probs is not None:
+            probs.close(commit=False)  # this rank's last part is complete
+        barrier()  # every rank's parts are complete
+        together(lambda: _finish(probs, out, overwrite, settings) if main else None)
+        others = gather_to_main(own) if info.enabled else None
     finally:
         # Entries are complete one by one: keep what was done, even after an error or ^C,
-        # so a re-run resumes from there.
+        # so a re-run resumes from there (rank 0 merges the parts finished so far).
         if probs is not None:
-            probs.close()
-    if finished and out is not None and overwrite:
+            probs.close(commit=main)
+    for rank_summaries in (others or [])[1:]:
+        yield from rank_summaries
+
+
+def _finish(probs: ProbsWriter | None, out: Path | None, overwrite: bool,
+            settings: dict[str, Any]) -> None:
+    """Rank 0, once every image is done: merge the probabilities, mark the folder complete."""
+    if probs is not None:
+        probs.close()
+    if out is not None and overwrite:
         _write_run_info(out, settings)  # every output is now of these settings
 
 
@@ -553,12 +643,13 @@ def _loaded(todo: list[tuple[InputImage, dict[str, Path]]]
         yield item, paths, read_image(item.path)
 
 
-def _predict_batches(model: DISNet, todo: list[tuple[InputImage, dict[str, Path]]],
-                     classes: Sequence[str], steps: int, cfg: InferenceConfig, batch_size: int,
+def _predict_batches(model: DISNet,
+                     batches: Iterable[list[tuple[InputImage, dict[str, Path], np.ndarray]]],
+                     classes: Sequence[str], steps: int, cfg: InferenceConfig,
                      device: torch.device, amp: bool, probs: ProbsWriter | None,
                      reporter: Reporter) -> Iterator[dict[str, Any]]:
     names = list(classes)
-    for batch in size_batches(_loaded(todo), lambda x: x[2].shape, batch_size):
+    for batch in batches:
         images = torch.stack([_normalize(rgb) for _, _, rgb in batch]).to(device)
         size = batch[0][2].shape[:2]
         start = time.perf_counter()

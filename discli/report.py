@@ -42,7 +42,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = ["# dis demo report", "",
              f"Synthetic benchmark: {report['config']['n_labelled']} pixel-labelled, "
              f"{report['config']['n_tagged']} tagged (captions), {report['config']['n_test']} "
-             f"test images; seed {report['config']['seed']}.", "",
+             f"test images; difficulty {report['config'].get('difficulty', 'hard')}, seed "
+             f"{report['config']['seed']}.", "",
              "## Segmentation (IoU %, test images)", "",
              "| setup | " + " | ".join(classes) + " | mIoU |",
              "|---" * (len(classes) + 2) + "|"]

@@ -21,13 +21,15 @@ def demo(
                              "to fine-tune with (comma list)."),
     t_ts: str = typer.Option("0,10,30", "--t-ts", help="Test-time inference iterations."),
     seed: int = typer.Option(0, "--seed"),
+    difficulty: str = typer.Option("easy", "--difficulty", help="Benchmark difficulty: easy, "
+                                   "medium or hard (see `dis synth --help`)."),
     device: str = typer.Option("auto", "--device"),
     json_out: bool = typer.Option(False, "--json", help="Print report.json on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Reproduce the paper's ablation (Table 3, Fig. 5) on the built-in synthetic benchmark."""
     options = dict(out=str(out), t_tr=parse_steps(t_tr), t_ts=parse_steps(t_ts), seed=seed,
-                   device=device)
+                   device=device, difficulty=difficulty)
     cfg = DemoConfig.quick_config(**options) if quick else DemoConfig(**options)
     with RichReporter(quiet=quiet) as reporter:
         report = run_demo(cfg, reporter=reporter)

@@ -64,9 +64,11 @@ def evaluate(
     """Score a checkpoint on a labelled manifest (mIoU, pixel accuracy, boundary F).
 
     VOC protocol: one confusion matrix over the whole set, 255 ignored; mIoU is the mean over the
-    classes with ground-truth or predicted pixels.
+    classes with ground-truth or predicted pixels. Under torchrun the ranks share the images and
+    rank 0 alone prints the report of the whole set.
     """
     from discli.data.manifest import read_manifest
+    from discli.distributed import setup_distributed
     from discli.evaluate import evaluate as run_evaluate
     from discli.evaluate import parse_steps
     from discli.predict import load_for_inference, resolve_device
@@ -77,16 +79,18 @@ def evaluate(
         raise UsageError("give the manifest once: as the argument or with --manifest")
     manifest = manifest or manifest_opt
     steps = parse_steps(t_ts)
-    dev = resolve_device(device)
+    dev, dist = setup_distributed(resolve_device(device))
     data = read_manifest(manifest, root=root)
     loaded = load_for_inference(checkpoint, dev)
-    with RichReporter(quiet=quiet) as reporter:
+    with RichReporter(quiet=quiet or not dist.is_main) as reporter:
         report = run_evaluate(loaded.model, data, steps, InferenceConfig(lr=lr, momentum=momentum),
                               classes=loaded.classes, ensemble=ensemble, batch_size=batch_size,
                               device=dev, amp=amp, boundary_tolerance=boundary_tol, split=split,
                               num_workers=num_workers, limit=limit,
                               checkpoint=str(checkpoint), reporter=reporter)
     report["checkpoint_hash"] = loaded.checkpoint_hash
+    if not dist.is_main:
+        return
     if json_out:
         print_json(report)
     else:

@@ -36,22 +36,28 @@ def infer(
                                   "stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Predict labelmaps at each image's own resolution (batched by size, resumable)."""
+    """Predict labelmaps at each image's own resolution (batched by size, resumable).
+
+    Under torchrun the ranks share the images; rank 0 alone prints (every image's summary).
+    """
+    from discli.distributed import on_main, setup_distributed
     from discli.errors import UsageError
     from discli.predict import collect_inputs, load_for_inference, predict, resolve_device
 
     if out is None and probs is None and not json_out:
         raise UsageError("nothing to write: pass --out DIR, --probs FILE and/or --json")
-    dev = resolve_device(device)
-    images = collect_inputs(inputs, exclude=out)
+    dev, dist = setup_distributed(resolve_device(device))
+    images = on_main(lambda: collect_inputs(inputs, exclude=out))  # stdin is read by rank 0 only
     loaded = load_for_inference(checkpoint, dev)
     cfg = InferenceConfig(steps=t_ts, lr=lr, momentum=momentum)
     written = skipped = 0
-    with RichReporter(quiet=quiet) as reporter:
+    with RichReporter(quiet=quiet or not dist.is_main) as reporter:
         for summary in predict(loaded.model, images, classes=loaded.classes, out_dir=out,
                                steps=t_ts, cfg=cfg, batch_size=batch_size, device=dev, amp=amp,
                                overlay=overlay, probs_path=probs, overwrite=overwrite,
                                checkpoint_hash=loaded.checkpoint_hash, reporter=reporter):
+            if not dist.is_main:
+                continue  # rank 0 reports every image
             skipped += summary["skipped"]
             written += not summary["skipped"]
             if json_out:

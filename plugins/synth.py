@@ -24,6 +24,8 @@ def synth(
                                     "leaves a present class unmentioned."),
     spurious_rate: float = typer.Option(0.15, "--spurious-rate", help="Probability that a "
                                         "caption names one absent class."),
+    difficulty: str = typer.Option("medium", "--difficulty", help="Scene clutter and how "
+                                   "much colour tells the class: easy, medium or hard."),
     manifests: bool = typer.Option(True, "--manifests/--no-manifests", help="Also run "
                                    "prepare-voc and prepare-idw into OUT/manifests/."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier benchmark in OUT."),
@@ -41,7 +43,8 @@ def synth(
         result = generate_benchmark(out, seed=seed, n_labelled=n_labelled, n_tagged=n_tagged,
                                     n_test=n_test, min_size=min_size, max_size=max_size,
                                     classes=names, miss_rate=miss_rate,
-                                    spurious_rate=spurious_rate, manifests=manifests,
+                                    spurious_rate=spurious_rate, difficulty=difficulty,
+                                    manifests=manifests,
                                     overwrite=force, progress=rep.advance)
     if json_out:
         print_json(result)

@@ -111,9 +111,12 @@ def test_refuses_to_clobber(tmp_path, bench):
     assert not (tmp_path / "b" / "idw" / "images" / "stale.jpg").exists()
     with pytest.raises(UsageError, match="some of aeroplane"):
         generate_benchmark(tmp_path / "c", classes=["background", "dog"])
+    with pytest.raises(UsageError, match="unknown difficulty 'brutal'"):
+        generate_benchmark(tmp_path / "d", difficulty="brutal")
 
 
-def test_colour_alone_does_not_decide_the_class():
+@pytest.mark.parametrize("difficulty", ["easy", "medium", "hard"])
+def test_colour_alone_does_not_decide_the_class(difficulty):
     """Per-pixel colour statistics overlap between classes (findings.md: a colour-only set is
     too easy). Fit the best colour-only rule on the very images it is scored on: it must still
     fail on object classes."""
@@ -122,7 +125,7 @@ def test_colour_alone_does_not_decide_the_class():
     pixels, labels = [], []
     for i in range(40):
         scene = render_scene(np.random.default_rng([9, i]), DEFAULT_CLASSES,
-                             (int(rng.integers(48, 97)), int(rng.integers(48, 97))))
+                             (int(rng.integers(48, 97)), int(rng.integers(48, 97))), difficulty)
         q = (scene.image // 32).astype(np.int64)
         pixels.append(q[..., 0] * 64 + q[..., 1] * 8 + q[..., 2])
         labels.append(scene.labelmap.astype(np.int64))
@@ -134,3 +137,19 @@ def test_colour_alone_does_not_decide_the_class():
     conf = np.bincount(6 * y[keep] + pred, minlength=36).reshape(6, 6)
     iou = np.diag(conf) / (conf.sum(0) + conf.sum(1) - np.diag(conf)).clip(1)
     assert iou[1:].mean() < 0.4, iou
+
+
+def test_difficulty_sets_clutter_and_is_recorded(tmp_path):
+    """Harder levels draw more clutter; the level is written to benchmark.json."""
+    def edges(difficulty):
+        total = 0.0
+        for i in range(12):  # mean vertical gradient over background pixels
+            scene = render_scene(np.random.default_rng([3, i]), DEFAULT_CLASSES, (64, 64),
+                                 difficulty)
+            grad = np.abs(np.diff(scene.image.astype(np.float32), axis=0)).sum(-1)
+            total += grad[scene.labelmap[1:] == 0].mean()
+        return total
+    assert edges("easy") < edges("hard")
+    generate_benchmark(tmp_path / "b", difficulty="hard", manifests=False, **SMALL)
+    meta = json.loads((tmp_path / "b" / "benchmark.json").read_text())
+    assert meta["config"]["difficulty"] == "hard"
