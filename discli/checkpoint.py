@@ -11,32 +11,17 @@ flushed to disk, then ``os.replace`` onto the final name, so a kill never leaves
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from discli.data.fileio import atomic_write as atomic_write_bytes  # one home for atomic writes
 from discli.errors import BadInputError, DisError, IncompatibleError
 from discli.model import DISNet, ModelConfig
 
 FORMAT = "dis-checkpoint"
 FORMAT_VERSION = 1
-
-
-def atomic_write_bytes(path: str | Path, writer: Any) -> None:
-    """Call ``writer(file_object)`` on a temp file beside ``path``, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            writer(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

@@ -1,8 +1,8 @@
 """Small file helpers shared by the data modules: atomic writes and strict UTF-8 reading.
 
-The data layer keeps its own atomic writer instead of importing ``discli.checkpoint`` so that
-reading and writing datasets never pulls in the model code (the CLI imports plugins lazily and
-``dis prepare-idw`` should start without torch).
+:func:`atomic_write` is the project's one atomic writer (``discli.checkpoint`` re-exports it as
+``atomic_write_bytes``); it lives here, free of torch, so that reading and writing datasets never
+pulls in the model code (``dis prepare-idw`` should start without torch).
 """
 
 from __future__ import annotations
