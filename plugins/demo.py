@@ -15,8 +15,8 @@ from discli.report import table_rows
 def demo(
     out: Path = typer.Option(Path("dis-demo"), "--out", "-o", help="Folder for the benchmark, "
                              "runs and the report (re-running resumes)."),
-    quick: bool = typer.Option(False, "--quick", help="A smaller run (about 3 minutes on 2 "
-                               "CPU cores) instead of the default (about 15)."),
+    quick: bool = typer.Option(False, "--quick", help="A smoke run (about 2.5 minutes on "
+                               "2 idle CPU cores) instead of the default (about 6)."),
     t_tr: str = typer.Option("0,10,30", "--t-tr", help="Training-time inference iterations "
                              "to fine-tune with (comma list)."),
     t_ts: str = typer.Option("0,10,30", "--t-ts", help="Test-time inference iterations."),
