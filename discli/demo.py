@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from discli.checkpoint import atomic_write_bytes
+from discli.errors import UsageError
 from discli.inference import InferenceConfig
 from discli.progress import NullReporter, Reporter
 from discli.train.config import TrainConfig
@@ -95,6 +96,35 @@ def _cached_json(path: Path, compute: Any) -> Any:
     return value
 
 
+# Settings that do not change any result: a re-run may differ in these.
+NEUTRAL_SETTINGS = ("out", "device", "figure_rows")
+
+
+def check_settings(results: Path, demo: DemoConfig) -> None:
+    """A demo folder resumes only the run it holds: finished stages are reused as they are, so a
+    re-run with other settings (or one from an older version, which wrote no settings file)
+    would mix two runs in one report. Refuse that; otherwise record the settings (once they
+    are known to be valid, so that a typo does not lock the folder)."""
+    from discli.data.synthetic import SynthConfig
+
+    SynthConfig(seed=demo.seed, n_labelled=demo.n_labelled, n_tagged=demo.n_tagged,
+                n_test=demo.n_test, difficulty=demo.difficulty).check()
+    path = results / "settings.json"
+    settings = {k: v for k, v in json.loads(json.dumps(asdict(demo))).items()
+                if k not in NEUTRAL_SETTINGS}
+    if path.exists():
+        held = json.loads(path.read_text())
+        changed = sorted(k for k in set(held) | set(settings) if held.get(k) != settings.get(k))
+        if changed:
+            raise UsageError(f"{results.parent} holds a demo run with other settings "
+                             f"({', '.join(changed)}): choose another --out or delete it")
+        return
+    if any(results.iterdir()):
+        raise UsageError(f"{results.parent} holds a demo run from an older version of dis: "
+                         "choose another --out or delete it")
+    atomic_write_bytes(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+
+
 def _union_manifest(bench: Path, manifests: dict[str, str]) -> Path:
     """Labelled images plus every tagged image with its true labelmap (for the upper bound)."""
     from discli.data.manifest import Manifest, read_manifest, write_manifest
@@ -152,6 +182,7 @@ def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, An
     out = Path(demo.out)
     bench, runs, results = out / "bench", out / "runs", out / "results"
     results.mkdir(parents=True, exist_ok=True)
+    check_settings(results, demo)
     timings: dict[str, float] = {}
 
     def timed(name: str, fn: Any) -> Any:

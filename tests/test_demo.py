@@ -6,6 +6,8 @@ import subprocess
 import pytest
 from PIL import Image
 
+from discli.errors import UsageError
+
 
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path):
@@ -35,3 +37,28 @@ def test_demo_quick_end_to_end(tmp_path):
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     assert json.loads(again.stdout)["scores"] == report["scores"]
+
+
+def test_demo_folder_refuses_other_settings(tmp_path):
+    """Finished stages are reused as they are, so a folder resumes only its own run: other
+    settings or a folder from an older version are refused before any work, in one line."""
+    from discli.demo import DemoConfig, check_settings
+
+    results = tmp_path / "demo" / "results"
+    results.mkdir(parents=True)
+    with pytest.raises(UsageError, match="unknown difficulty"):
+        check_settings(results, DemoConfig(difficulty="brutal"))
+    assert not (results / "settings.json").exists()  # a typo does not lock the folder
+    check_settings(results, DemoConfig(seed=3))
+    check_settings(results, DemoConfig(seed=3, device="cpu", out="elsewhere"))  # neutral
+    with pytest.raises(UsageError, match=r"other settings \(n_tagged, seed\)"):
+        check_settings(results, DemoConfig(seed=4, n_tagged=10))
+    result = subprocess.run(["dis", "demo", "--out", str(tmp_path / "demo"), "--seed", "5",
+                             "--quiet"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "other settings (seed)" in result.stderr
+    assert "Traceback" not in result.stderr
+    old = tmp_path / "old" / "results"
+    old.mkdir(parents=True)
+    (old / "benchmark.json").write_text("{}")
+    with pytest.raises(UsageError, match="older version"):
+        check_settings(old, DemoConfig())
