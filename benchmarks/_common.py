@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -79,10 +80,28 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+def add_common_args(parser: argparse.ArgumentParser, reps: int) -> None:
+    """The options every benchmark takes (model, input, rounds, device, threads)."""
+    parser.add_argument("--backbone", default="resnet101")
+    parser.add_argument("--size", type=int, default=321)
+    parser.add_argument("--classes", type=int, default=21)
+    parser.add_argument("--reps", type=int, default=reps)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: keep)")
+
+
+def setup(args: argparse.Namespace) -> tuple[torch.device, torch.nn.Module]:
+    """Apply --threads, resolve --device, and build the DIS model with random weights (seed 0)
+    in eval mode on it."""
+    from discli.distributed import resolve_device
+    from discli.model import ModelConfig, build_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone=args.backbone, num_classes=args.classes)).to(device)
+    return device, model.eval()
 
 
 def gflops(fn: Callable[[], object]) -> float:

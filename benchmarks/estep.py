@@ -19,10 +19,9 @@ import resource
 import sys
 
 import torch
-from _common import describe_machine, interleaved, load_note, median, pick_device
+from _common import add_common_args, describe_machine, interleaved, load_note, median, setup
 
 from discli.inference import InferenceConfig, infer
-from discli.model import ModelConfig, build_model
 
 
 def peak_rss_mb() -> float:
@@ -32,26 +31,16 @@ def peak_rss_mb() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="resnet101")
-    parser.add_argument("--size", type=int, default=321)
+    add_common_args(parser, reps=4)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--t-tr", type=int, default=30)
-    parser.add_argument("--classes", type=int, default=21)
-    parser.add_argument("--reps", type=int, default=4)
     parser.add_argument("--method", default="auto", help="inference method: auto|lowrank|autograd")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: keep)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
     try:
         from discli.train.estep import pseudo_entries
     except ImportError:
         pseudo_entries = None
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone=args.backbone, num_classes=args.classes)).to(device)
-    model.eval()
+    device, model = setup(args)
     images = torch.randn(args.batch, 3, args.size, args.size, device=device)
     tags = (torch.rand(args.batch, args.classes, device=device) > 0.7).float()
     tags[:, 0] = 1

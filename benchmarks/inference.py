@@ -17,18 +17,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import (
-    describe_machine,
-    gflops,
-    interleaved,
-    load_note,
-    median,
-    pick_device,
-)
+from _common import add_common_args, describe_machine, gflops, interleaved, load_note, median, setup
 
 from discli.inference import InferenceConfig, infer, refine_features
 from discli.inference_lowrank import gram_operators
-from discli.model import ModelConfig, build_model
 
 
 def bench_batch(model: torch.nn.Module, batch: int, args: argparse.Namespace,
@@ -96,23 +88,13 @@ def bench_batch(model: torch.nn.Module, batch: int, args: argparse.Namespace,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="resnet101")
-    parser.add_argument("--size", type=int, default=321)
+    add_common_args(parser, reps=5)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--classes", type=int, default=21)
-    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--tags", action="store_true", help="training-time inference (with tags)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: keep)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone=args.backbone, num_classes=args.classes)).to(device)
-    model.eval()
+    device, model = setup(args)
     print(describe_machine(device))
     print(f"model: DIS {args.backbone}, K={args.classes}, input {args.size}x{args.size}, "
           f"t={args.steps}, {'with' if args.tags else 'without'} tags, random weights, "

@@ -26,17 +26,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import (
-    describe_machine,
-    gflops,
-    interleaved,
-    load_note,
-    median,
-    pick_device,
-)
+from _common import add_common_args, describe_machine, gflops, interleaved, load_note, median, setup
 
 from discli.losses import map_loss, recon_loss, recon_target, tag_loss
-from discli.model import ModelConfig, build_model
 
 
 def dis_step_fn(model, images, labelmap, tags, device):
@@ -128,24 +120,16 @@ def forward_breakdown(dis, deeplab, images, reps: int, device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="resnet101")
-    parser.add_argument("--size", type=int, default=321)
+    add_common_args(parser, reps=5)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--classes", type=int, default=21)
-    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--no-breakdown", action="store_true")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: keep)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
     from torchvision.models.segmentation import deeplabv3_resnet101
 
-    torch.manual_seed(0)
-    dis = build_model(ModelConfig(backbone=args.backbone, num_classes=args.classes)).to(device)
+    device, dis = setup(args)
+    dis.train()  # timed as a training step, like deeplab below
     deeplab = deeplabv3_resnet101(weights=None, weights_backbone=None,
                                   num_classes=args.classes).to(device)
     images = torch.randn(args.batch, 3, args.size, args.size, device=device)

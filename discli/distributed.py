@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from discli.errors import EXIT_FAILURE, DisError
+from discli.errors import EXIT_FAILURE, DisError, UsageError
 
 T = TypeVar("T")
 
@@ -203,10 +203,18 @@ def gather_to_main(obj: T) -> list[T] | None:
     return out
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
+def resolve_device(name: str | None = "auto") -> torch.device:
+    """The device behind a ``--device`` value: ``None``/"" /"auto" is cuda when available, else
+    cpu; an unknown name or an absent cuda is a UsageError; an unindexed cuda is this rank's
+    GPU (``cuda:LOCAL_RANK``; ``cuda:0`` without torchrun)."""
+    if name in (None, "", "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device: unknown device {name!r} (use cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available on this machine (use --device cpu)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", dist_info().local_rank)
     return device

@@ -77,20 +77,7 @@ PROBS_PART_IMAGES = 32  # a kill loses at most this many images' probabilities .
 PROBS_PART_SECONDS = 60.0  # ... or this much work
 
 
-# ----------------------------------------------------------------------------- model and device
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``None``/"auto": cuda when available, else cpu; asking for an absent cuda is an error."""
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device: unknown device {name!r} (use cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: CUDA is not available on this machine (use --device cpu)")
-    return device
+# ------------------------------------------------------------------------------------- model
 
 
 def checkpoint_classes(state: dict[str, Any], num_classes: int) -> list[str]:

@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 
+from dis_plugins import inference_options as opt
 from discli.cli.output import RichReporter, print_json
 from discli.inference import InferenceConfig
 
@@ -156,21 +157,20 @@ def run(
     split: str | None = typer.Option(None, "--split", help="Only records of this split."),
     threshold: float = THRESHOLD,
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute an existing cache."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
-    num_workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes."),
-    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda if "
-                                      "available)."),
-    amp: bool = typer.Option(True, "--amp/--no-amp", help="float16 backbone forward on CUDA."),
-    lr: float = typer.Option(_DEFAULTS.lr, "--lr", help="Inference step size."),
-    momentum: float = typer.Option(_DEFAULTS.momentum, "--momentum", help="Inference momentum."),
+    batch_size: int = opt.BatchOpt,
+    num_workers: int = opt.WorkersOpt,
+    device: str | None = opt.DeviceOpt,
+    amp: bool = opt.AmpOpt,
+    lr: float = opt.LrOpt,
+    momentum: float = opt.MomentumOpt,
     tag_weight: float = typer.Option(_DEFAULTS.tag_weight, "--tag-weight",
                                      help="Weight of the noisy-tag loss in inference."),
     json_out: bool = JSON,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = opt.QuietOpt,
 ) -> None:
     """Compute cleaned tags for a tagged manifest (one E-step, no finetune)."""
     from discli import tags
-    from discli.predict import resolve_device
+    from discli.distributed import resolve_device
 
     cfg = InferenceConfig(lr=lr, momentum=momentum, tag_weight=tag_weight)
     with RichReporter(quiet=quiet) as reporter:

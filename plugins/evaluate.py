@@ -7,10 +7,9 @@ from typing import Any
 
 import typer
 
+from dis_plugins import inference_options as opt
 from discli.cli.output import RichReporter, print_json
 from discli.inference import InferenceConfig
-
-_DEFAULTS = InferenceConfig()
 
 
 def _pct(value: float | None) -> str:
@@ -51,15 +50,14 @@ def evaluate(
     boundary_tol: float = typer.Option(2.0, "--boundary-tol", min=0, help="Boundary F "
                                        "matching tolerance in pixels."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N images."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
-    num_workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes."),
-    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda if "
-                                      "available)."),
-    amp: bool = typer.Option(True, "--amp/--no-amp", help="float16 backbone forward on CUDA."),
-    lr: float = typer.Option(_DEFAULTS.lr, "--lr", help="Inference step size."),
-    momentum: float = typer.Option(_DEFAULTS.momentum, "--momentum", help="Inference momentum."),
+    batch_size: int = opt.BatchOpt,
+    num_workers: int = opt.WorkersOpt,
+    device: str | None = opt.DeviceOpt,
+    amp: bool = opt.AmpOpt,
+    lr: float = opt.LrOpt,
+    momentum: float = opt.MomentumOpt,
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = opt.QuietOpt,
 ) -> None:
     """Score a checkpoint on a labelled manifest (mIoU, pixel accuracy, boundary F).
 
@@ -68,10 +66,10 @@ def evaluate(
     rank 0 alone prints the report of the whole set.
     """
     from discli.data.manifest import read_manifest
-    from discli.distributed import setup_distributed
+    from discli.distributed import resolve_device, setup_distributed
     from discli.evaluate import evaluate as run_evaluate
     from discli.evaluate import parse_steps
-    from discli.predict import load_for_inference, resolve_device
+    from discli.predict import load_for_inference
 
     from discli.errors import UsageError
 

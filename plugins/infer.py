@@ -6,10 +6,9 @@ from pathlib import Path
 
 import typer
 
+from dis_plugins import inference_options as opt
 from discli.cli.output import RichReporter, print_json
 from discli.inference import InferenceConfig
-
-_DEFAULTS = InferenceConfig()
 
 
 def infer(
@@ -25,24 +24,22 @@ def infer(
                                       "probabilities."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute images whose outputs "
                                    "already exist (default: skip them)."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per batch "
-                                   "(images of one size only)."),
-    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda if "
-                                      "available)."),
-    amp: bool = typer.Option(True, "--amp/--no-amp", help="float16 backbone forward on CUDA."),
-    lr: float = typer.Option(_DEFAULTS.lr, "--lr", help="Inference step size."),
-    momentum: float = typer.Option(_DEFAULTS.momentum, "--momentum", help="Inference momentum."),
+    batch_size: int = opt.BatchOpt,
+    device: str | None = opt.DeviceOpt,
+    amp: bool = opt.AmpOpt,
+    lr: float = opt.LrOpt,
+    momentum: float = opt.MomentumOpt,
     json_out: bool = typer.Option(False, "--json", help="One JSON summary line per image on "
                                   "stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = opt.QuietOpt,
 ) -> None:
     """Predict labelmaps at each image's own resolution (batched by size, resumable).
 
     Under torchrun the ranks share the images; rank 0 alone prints (every image's summary).
     """
-    from discli.distributed import on_main, setup_distributed
+    from discli.distributed import on_main, resolve_device, setup_distributed
     from discli.errors import UsageError
-    from discli.predict import collect_inputs, load_for_inference, predict, resolve_device
+    from discli.predict import collect_inputs, load_for_inference, predict
 
     if out is None and probs is None and not json_out:
         raise UsageError("nothing to write: pass --out DIR, --probs FILE and/or --json")

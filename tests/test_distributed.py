@@ -16,7 +16,8 @@ from datagen import make_split
 from test_infer_cli import cli, one_thread, tiny_checkpoint, write_dataset  # noqa: F401
 from discli.cache import PseudoCache
 from discli.checkpoint import load_checkpoint
-from discli.distributed import DistInfo, shard
+from discli.distributed import DistInfo, resolve_device, shard
+from discli.errors import UsageError
 from discli.predict import ProbsWriter, plan_batches, size_batches
 
 
@@ -168,6 +169,22 @@ def test_shard_is_disjoint_covering_and_takes_world_larger_than_items():
     assert shard([1, 2, 3], DistInfo(0, 1)) == [1, 2, 3]
     with pytest.raises(ValueError):
         shard([1, 2], DistInfo(2, 2))
+
+
+def test_resolve_device_is_the_one_device_rule(monkeypatch):
+    """Every command's --device goes through this one function (training, infer, evaluate,
+    clean-tags, the benchmarks)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(UsageError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+    with pytest.raises(UsageError, match="CUDA is not available"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("cuda") == torch.device("cuda", 1)  # this rank's GPU
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
 
 
 def test_plan_batches_are_the_streamed_batches():
