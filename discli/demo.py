@@ -140,21 +140,28 @@ def _union_manifest(bench: Path, manifests: dict[str, str]) -> Path:
     return path
 
 
-def _commands(demo: DemoConfig, bench: Path, runs: Path) -> list[str]:
+def _toml(value: Any) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def train_command(command: str, cfg: TrainConfig) -> str:
+    """The `dis pretrain|finetune` command line that trains with ``cfg``: its manifests and run
+    folders as options, every other setting that differs from the defaults as --set KEY=VALUE
+    (derived from the config itself, so the listed commands cannot drift from what ran)."""
+    defaults = asdict(TrainConfig())
+    paths = [f"--{key} {value}" for key, value in asdict(cfg).items()
+             if key in ("labelled", "tagged", "init", "out") and value]
+    sets = [f"--set {key}={_toml(value)}" for key, value in asdict(cfg).items()
+            if key not in ("labelled", "tagged", "init", "out") and value != defaults[key]]
+    return " ".join([f"dis {command}", *paths, *sets])
+
+
+def _commands(demo: DemoConfig, bench: Path, runs: Path,
+              configs: dict[str, tuple[str, TrainConfig]]) -> list[str]:
     m = bench / "manifests"
-    common = (f"--backbone tiny --crop-size 64 --batch-size 8 --set channels=64 "
-              f"--set optimizer=adamw --lr 0.002 --set head_lr_mult=1 --set weight_decay=0.0001 "
-              f"--set confidence=0.7 --set inf_lr={demo.train_inference_lr} "
-              f"--set inf_tag_weight={demo.train_inference_tag_weight} --seed {demo.seed}")
-    iters = " ".join(f"--iters {i}" for i in demo.iters)
     lines = [f"dis synth {bench} --seed {demo.seed} --n-labelled {demo.n_labelled} "
-             f"--n-tagged {demo.n_tagged} --n-test {demo.n_test} --difficulty {demo.difficulty}",
-             f"dis pretrain --labelled {m}/train.jsonl --out {runs}/baseline {iters} {common}"]
-    for t in demo.t_tr:
-        lines.append(f"dis finetune --labelled {m}/train.jsonl --tagged {m}/tagged.jsonl "
-                     f"--init {runs}/baseline/pretrain/final.pth --out {runs}/dis-t{t} "
-                     f"--t-tr {t} --rounds {demo.rounds} --mstep-iters {demo.mstep_iters} "
-                     f"--set loss_img={demo.finetune_loss_img} {common}")
+             f"--n-tagged {demo.n_tagged} --n-test {demo.n_test} --difficulty {demo.difficulty}"]
+    lines += [train_command(command, cfg) for command, cfg in configs.values()]
     ts = ",".join(str(t) for t in demo.t_ts)
     lines.append(f"dis evaluate --checkpoint {runs}/dis-t{demo.t_tr[-1]}/finetune/final.pth "
                  f"--manifest {m}/val.jsonl --t-ts {ts} --lr {demo.inference_lr}")
@@ -200,7 +207,8 @@ def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, An
     common = dict(labelled=manifests["train"], tagged=manifests["tagged"])
 
     reporter.log("demo: pretraining the baseline on the pixel-labelled images")
-    baseline_cfg = _train_config(demo, runs / "baseline", **common)
+    baseline_cfg = _train_config(demo, runs / "baseline", labelled=manifests["train"])
+    configs = {"baseline": ("pretrain", baseline_cfg)}
     timed("pretrain", lambda: pretrain(baseline_cfg, reporter=reporter))
     baseline = runs / "baseline" / "pretrain" / "final.pth"
 
@@ -209,6 +217,7 @@ def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, An
         reporter.log(f"demo: fine-tuning with t_tr = {t}")
         cfg = _train_config(demo, runs / f"dis-t{t}", init=str(baseline), t_tr=t,
                             loss_img=demo.finetune_loss_img, **common)
+        configs[f"t_tr={t}"] = ("finetune", cfg)
         timed(f"finetune t_tr={t}", lambda cfg=cfg: finetune(cfg, reporter=reporter))
         checkpoints[f"t_tr={t}"] = runs / f"dis-t{t}" / "finetune" / "final.pth"
 
@@ -216,6 +225,7 @@ def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, An
     extra_iters = demo.rounds * demo.mstep_iters
     bound_cfg = _train_config(demo, runs / "bound", labelled=str(_union_manifest(bench,
                               manifests)), iters_step3=demo.iters[2] + extra_iters)
+    configs["bound"] = ("pretrain", bound_cfg)
     timed("bound", lambda: pretrain(bound_cfg, reporter=reporter))
     checkpoints["bound"] = runs / "bound" / "pretrain" / "final.pth"
 
@@ -238,7 +248,7 @@ def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, An
 
     report = {"config": asdict(demo), "benchmark": info.get("stats"), "classes": val.classes,
               "scores": scores, "tags": tags, "timings_s": timings,
-              "commands": _commands(demo, bench, runs)}
+              "commands": _commands(demo, bench, runs, configs)}
     from discli.report import write_figure, write_report
 
     timed("figure", lambda: write_figure(out / "figure.png", checkpoints, val, demo))

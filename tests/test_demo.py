@@ -62,3 +62,24 @@ def test_demo_folder_refuses_other_settings(tmp_path):
     (old / "benchmark.json").write_text("{}")
     with pytest.raises(UsageError, match="older version"):
         check_settings(old, DemoConfig())
+
+
+def test_listed_commands_rebuild_the_configs_that_ran():
+    """report.md lists the `dis` commands behind each stage; parsed the way `dis finetune`
+    parses them, they give back the very config the demo trained with."""
+    import shlex
+    from pathlib import Path
+
+    from dis_plugins.train_options import build_config
+    from discli.demo import DemoConfig, _train_config, train_command
+
+    cfg = _train_config(DemoConfig(seed=2), Path("runs/dis-t10"), init="base.pth", t_tr=10,
+                        loss_img=0.0, labelled="m/train.jsonl", tagged="m/tagged.jsonl")
+    words = shlex.split(train_command("finetune", cfg))
+    assert words[:2] == ["dis", "finetune"]
+    options = dict(zip(words[2::2], words[3::2]))
+    sets = [value for key, value in zip(words[2::2], words[3::2]) if key == "--set"]
+    rebuilt = build_config(None, sets, labelled=options["--labelled"],
+                           tagged=options["--tagged"], init=options["--init"],
+                           out=options["--out"])
+    assert rebuilt == cfg
