@@ -168,14 +168,31 @@ def resnet50(weights: str | None = None, **_: object) -> nn.Module:
     return ResNetBackbone(50, weights)
 
 
+def shipped_weights(backbone: str, channels: int, weights: str | None) -> str | None:
+    """A shipped weights name (``"shapes"``, see :mod:`discli.weights`) -> its file in the
+    package; anything else (a path, None) is returned as it is."""
+    from discli.weights import NAMES, resolve, weights_file
+
+    path = resolve(backbone, channels, weights) if weights else None
+    if path is None:
+        return weights
+    if not path.is_file():
+        have = sorted(p.stem for p in weights_file(backbone, channels).parent.glob("*.pth"))
+        raise UsageError(f"no shipped {weights!r} weights for the {backbone} backbone with "
+                         f"{channels} channels (shipped: {', '.join(have) or 'none'}; names: "
+                         f"{', '.join(NAMES)}); make them with `python -m discli.weights "
+                         f"--backbone {backbone} --channels {channels}`")
+    return str(path)
+
+
 @BACKBONES.register("tiny")
 def tiny(weights: str | None = None, channels: int = 64, **_: object) -> nn.Module:
-    return TinyBackbone(channels, weights)
+    return TinyBackbone(channels, shipped_weights("tiny", channels, weights))
 
 
 @BACKBONES.register("small")
 def small(weights: str | None = None, channels: int = 128, **_: object) -> nn.Module:
-    return SmallBackbone(channels, weights)
+    return SmallBackbone(channels, shipped_weights("small", channels, weights))
 
 
 def build_backbone(name: str, weights: str | None = None, **kwargs: object) -> nn.Module:

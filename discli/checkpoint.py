@@ -4,13 +4,17 @@ A checkpoint is a dict saved with ``torch.save`` and loaded with ``weights_only=
 pickle code ever runs). Keys: ``format`` ("dis-checkpoint"), ``format_version``, ``model`` (state
 dict), ``model_config`` (:class:`discli.model.ModelConfig` as a dict), ``classes`` (names, index
 order, background first), and for training ``optimizer``, ``scheduler``, ``stage``, ``step``,
-``iteration``, ``rng`` and ``config``. Writes are atomic: a temporary file in the same folder,
-flushed to disk, then ``os.replace`` onto the final name, so a kill never leaves a torn file.
+``iteration``, ``rng`` and ``config``, and ``inference`` (the run's inference settings, which
+the inference commands default to: :func:`inference_settings`; older checkpoints lack it).
+Writes are atomic: a temporary file in the same folder, flushed to disk, then ``os.replace``
+onto the final name, so a kill never leaves a torn file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,7 @@ import torch
 
 from discli.data.fileio import atomic_write as atomic_write_bytes  # one home for atomic writes
 from discli.errors import BadInputError, DisError, IncompatibleError
+from discli.inference import METHODS, InferenceConfig
 from discli.model import DISNet, ModelConfig
 
 FORMAT = "dis-checkpoint"
@@ -82,6 +87,56 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"
     state = load_checkpoint(path)
     model = model_from_checkpoint(state, path).to(device).eval()
     return model, state
+
+
+def default_inference_settings() -> dict[str, Any]:
+    """The settings of a checkpoint that carries none: t_tr = t_ts = 0 and the library's
+    :class:`discli.inference.InferenceConfig` defaults."""
+    defaults = {f.name: getattr(InferenceConfig(), f.name)
+                for f in dataclasses.fields(InferenceConfig) if f.name != "steps"}
+    return {"t_tr": 0, "t_ts": 0, **defaults}
+
+
+def inference_settings(state: dict[str, Any], path: str | Path = "checkpoint") -> dict[str, Any]:
+    """The inference settings a checkpoint carries (its ``inference`` entry, written by
+    training: t_tr, t_ts, lr, momentum, tag_weight, proximity, method) over the defaults of
+    :func:`default_inference_settings`; a checkpoint without the entry (an older one) gives the
+    defaults. Unknown keys are ignored; a value of the wrong type or not finite is refused."""
+    settings = default_inference_settings()
+    given = state.get("inference")
+    if given is None:
+        return settings
+    if not isinstance(given, dict):
+        raise IncompatibleError(f"its 'inference' entry is a {type(given).__name__}, not a "
+                                f"dict of settings", path)
+    for key, value in given.items():
+        if key not in settings:
+            continue
+        if key in ("t_tr", "t_ts"):
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            want = "an integer >= 0"
+        elif key == "method":
+            ok = isinstance(value, str) and value in METHODS
+            want = f"one of {', '.join(METHODS)}"
+        else:
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and math.isfinite(value))
+            want = "a finite number"
+            value = float(value) if ok else value
+        if not ok:
+            raise IncompatibleError(f"inference setting {key!r} must be {want}, got "
+                                    f"{value!r}", path)
+        settings[key] = value
+    return settings
+
+
+def inference_config(settings: dict[str, Any], steps: int | None = None,
+                     **overrides: Any) -> InferenceConfig:
+    """An :class:`discli.inference.InferenceConfig` from checkpoint settings, with every
+    override that is not None taking the place of the checkpoint's value."""
+    values = {k: settings[k] for k in ("lr", "momentum", "tag_weight", "proximity", "method")}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return InferenceConfig(steps=steps or 0, **values)
 
 
 def file_hash(path: str | Path, length: int = 16) -> str:

@@ -26,7 +26,6 @@ from typing import Any
 
 from discli.checkpoint import atomic_write_bytes
 from discli.errors import UsageError
-from discli.inference import InferenceConfig
 from discli.progress import NullReporter, Reporter
 from discli.train.config import TrainConfig
 
@@ -42,49 +41,36 @@ class DemoConfig:
     n_labelled: int = 30
     n_tagged: int = 400
     n_test: int = 100
-    difficulty: str = "easy"  # see discli.data.synthetic.DIFFICULTIES
-    # training schedule (tiny backbone, 64 px crops)
-    iters: tuple[int, int, int] = (1500, 300, 500)
-    rounds: int = 2
-    mstep_iters: int = 600
-    train: dict[str, Any] = field(default_factory=dict)  # any other TrainConfig key
-    # Feature-space inference, chosen by the study in the README. Training time (E-step): step
-    # 0.003 with the tag loss weighted 30 against the reconstruction loss (both are means, the
-    # tag loss over only K classes; at weight 1 the tags barely move the labelmap). Test time:
-    # step 0.003 (larger test-time steps cost mIoU on this benchmark).
-    train_inference_lr: float = 0.003
-    train_inference_tag_weight: float = 30.0
-    # Weight of the reconstruction loss in the M-step (Eq. 1 of the paper weights it 1). On this
-    # benchmark the joint reconstruction gradient costs the fine-tuned segmentation 2-3 mIoU (see
-    # the README's study), so the fine-tuning stage leaves subnet-2 as pretrained.
-    finetune_loss_img: float = 0.0
-    inference_lr: float = 0.003
+    difficulty: str = "vivid"  # see discli.data.synthetic.DIFFICULTIES
+    # Training: the shipped preset (discli/configs/<preset>.toml, the same `--config NAME` a
+    # user passes to `dis pretrain` / `dis finetune`), "" = "quick" with --quick, else "demo";
+    # `train` overrides any of its keys.
+    preset: str = ""
+    train: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
     figure_rows: int = 4
+
+    @property
+    def preset_name(self) -> str:
+        return self.preset or ("quick" if self.quick else "demo")
 
     @classmethod
     def quick_config(cls, **overrides: Any) -> DemoConfig:
         # The default's 30 labelled images (the same files: images are seeded per index), half
-        # the tagged images, one round: a smoke run; its gaps are within one seed's noise.
-        base = cls(quick=True, n_labelled=30, n_tagged=200, n_test=60, iters=(600, 100, 200),
-                   rounds=1, mstep_iters=400, figure_rows=3)
+        # the tagged images and the "quick" preset (shorter schedules, one round): a smoke run.
+        base = cls(quick=True, n_labelled=30, n_tagged=200, n_test=60, figure_rows=3)
         return replace(base, **overrides)
 
 
-def _train_config(demo: DemoConfig, out: Path, **extra: Any) -> TrainConfig:
-    values: dict[str, Any] = dict(
-        # A backbone trained from scratch on a few dozen images: AdamW learns it far faster than
-        # the paper's SGD (which assumes an ImageNet-initialised ResNet-101).
-        out=str(out), backbone="tiny", channels=64, batch_size=8, crop_size=64,
-        optimizer="adamw", lr=0.002, head_lr_mult=1.0, weight_decay=1e-4, confidence=0.7,
-        scale_min=0.75, scale_max=1.5, iters_step1=demo.iters[0],
-        iters_step2=demo.iters[1], iters_step3=demo.iters[2], rounds=demo.rounds,
-        mstep_iters=demo.mstep_iters, seed=demo.seed, device=demo.device, amp=True,
-        ckpt_every=250, log_every=25, inf_lr=demo.train_inference_lr,
-        inf_tag_weight=demo.train_inference_tag_weight, estep_batch_size=16)
-    values.update(demo.train)
-    values.update(extra)
-    return TrainConfig(**values)
+def _train_config(demo: DemoConfig, out: Path, section: str = "finetune",
+                  **extra: Any) -> TrainConfig:
+    """The preset's configuration for ``section`` ("pretrain" or "finetune"), with the demo's
+    run folder, seed, device and ``extra`` keys over it."""
+    from discli.train.config import load_config
+
+    overrides = {"out": str(out), "seed": demo.seed, "device": demo.device, **demo.train,
+                 **extra}
+    return load_config(demo.preset_name, overrides, section=section)
 
 
 def _cached_json(path: Path, compute: Any) -> Any:
@@ -112,6 +98,11 @@ def check_settings(results: Path, demo: DemoConfig) -> None:
     path = results / "settings.json"
     settings = {k: v for k, v in json.loads(json.dumps(asdict(demo))).items()
                 if k not in NEUTRAL_SETTINGS}
+    # The preset's contents too: an edited preset file is another run.
+    for section in ("pretrain", "finetune"):
+        preset = asdict(_train_config(demo, Path("."), section))
+        settings[f"{section}_preset"] = {k: v for k, v in preset.items()
+                                         if k not in ("out", "device", "seed")}
     if path.exists():
         held = json.loads(path.read_text())
         changed = sorted(k for k in set(held) | set(settings) if held.get(k) != settings.get(k))
@@ -144,39 +135,46 @@ def _toml(value: Any) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
-def train_command(command: str, cfg: TrainConfig) -> str:
-    """The `dis pretrain|finetune` command line that trains with ``cfg``: its manifests and run
-    folders as options, every other setting that differs from the defaults as --set KEY=VALUE
-    (derived from the config itself, so the listed commands cannot drift from what ran)."""
-    defaults = asdict(TrainConfig())
+def train_command(command: str, cfg: TrainConfig, preset: str = "demo") -> str:
+    """The `dis pretrain|finetune` command line that trains with ``cfg``: ``--config PRESET``,
+    its manifests and run folders as options, and every setting that differs from the preset's
+    as --set KEY=VALUE (derived from the config itself, so the listed commands cannot drift from
+    what ran)."""
+    from discli.train.config import load_config
+
+    section = "pretrain" if command == "pretrain" else "finetune"
+    defaults = asdict(load_config(preset, {}, section=section))
     paths = [f"--{key} {value}" for key, value in asdict(cfg).items()
              if key in ("labelled", "tagged", "init", "out") and value]
     sets = [f"--set {key}={_toml(value)}" for key, value in asdict(cfg).items()
             if key not in ("labelled", "tagged", "init", "out") and value != defaults[key]]
-    return " ".join([f"dis {command}", *paths, *sets])
+    return " ".join([f"dis {command} --config {preset}", *paths, *sets])
 
 
 def _commands(demo: DemoConfig, bench: Path, runs: Path,
               configs: dict[str, tuple[str, TrainConfig]]) -> list[str]:
     m = bench / "manifests"
+    last = configs[f"t_tr={demo.t_tr[-1]}"][1] if demo.t_tr else None
     lines = [f"dis synth {bench} --seed {demo.seed} --n-labelled {demo.n_labelled} "
              f"--n-tagged {demo.n_tagged} --n-test {demo.n_test} --difficulty {demo.difficulty}"]
-    lines += [train_command(command, cfg) for command, cfg in configs.values()]
+    lines += [train_command(command, cfg, demo.preset_name) for command, cfg in configs.values()]
     ts = ",".join(str(t) for t in demo.t_ts)
-    lines.append(f"dis evaluate --checkpoint {runs}/dis-t{demo.t_tr[-1]}/finetune/final.pth "
-                 f"--manifest {m}/val.jsonl --t-ts {ts} --lr {demo.inference_lr}")
-    lines.append(f"dis clean-tags stats {runs}/dis-t{demo.t_tr[-1]}/finetune/round-"
-                 f"{demo.rounds}/cache.h5 --truth {bench}/idw/true_tags.jsonl")
+    if last is not None:
+        lines.append(f"dis evaluate --checkpoint {runs}/dis-t{demo.t_tr[-1]}/finetune/final.pth "
+                     f"--manifest {m}/val.jsonl --t-ts {ts}")
+        lines.append(f"dis clean-tags stats {runs}/dis-t{demo.t_tr[-1]}/finetune/round-"
+                     f"{last.rounds}/cache.h5 --truth {bench}/idw/true_tags.jsonl")
     return lines
 
 
 def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, Any]:
-    from discli.checkpoint import load_model
+    from discli.cache import PseudoCache
+    from discli.checkpoint import inference_config, inference_settings, load_model
     from discli.data.manifest import read_manifest
     from discli.data.synthetic import generate_benchmark
     from discli.evaluate import evaluate
+    from discli.pseudo_stats import score_cache
     from discli.tags import read_truth, tag_stats
-    from discli.cache import PseudoCache
     from discli.train.finetune import finetune
     from discli.train.pretrain import pretrain
 
@@ -207,51 +205,67 @@ def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, An
     common = dict(labelled=manifests["train"], tagged=manifests["tagged"])
 
     reporter.log("demo: pretraining the baseline on the pixel-labelled images")
-    baseline_cfg = _train_config(demo, runs / "baseline", labelled=manifests["train"])
+    baseline_cfg = _train_config(demo, runs / "baseline", "pretrain",
+                                 labelled=manifests["train"])
     configs = {"baseline": ("pretrain", baseline_cfg)}
     timed("pretrain", lambda: pretrain(baseline_cfg, reporter=reporter))
     baseline = runs / "baseline" / "pretrain" / "final.pth"
 
     checkpoints = {"baseline": baseline}
+    finetune_cfgs = {}
     for t in demo.t_tr:
         reporter.log(f"demo: fine-tuning with t_tr = {t}")
-        cfg = _train_config(demo, runs / f"dis-t{t}", init=str(baseline), t_tr=t,
-                            loss_img=demo.finetune_loss_img, **common)
+        cfg = _train_config(demo, runs / f"dis-t{t}", "finetune", init=str(baseline), t_tr=t,
+                            **common)
         configs[f"t_tr={t}"] = ("finetune", cfg)
+        finetune_cfgs[t] = cfg
         timed(f"finetune t_tr={t}", lambda cfg=cfg: finetune(cfg, reporter=reporter))
         checkpoints[f"t_tr={t}"] = runs / f"dis-t{t}" / "finetune" / "final.pth"
 
     reporter.log("demo: the fully supervised upper bound (every labelmap)")
-    extra_iters = demo.rounds * demo.mstep_iters
-    bound_cfg = _train_config(demo, runs / "bound", labelled=str(_union_manifest(bench,
-                              manifests)), iters_step3=demo.iters[2] + extra_iters)
+    # As many iterations as the baseline and the longest fine-tuning together.
+    extra_iters = max((c.rounds * c.mstep_iters for c in finetune_cfgs.values()), default=0)
+    bound_cfg = _train_config(demo, runs / "bound", "pretrain", labelled=str(_union_manifest(
+        bench, manifests)), iters_step3=baseline_cfg.iters_step3 + extra_iters)
     configs["bound"] = ("pretrain", bound_cfg)
     timed("bound", lambda: pretrain(bound_cfg, reporter=reporter))
     checkpoints["bound"] = runs / "bound" / "pretrain" / "final.pth"
 
     val = read_manifest(manifests["val"])
-    inference = InferenceConfig(lr=demo.inference_lr)
     scores: dict[str, Any] = {}
     for name, ckpt in checkpoints.items():
         reporter.log(f"demo: evaluating {name}")
-        model, _ = load_model(ckpt)
-        scores[name] = timed(f"evaluate {name}", lambda model=model, name=name: _cached_json(
-            results / f"eval-{name.replace('=', '')}.json",
-            lambda: evaluate(model, val, steps=demo.t_ts, cfg=inference, reporter=reporter)))
+        model, state = load_model(ckpt)
+        # test-time inference as the model was trained to run it (its checkpoint's settings)
+        inference = inference_config(inference_settings(state, ckpt))
+        scores[name] = timed(f"evaluate {name}", lambda model=model, inference=inference:
+                             _cached_json(results / f"eval-{name.replace('=', '')}.json",
+                                          lambda: evaluate(model, val, steps=demo.t_ts,
+                                                           cfg=inference, reporter=reporter)))
 
     truth = read_truth(info["true_tags"], val.classes)
-    tags = {}
-    for t in demo.t_tr:
-        cache = PseudoCache(runs / f"dis-t{t}" / "finetune" / f"round-{demo.rounds}" / "cache.h5")
-        tags[f"t_tr={t}"] = tag_stats(cache, truth)
-        cache.close()
+    oracle = read_manifest(manifests["tagged_oracle"])
+    tags, pseudo = {}, {}
+    for t, cfg in finetune_cfgs.items():
+        rounds = []
+        for r in range(1, cfg.rounds + 1):
+            cache = PseudoCache(runs / f"dis-t{t}" / "finetune" / f"round-{r}" / "cache.h5")
+            score = score_cache(cache, oracle, cfg.confidence)
+            rounds.append({"round": r, "miou": score["all"]["miou"],
+                           "kept_miou": score["kept"]["miou"], "kept_share": score["kept_share"],
+                           "iou": score["all"]["iou"]})
+            if r == cfg.rounds:
+                tags[f"t_tr={t}"] = tag_stats(cache, truth)
+            cache.close()
+        pseudo[f"t_tr={t}"] = rounds
 
     report = {"config": asdict(demo), "benchmark": info.get("stats"), "classes": val.classes,
-              "scores": scores, "tags": tags, "timings_s": timings,
+              "scores": scores, "tags": tags, "pseudo_labels": pseudo, "timings_s": timings,
               "commands": _commands(demo, bench, runs, configs)}
-    from discli.report import write_figure, write_report
+    from discli.report import write_curves, write_figure, write_report
 
     timed("figure", lambda: write_figure(out / "figure.png", checkpoints, val, demo))
+    timed("curves", lambda: write_curves(out / "curves.png", report))
     report["timings_s"] = timings
     write_report(out, report)
     return report

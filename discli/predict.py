@@ -49,7 +49,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -60,7 +60,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from discli.cache import key_of
-from discli.checkpoint import atomic_write_bytes, file_hash, load_model
+from discli.checkpoint import (atomic_write_bytes, default_inference_settings, file_hash,
+                               inference_config, inference_settings, load_model)
 from discli.distributed import (DistInfo, barrier, gather_to_main, on_main, setup_distributed,
                                 shard, together)
 from discli.errors import BadInputError, IncompatibleError, UsageError
@@ -93,13 +94,20 @@ class LoadedModel:
     classes: list[str]
     checkpoint_hash: str
     path: Path
+    # the checkpoint's inference settings (t_tr, t_ts, lr, momentum, tag_weight, proximity,
+    # method): :func:`discli.checkpoint.inference_settings`
+    inference: dict[str, Any] = field(default_factory=default_inference_settings)
+
+    def inference_config(self, steps: int | None = None, **overrides: Any) -> InferenceConfig:
+        """The checkpoint's inference settings, with every override that is not None."""
+        return inference_config(self.inference, steps, **overrides)
 
 
 def load_for_inference(checkpoint: str | Path, device: torch.device | str = "cpu"
                        ) -> LoadedModel:
     model, state = load_model(checkpoint, device)
     return LoadedModel(model, checkpoint_classes(state, model.num_classes), file_hash(checkpoint),
-                       Path(checkpoint))
+                       Path(checkpoint), inference_settings(state, checkpoint))
 
 
 def check_classes(model_classes: Sequence[str], other: Sequence[str], what: str,

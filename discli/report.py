@@ -57,6 +57,18 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {_pct(n['precision'])} | {_pct(n['recall'])} | "
                      f"{_pct(n['f1'])} | {_pct(c['precision'])} | {_pct(c['recall'])} | "
                      f"**{_pct(c['f1'])}** |")
+    pseudo = report.get("pseudo_labels", {})
+    if pseudo:
+        lines += ["", "## Pseudo-labels of the tagged images (mIoU % against their true "
+                  "labelmaps)", "",
+                  "| E-step | round | mIoU | mIoU of kept pixels | kept pixels | "
+                  + " | ".join(classes) + " |", "|---" * (len(classes) + 5) + "|"]
+        for name, rounds in pseudo.items():
+            for r in rounds:
+                lines.append(f"| {name} | {r['round']} | **{_pct(r['miou'])}** | "
+                             f"{_pct(r['kept_miou'])} | {_pct(r['kept_share'])} | "
+                             + " | ".join(_pct(r["iou"].get(c)) for c in classes) + " |")
+    lines += ["", "![mIoU against t_ts](curves.png)"]
     lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in report["timings_s"].items()]
     lines += ["", "## Commands", "", "```"] + report["commands"] + ["```", "",
@@ -90,13 +102,17 @@ def write_figure(path: Path, checkpoints: dict[str, Path], manifest: Any, demo: 
     t_tr = 0, and the largest-t_tr DIS model at every t_ts (the layout of the paper's Fig. 5)."""
     from discli.checkpoint import load_model
     from discli.data.dataset import SegDataset, denormalize
-    from discli.inference import InferenceConfig, infer_steps
+    from discli.inference import infer_steps
     from discli.losses import recon_target
 
+    from discli.checkpoint import inference_config, inference_settings
+
     dataset = SegDataset(manifest)
-    cfg = InferenceConfig(lr=demo.inference_lr)
-    models = {name: load_model(p)[0] for name, p in checkpoints.items()}
+    loaded = {name: load_model(p) for name, p in checkpoints.items()}
+    models = {name: model for name, (model, _) in loaded.items()}
     dis_name = f"t_tr={max(demo.t_tr)}"
+    # the DIS model's test-time inference, as its checkpoint says
+    cfg = inference_config(inference_settings(loaded[dis_name][1]))
     columns = ["input", "recon target", "ground truth", "baseline"]
     if "t_tr=0" in models:
         columns.append("t_tr=0")
@@ -129,3 +145,34 @@ def write_figure(path: Path, checkpoints: dict[str, Path], manifest: Any, demo: 
         for c, array in enumerate(tiles):
             canvas.paste(_tile(array, tile), (c * tile, header + r * tile))
     atomic_write_bytes(path, lambda f: canvas.save(f, format="PNG"))
+
+
+def write_curves(path: Path, report: dict[str, Any]) -> None:
+    """mIoU against t_ts for every fine-tuned model, the baseline and the bound as lines (the
+    paper's Table 3 as a picture)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
+    for name, scores in report["scores"].items():
+        points = [(int(s["name"][2:]), 100 * s["miou"]) for s in scores["setups"]
+                  if s["name"].startswith("t=")]
+        if name in ("baseline", "bound"):
+            value = next(m for t, m in points if t == 0)
+            ax.axhline(value, linestyle="--", color="grey" if name == "baseline" else "black",
+                       label=f"{name} (t_ts=0): {value:.1f}")
+        else:
+            ax.plot([t for t, _ in points], [m for _, m in points], marker="o", label=name)
+    ax.set_xlabel("t_ts (test-time inference iterations)")
+    ax.set_ylabel("mIoU % (test images)")
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, lambda f: f.write(buf.getvalue()))

@@ -214,11 +214,17 @@ def tag_stats(cache: PseudoCache, truth: dict[str, set[str]],
 
 
 def run_clean(checkpoint: str | Path, manifest_path: str | Path, cache_path: str | Path, *,
-              t_tr: int, cfg: Any = None, threshold: float = DEFAULT_THRESHOLD,
+              t_tr: int | None = None, cfg: Any = None,
+              overrides: dict[str, Any] | None = None, threshold: float = DEFAULT_THRESHOLD,
               split: str | None = None, batch_size: int = 8, device: Any = "cpu",
               amp: bool = False, num_workers: int = 0, overwrite: bool = False,
               reporter: Any = None) -> dict[str, Any]:
     """Cleaned tags of a tagged manifest without a finetune: one E-step with ``checkpoint``.
+
+    ``t_tr`` None and ``cfg`` None (an :class:`discli.inference.InferenceConfig`) take the
+    checkpoint's inference settings (:func:`discli.checkpoint.inference_settings`); with ``cfg``
+    None, the ``overrides`` that are not None (``lr``, ``momentum``, ``tag_weight``, ...) replace
+    the checkpoint's values.
 
     Writes the cache at ``cache_path`` (:func:`discli.train.estep.run_estep`) and returns the
     :func:`diff` summary (per-class counts, no per-image list) with ``cache`` and ``reused``. An
@@ -227,13 +233,16 @@ def run_clean(checkpoint: str | Path, manifest_path: str | Path, cache_path: str
     """
     from discli.data.manifest import read_manifest
     from discli.errors import IncompatibleError
-    from discli.inference import InferenceConfig
     from discli.predict import check_classes, load_for_inference
 
     check_threshold(threshold)
-    if t_tr < 0:
+    if t_tr is not None and t_tr < 0:
         raise UsageError(f"--t-tr must be >= 0, got {t_tr}")
     loaded = load_for_inference(checkpoint, device)
+    if t_tr is None:
+        t_tr = int(loaded.inference["t_tr"])
+    if cfg is None:
+        cfg = loaded.inference_config(**(overrides or {}))
     manifest = read_manifest(manifest_path).select(split)
     check_classes(loaded.classes, manifest.classes, "manifest", manifest_path, checkpoint)
     if not manifest.records:
@@ -257,7 +266,7 @@ def run_clean(checkpoint: str | Path, manifest_path: str | Path, cache_path: str
         from discli.train.estep import run_estep
 
         run_estep(loaded.model, manifest, cache_path, t_tr=t_tr,
-                  inference=cfg or InferenceConfig(), checkpoint_hash=loaded.checkpoint_hash,
+                  inference=cfg, checkpoint_hash=loaded.checkpoint_hash,
                   batch_size=batch_size, device=device, num_workers=num_workers,
                   reporter=reporter, amp=amp)
     cache = PseudoCache(cache_path)

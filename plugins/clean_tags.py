@@ -9,9 +9,6 @@ import typer
 
 from dis_plugins import inference_options as opt
 from discli.cli.output import RichReporter, print_json
-from discli.inference import InferenceConfig
-
-_DEFAULTS = InferenceConfig()
 
 app = typer.Typer(help="Noisy vs cleaned image tags of a pseudo-label cache (export, show, "
                   "diff, stats) or of a tagged manifest (run).", no_args_is_help=True)
@@ -153,7 +150,8 @@ def run(
     manifest: Path = typer.Argument(..., help="Tagged manifest (JSON Lines)."),
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Model checkpoint."),
     out: Path = typer.Option(..., "--out", "-o", help="Cache file to write (cache.h5)."),
-    t_tr: int = typer.Option(10, "--t-tr", min=0, help="Training-time inference iterations."),
+    t_tr: int | None = typer.Option(None, "--t-tr", min=0, help="Training-time inference "
+                                    "iterations (default: the checkpoint's)."),
     split: str | None = typer.Option(None, "--split", help="Only records of this split."),
     threshold: float = THRESHOLD,
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute an existing cache."),
@@ -161,20 +159,23 @@ def run(
     num_workers: int = opt.WorkersOpt,
     device: str | None = opt.DeviceOpt,
     amp: bool = opt.AmpOpt,
-    lr: float = opt.LrOpt,
-    momentum: float = opt.MomentumOpt,
-    tag_weight: float = typer.Option(_DEFAULTS.tag_weight, "--tag-weight",
-                                     help="Weight of the noisy-tag loss in inference."),
+    lr: float | None = opt.LrOpt,
+    momentum: float | None = opt.MomentumOpt,
+    tag_weight: float | None = typer.Option(None, "--tag-weight", help="Weight of the noisy-tag "
+                                            "loss in inference (default: the checkpoint's)."),
     json_out: bool = JSON,
     quiet: bool = opt.QuietOpt,
 ) -> None:
-    """Compute cleaned tags for a tagged manifest (one E-step, no finetune)."""
+    """Compute cleaned tags for a tagged manifest (one E-step, no finetune).
+
+    The inference settings not given here come from the checkpoint (those it was trained with).
+    """
     from discli import tags
     from discli.distributed import resolve_device
 
-    cfg = InferenceConfig(lr=lr, momentum=momentum, tag_weight=tag_weight)
+    overrides = {"lr": lr, "momentum": momentum, "tag_weight": tag_weight}
     with RichReporter(quiet=quiet) as reporter:
-        result = tags.run_clean(checkpoint, manifest, out, t_tr=t_tr, cfg=cfg,
+        result = tags.run_clean(checkpoint, manifest, out, t_tr=t_tr, overrides=overrides,
                                 threshold=threshold, split=split, batch_size=batch_size,
                                 device=resolve_device(device), amp=amp, num_workers=num_workers,
                                 overwrite=overwrite, reporter=reporter)

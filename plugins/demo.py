@@ -15,14 +15,14 @@ from discli.report import table_rows
 def demo(
     out: Path = typer.Option(Path("dis-demo"), "--out", "-o", help="Folder for the benchmark, "
                              "runs and the report (re-running resumes)."),
-    quick: bool = typer.Option(False, "--quick", help="A smoke run (about 2.5 minutes on "
-                               "2 idle CPU cores) instead of the default (about 6)."),
+    quick: bool = typer.Option(False, "--quick", help="A smoke run (the 'quick' preset, half "
+                               "the tagged images) instead of the default ('demo' preset)."),
     t_tr: str = typer.Option("0,10,30", "--t-tr", help="Training-time inference iterations "
                              "to fine-tune with (comma list)."),
     t_ts: str = typer.Option("0,10,30", "--t-ts", help="Test-time inference iterations."),
     seed: int = typer.Option(0, "--seed"),
-    difficulty: str = typer.Option("easy", "--difficulty", help="Benchmark difficulty: easy, "
-                                   "medium or hard (see `dis synth --help`)."),
+    difficulty: str = typer.Option("vivid", "--difficulty", help="Benchmark difficulty: vivid, "
+                                   "clear, easy, medium or hard (see `dis synth --help`)."),
     device: str = typer.Option("auto", "--device"),
     json_out: bool = typer.Option(False, "--json", help="Print report.json on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -49,4 +49,8 @@ def demo(
         noisy, cleaned = stats["noisy"]["micro"]["f1"], stats["cleaned"]["micro"]["f1"]
         err_console.print(f"tags F1 ({name} E-step): noisy {100 * noisy:.1f} -> cleaned "
                           f"{100 * cleaned:.1f}")
-    err_console.print(f"report: {out / 'report.md'}  figure: {out / 'figure.png'}")
+    for name, rounds in report.get("pseudo_labels", {}).items():
+        err_console.print(f"pseudo-label mIoU ({name} E-steps, rounds 1..{len(rounds)}): "
+                          + " -> ".join(f"{100 * r['miou']:.1f}" for r in rounds))
+    err_console.print(f"report: {out / 'report.md'}  figures: {out / 'figure.png'}, "
+                      f"{out / 'curves.png'}")

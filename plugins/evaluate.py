@@ -9,7 +9,6 @@ import typer
 
 from dis_plugins import inference_options as opt
 from discli.cli.output import RichReporter, print_json
-from discli.inference import InferenceConfig
 
 
 def _pct(value: float | None) -> str:
@@ -41,8 +40,9 @@ def evaluate(
     manifest_opt: Path | None = typer.Option(None, "--manifest", "-m", help="The manifest, as "
                                              "an option (instead of the argument)."),
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Model checkpoint."),
-    t_ts: str = typer.Option("0", "--t-ts", help="Comma-separated test-time iteration counts, "
-                             "e.g. 0,10,30: all from one pass, plus their ensemble."),
+    t_ts: str | None = typer.Option(None, "--t-ts", help="Comma-separated test-time iteration "
+                                    "counts, e.g. 0,10,30: all from one pass, plus their "
+                                    "ensemble (default: the checkpoint's t_ts)."),
     split: str | None = typer.Option(None, "--split", help="Only records of this split."),
     root: Path | None = typer.Option(None, "--root", help="Override the manifest's root."),
     ensemble: bool = typer.Option(True, "--ensemble/--no-ensemble", help="Also score the "
@@ -54,15 +54,16 @@ def evaluate(
     num_workers: int = opt.WorkersOpt,
     device: str | None = opt.DeviceOpt,
     amp: bool = opt.AmpOpt,
-    lr: float = opt.LrOpt,
-    momentum: float = opt.MomentumOpt,
+    lr: float | None = opt.LrOpt,
+    momentum: float | None = opt.MomentumOpt,
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
     quiet: bool = opt.QuietOpt,
 ) -> None:
     """Score a checkpoint on a labelled manifest (mIoU, pixel accuracy, boundary F).
 
     VOC protocol: one confusion matrix over the whole set, 255 ignored; mIoU is the mean over the
-    classes with ground-truth or predicted pixels. Under torchrun the ranks share the images and
+    classes with ground-truth or predicted pixels. The inference settings not given here come
+    from the checkpoint (those it was trained with). Under torchrun the ranks share the images and
     rank 0 alone prints the report of the whole set.
     """
     from discli.data.manifest import read_manifest
@@ -76,17 +77,22 @@ def evaluate(
     if (manifest is None) == (manifest_opt is None):
         raise UsageError("give the manifest once: as the argument or with --manifest")
     manifest = manifest or manifest_opt
-    steps = parse_steps(t_ts)
+    steps = parse_steps(t_ts) if t_ts is not None else None
     dev, dist = setup_distributed(resolve_device(device))
     data = read_manifest(manifest, root=root)
     loaded = load_for_inference(checkpoint, dev)
+    if steps is None:
+        steps = [loaded.inference["t_ts"]]
+    cfg = loaded.inference_config(lr=lr, momentum=momentum)
     with RichReporter(quiet=quiet or not dist.is_main) as reporter:
-        report = run_evaluate(loaded.model, data, steps, InferenceConfig(lr=lr, momentum=momentum),
+        report = run_evaluate(loaded.model, data, steps, cfg,
                               classes=loaded.classes, ensemble=ensemble, batch_size=batch_size,
                               device=dev, amp=amp, boundary_tolerance=boundary_tol, split=split,
                               num_workers=num_workers, limit=limit,
                               checkpoint=str(checkpoint), reporter=reporter)
     report["checkpoint_hash"] = loaded.checkpoint_hash
+    report["inference"] = {"t_ts": steps, "lr": cfg.lr, "momentum": cfg.momentum,
+                           "proximity": cfg.proximity, "method": cfg.method}
     if not dist.is_main:
         return
     if json_out:

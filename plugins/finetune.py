@@ -49,8 +49,8 @@ def finetune(
     """
     if t_tr is not None and t_tr < 0:
         raise typer.BadParameter(f"--t-tr must be >= 0, got {t_tr}")
-    cfg = opt.build_config(config, sets, labelled=labelled, tagged=tagged, out=out, init=init,
-                           t_tr=t_tr, rounds=rounds, mstep_iters=mstep_iters,
+    cfg = opt.build_config(config, sets, section="finetune", labelled=labelled, tagged=tagged,
+                           out=out, init=init, t_tr=t_tr, rounds=rounds, mstep_iters=mstep_iters,
                            tagged_ratio=tagged_ratio, backbone=backbone, batch_size=batch_size,
                            crop_size=crop_size, lr=lr, seed=seed, device=device,
                            num_workers=num_workers, amp=amp, root=root)

@@ -8,7 +8,6 @@ import typer
 
 from dis_plugins import inference_options as opt
 from discli.cli.output import RichReporter, print_json
-from discli.inference import InferenceConfig
 
 
 def infer(
@@ -17,8 +16,9 @@ def infer(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Model checkpoint."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder: <id>.png (class "
                                     "indices), <id>_color.png (VOC palette), <id>_overlay.jpg."),
-    t_ts: int = typer.Option(0, "--t-ts", min=0, help="Test-time inference iterations "
-                             "(0 = plain forward)."),
+    t_ts: int | None = typer.Option(None, "--t-ts", min=0, help="Test-time inference "
+                                    "iterations (0 = plain forward; default: the "
+                                    "checkpoint's t_ts)."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write image/labelmap blends."),
     probs: Path | None = typer.Option(None, "--probs", help="HDF5 file for class and tag "
                                       "probabilities."),
@@ -27,15 +27,16 @@ def infer(
     batch_size: int = opt.BatchOpt,
     device: str | None = opt.DeviceOpt,
     amp: bool = opt.AmpOpt,
-    lr: float = opt.LrOpt,
-    momentum: float = opt.MomentumOpt,
+    lr: float | None = opt.LrOpt,
+    momentum: float | None = opt.MomentumOpt,
     json_out: bool = typer.Option(False, "--json", help="One JSON summary line per image on "
                                   "stdout."),
     quiet: bool = opt.QuietOpt,
 ) -> None:
     """Predict labelmaps at each image's own resolution (batched by size, resumable).
 
-    Under torchrun the ranks share the images; rank 0 alone prints (every image's summary).
+    The inference settings not given here come from the checkpoint (those it was trained
+    with). Under torchrun the ranks share the images; rank 0 alone prints (every image's summary).
     """
     from discli.distributed import on_main, resolve_device, setup_distributed
     from discli.errors import UsageError
@@ -46,7 +47,9 @@ def infer(
     dev, dist = setup_distributed(resolve_device(device))
     images = on_main(lambda: collect_inputs(inputs, exclude=out))  # stdin is read by rank 0 only
     loaded = load_for_inference(checkpoint, dev)
-    cfg = InferenceConfig(steps=t_ts, lr=lr, momentum=momentum)
+    if t_ts is None:
+        t_ts = int(loaded.inference["t_ts"])
+    cfg = loaded.inference_config(t_ts, lr=lr, momentum=momentum)
     written = skipped = 0
     with RichReporter(quiet=quiet or not dist.is_main) as reporter:
         for summary in predict(loaded.model, images, classes=loaded.classes, out_dir=out,

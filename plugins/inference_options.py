@@ -1,19 +1,21 @@
 """Options shared by the commands that run inference on a checkpoint (`dis infer`, `dis evaluate`,
-`dis clean-tags run`)."""
+`dis clean-tags run`).
+
+The inference settings (step, momentum, iterations, tag weight) default to None: a setting not
+given on the command line comes from the checkpoint (:func:`discli.checkpoint.inference_settings`:
+what the run was trained with, or the library defaults for a checkpoint that carries none).
+"""
 
 from __future__ import annotations
 
 import typer
-
-from discli.inference import InferenceConfig
-
-_DEFAULTS = InferenceConfig()
 
 BatchOpt = typer.Option(8, "--batch-size", "-b", min=1, help="Images per batch (images of one "
                         "size only).")
 WorkersOpt = typer.Option(0, "--workers", min=0, help="DataLoader worker processes.")
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available).")
 AmpOpt = typer.Option(True, "--amp/--no-amp", help="float16 backbone forward on CUDA.")
-LrOpt = typer.Option(_DEFAULTS.lr, "--lr", help="Inference step size.")
-MomentumOpt = typer.Option(_DEFAULTS.momentum, "--momentum", help="Inference momentum.")
+LrOpt = typer.Option(None, "--lr", help="Inference step size (default: the checkpoint's).")
+MomentumOpt = typer.Option(None, "--momentum", help="Inference momentum (default: the "
+                           "checkpoint's).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")

@@ -45,8 +45,9 @@ def pretrain(
         if len(iters) != 3:
             raise typer.BadParameter("give --iters three times (steps 1, 2, 3)")
         step_iters = {"iters_step1": iters[0], "iters_step2": iters[1], "iters_step3": iters[2]}
-    cfg = opt.build_config(config, sets, labelled=labelled, out=out, backbone=backbone,
-                           backbone_weights=backbone_weights, batch_size=batch_size,
+    cfg = opt.build_config(config, sets, section="pretrain", labelled=labelled, out=out,
+                           backbone=backbone, backbone_weights=backbone_weights,
+                           batch_size=batch_size,
                            crop_size=crop_size, lr=lr, seed=seed, device=device,
                            num_workers=num_workers, amp=amp, root=root, **step_iters)
     main_rank = dist_info().is_main  # under torchrun only rank 0 talks

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import typer
 
+from discli.configs import PRESETS
 from discli.errors import UsageError
 from discli.train.config import TrainConfig, load_config
 
@@ -27,14 +28,18 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
     return values
 
 
-def build_config(config: Optional[Path], sets: list[str], **options: Any) -> TrainConfig:
+def build_config(config: Optional[Path], sets: list[str], section: Optional[str] = None,
+                 **options: Any) -> TrainConfig:
+    """``--config`` (a file or a preset name; its [train] table, then its ``section`` table:
+    "pretrain" or "finetune") < the options given < ``--set``."""
     overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
     overrides.update(parse_sets(sets))
-    return load_config(config, overrides)
+    return load_config(config, overrides, section=section)
 
 
-ConfigOpt = typer.Option(None, "--config", help="TOML file of training options "
-                         "(flat keys or a [train] table); the command line wins.")
+ConfigOpt = typer.Option(None, "--config", help="TOML file of training options (flat keys, or "
+                         "a shared 'train' table plus 'pretrain' and 'finetune' tables), or a "
+                         f"shipped preset: {', '.join(PRESETS)}. The command line wins.")
 SetOpt = typer.Option([], "--set", help="Any other option as KEY=VALUE (TOML syntax), "
                       "e.g. --set head_lr_mult=10. Repeatable.")
 OutOpt = typer.Option(None, "--out", "-o", help="Run folder (checkpoints, logs, caches).")

@@ -28,8 +28,15 @@ def test_demo_quick_end_to_end(tmp_path):
     for stats in report["tags"].values():
         for kind in ("noisy", "cleaned"):
             assert 0.0 <= stats[kind]["micro"]["f1"] <= 1.0
+    assert set(report["pseudo_labels"]) == {"t_tr=0", "t_tr=10", "t_tr=30"}
+    for rounds in report["pseudo_labels"].values():
+        assert [r["round"] for r in rounds] == [1]  # the quick preset runs one round
+        assert all(0.0 <= r["miou"] <= 1.0 and 0.0 < r["kept_share"] <= 1.0 for r in rounds)
     md = (out / "report.md").read_text()
     assert "| setup |" in md and "fully supervised bound" in md and "cleaned F1" in md
+    assert "Pseudo-labels of the tagged images" in md
+    assert "dis pretrain --config quick" in md and "dis finetune --config quick" in md
+    assert Image.open(out / "curves.png").width > 300
     figure = Image.open(out / "figure.png")
     assert figure.width >= 7 * 64 and figure.height > 64
     # A re-run finds every stage finished and only rewrites the report.
@@ -65,21 +72,26 @@ def test_demo_folder_refuses_other_settings(tmp_path):
 
 
 def test_listed_commands_rebuild_the_configs_that_ran():
-    """report.md lists the `dis` commands behind each stage; parsed the way `dis finetune`
-    parses them, they give back the very config the demo trained with."""
+    """report.md lists the `dis` commands behind each stage (`--config demo` plus what differs
+    from the preset); parsed the way `dis pretrain` / `dis finetune` parse them, they give back
+    the very configs the demo trained with."""
     import shlex
     from pathlib import Path
 
     from dis_plugins.train_options import build_config
     from discli.demo import DemoConfig, _train_config, train_command
 
-    cfg = _train_config(DemoConfig(seed=2), Path("runs/dis-t10"), init="base.pth", t_tr=10,
-                        loss_img=0.0, labelled="m/train.jsonl", tagged="m/tagged.jsonl")
-    words = shlex.split(train_command("finetune", cfg))
-    assert words[:2] == ["dis", "finetune"]
-    options = dict(zip(words[2::2], words[3::2]))
-    sets = [value for key, value in zip(words[2::2], words[3::2]) if key == "--set"]
-    rebuilt = build_config(None, sets, labelled=options["--labelled"],
-                           tagged=options["--tagged"], init=options["--init"],
-                           out=options["--out"])
-    assert rebuilt == cfg
+    for command, section, extra, differs in [
+            ("finetune", "finetune", dict(init="base.pth", t_tr=10, labelled="m/train.jsonl",
+                                          tagged="m/tagged.jsonl"), ["seed=2", "t_tr=10"]),
+            ("pretrain", "pretrain", dict(labelled="m/train.jsonl", iters_step3=1700),
+             ["iters_step3=1700", "seed=2"])]:
+        cfg = _train_config(DemoConfig(seed=2), Path("runs/x"), section, **extra)
+        words = shlex.split(train_command(command, cfg))
+        assert words[:4] == ["dis", command, "--config", "demo"]
+        options = dict(zip(words[4::2], words[5::2]))
+        sets = [value for key, value in zip(words[4::2], words[5::2]) if key == "--set"]
+        assert sorted(sets) == differs  # only what differs from the preset
+        paths = {k[2:]: v for k, v in options.items() if k != "--set"}
+        rebuilt = build_config(Path("demo"), sets, section=section, **paths)
+        assert rebuilt == cfg

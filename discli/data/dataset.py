@@ -90,13 +90,21 @@ def _normalise_steps() -> list[Any]:
 
 
 def train_transform(crop_size: int, scale: tuple[float, float] = (0.5, 2.0),
-                    hflip: bool = True) -> v2.Compose:
+                    hflip: bool = True, strong: bool = False) -> v2.Compose:
     """Random scale, horizontal flip, normalisation, then a random ``crop_size`` square crop;
     images smaller than the crop are padded (image 0 = the mean after normalisation, labelmap
-    255) so every item of a batch has the same size."""
+    255) so every item of a batch has the same size. ``strong`` adds photometric perturbations
+    of the image alone (brightness, contrast, saturation, grey, blur; no hue change, which
+    would change what colour a class has), the "strong view" of consistency-based
+    semi-supervised segmentation (FixMatch, UniMatch): the student must reproduce on it the
+    pseudo-label inferred from the clean image."""
     steps: list[Any] = [RandomScale(scale)]
     if hflip:
         steps.append(v2.RandomHorizontalFlip(p=0.5))
+    if strong:
+        steps += [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4)], p=0.8),
+                  v2.RandomGrayscale(p=0.1),
+                  v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.3)]
     steps += _normalise_steps()
     steps.append(v2.RandomCrop(crop_size, pad_if_needed=True,
                                fill={tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE}))

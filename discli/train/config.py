@@ -1,4 +1,5 @@
-"""One flat training configuration, read from a TOML file and overridden by the command line.
+"""One flat training configuration, read from a TOML file (or a shipped preset,
+:mod:`discli.configs`) and overridden by the command line.
 
 The effective configuration is stored in every checkpoint and written beside it
 (``config.toml``), so a run can be rebuilt and resumed from its folder alone.
@@ -57,13 +58,33 @@ class TrainConfig:
     t_tr: int = 30
     tagged_ratio: float = 0.5  # share of every M-step batch drawn from the tagged set
     confidence: float = 0.0  # pseudo-label pixels below this probability are ignored (255)
+    # > 0: class-balanced thresholds: each class keeps at least this share of its most confident
+    # pseudo-label pixels (its threshold is lowered below `confidence` when needed)
+    class_keep: float = 0.0
     tag_threshold: float = 0.5  # cleaned tag = tag probability >= this
+    # The M-step (Eq. 1). Tag target of a tagged image: its caption tags ("noisy"), its cleaned
+    # tags ("cleaned") or their average ("mix"); tag_gate ignores pseudo-label pixels of classes
+    # its caption ("noisy") or cleaned tags ("cleaned") call absent; drop_untagged leaves out
+    # images whose caption names no class.
+    mstep_tags: str = "noisy"
+    tag_gate: str = "noisy"  # "none" | "noisy" | "cleaned"
+    # E-step: pseudo-label pixels whose class the tag re-weighting changed are ignored (255)
+    ignore_suppressed: bool = True
+    drop_untagged: bool = True
+    mstep_lr_mult: float = 1.0  # M-step learning rates = this x the pretraining ones
+    mstep_warmup: int = 0  # linear learning-rate warm-up iterations at the start of each M-step
+    mstep_from: str = "previous"  # each M-step starts from the "previous" round's model or "init"
+    strong_aug: bool = False  # photometric strong view of the pseudo-labelled images
     inf_lr: float = InferenceConfig.lr
     inf_momentum: float = InferenceConfig.momentum
     inf_tag_weight: float = InferenceConfig.tag_weight
     inf_proximity: float = InferenceConfig.proximity
+    t_ts: int = 0  # test-time inference iterations that dis infer/evaluate default to
     estep_batch_size: int = 8
     estep_part_images: int = 64  # E-step images per crash-safe cache part (a kill loses < this)
+    # validation during training: mIoU (t = 0) on this manifest every val_every iterations
+    val: str = ""
+    val_every: int = 0
     # run
     seed: int = 0
     device: str = "auto"
@@ -76,6 +97,14 @@ class TrainConfig:
     def inference(self) -> InferenceConfig:
         return InferenceConfig(steps=self.t_tr, lr=self.inf_lr, momentum=self.inf_momentum,
                                tag_weight=self.inf_tag_weight, proximity=self.inf_proximity)
+
+    def inference_settings(self) -> dict[str, Any]:
+        """The inference settings a checkpoint carries (read back by
+        :func:`discli.checkpoint.inference_settings`): what `dis infer`, `dis evaluate` and
+        `dis clean-tags run` default to."""
+        return {"t_tr": self.t_tr, "t_ts": self.t_ts, "lr": self.inf_lr,
+                "momentum": self.inf_momentum, "tag_weight": self.inf_tag_weight,
+                "proximity": self.inf_proximity, "method": "auto"}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -105,7 +134,7 @@ def coerce(name: str, value: Any, source: str = "config") -> Any:
 
 def validate(cfg: TrainConfig, source: str = "config") -> TrainConfig:
     checks = [("batch_size", cfg.batch_size >= 1), ("crop_size", cfg.crop_size >= 8),
-              ("t_tr", cfg.t_tr >= 0), ("rounds", cfg.rounds >= 0),
+              ("t_tr", cfg.t_tr >= 0), ("t_ts", cfg.t_ts >= 0), ("rounds", cfg.rounds >= 0),
               ("tagged_ratio", 0.0 <= cfg.tagged_ratio <= 1.0),
               ("confidence", 0.0 <= cfg.confidence < 1.0), ("lr", cfg.lr > 0),
               ("estep_batch_size", cfg.estep_batch_size >= 1),
@@ -113,7 +142,13 @@ def validate(cfg: TrainConfig, source: str = "config") -> TrainConfig:
               ("ckpt_every", cfg.ckpt_every >= 1), ("log_every", cfg.log_every >= 1),
               ("num_workers", cfg.num_workers >= 0), ("channels", cfg.channels >= 1),
               ("scale_min", 0 < cfg.scale_min <= cfg.scale_max),
-              ("optimizer", cfg.optimizer in ("sgd", "adamw"))]
+              ("optimizer", cfg.optimizer in ("sgd", "adamw")),
+              ("mstep_tags", cfg.mstep_tags in ("noisy", "cleaned", "mix")),
+              ("tag_gate", cfg.tag_gate in ("none", "noisy", "cleaned")),
+              ("mstep_lr_mult", cfg.mstep_lr_mult > 0), ("mstep_warmup", cfg.mstep_warmup >= 0),
+              ("val_every", cfg.val_every >= 0), ("class_keep", 0.0 <= cfg.class_keep <= 1.0),
+              ("mstep_from", cfg.mstep_from in ("previous", "init")),
+              ("tag_threshold", 0.0 < cfg.tag_threshold < 1.0)]
     for name, ok in checks:
         if not ok:
             raise BadInputError(f"invalid value {getattr(cfg, name)!r} for {name!r}", source)
@@ -123,21 +158,75 @@ def validate(cfg: TrainConfig, source: str = "config") -> TrainConfig:
     return cfg
 
 
+SECTIONS = ("pretrain", "finetune")
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` itself when it is a file, else the shipped preset of that name
+    (:mod:`discli.configs`, e.g. "demo"); neither: a one-line error listing the presets."""
+    from discli.configs import PRESETS, preset_path
+
+    path = Path(path)
+    if path.is_file():
+        return path
+    preset = preset_path(str(path))
+    if preset is not None:
+        return preset
+    if path.is_dir():
+        raise BadInputError("expected a TOML config file, found a folder", path)
+    raise BadInputError(f"config file not found (presets: {', '.join(PRESETS)})", path)
+
+
+def _config_tables(data: dict[str, Any], section: str | None, source: str
+                   ) -> list[tuple[str, dict[str, Any]]]:
+    """The tables of a config file that apply to ``section``, in order: top-level keys, then
+    [train], then [pretrain] or [finetune]. A flat file is one table of top-level keys."""
+    flat = {k: v for k, v in data.items() if k not in ("train", *SECTIONS)}
+    tables: list[tuple[str, dict[str, Any]]] = [(source, flat)]
+    for name in ("train", *SECTIONS):
+        if name not in data:
+            continue
+        table = data[name]
+        where = f"{source} [{name}]"
+        if not isinstance(table, dict):
+            raise BadInputError(f"{name!r} must be a table ([{name}]) of training options",
+                                source)
+        for key, value in table.items():
+            coerce(key, value, where)  # a typo in the other section is caught too
+        if name == "train" or name == section:
+            tables.append((where, table))
+    if section is None and any(name in data for name in SECTIONS):
+        raise BadInputError("the file has [pretrain]/[finetune] tables: say which one applies "
+                            "(load_config(..., section=...))", source)
+    return tables
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                base: TrainConfig | None = None) -> TrainConfig:
-    """TOML file (flat keys, or a [train] table) < command-line overrides (None = not given)."""
+                base: TrainConfig | None = None, section: str | None = None) -> TrainConfig:
+    """Defaults (or ``base``) < TOML file < command-line overrides (None = not given).
+
+    ``path`` is a TOML file or the name of a shipped preset (:mod:`discli.configs`, used when no
+    file of that name exists). The file holds flat keys, or tables: the keys of an optional
+    shared [train] table apply first, then those of the ``section`` table ("pretrain" or
+    "finetune": the command being configured); the other section's table is checked, not used.
+    """
+    if section is not None and section not in SECTIONS:
+        raise ValueError(f"section must be one of {', '.join(SECTIONS)} or None, got {section!r}")
     values: dict[str, Any] = dataclasses.asdict(base or TrainConfig())
     if path:
-        path = Path(path)
+        path = resolve_config_path(path)
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise BadInputError("config file not found", path) from None
+        except OSError as exc:
+            raise BadInputError(f"cannot read the config file: {exc.strerror or exc}",
+                                path) from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise BadInputError(f"not valid TOML: {exc}", path) from None
-        data = data.get("train", data)
-        for key, value in data.items():
-            values[key] = coerce(key, value, str(path))
+        for source, table in _config_tables(data, section, str(path)):
+            for key, value in table.items():
+                values[key] = coerce(key, value, source)
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = coerce(key, value, f"--{key.replace('_', '-')}")

@@ -135,8 +135,12 @@ def param_groups(model: DISNet, phase: Phase, cfg: TrainConfig) -> list[dict[str
     return groups
 
 
-def poly(total: int, power: float):  # noqa: ANN201 - a LambdaLR factor
-    return lambda it: (1.0 - min(it, total) / max(total, 1)) ** power
+def poly(total: int, power: float, warmup: int = 0):  # noqa: ANN201 - a LambdaLR factor
+    """Poly decay to 0 over ``total`` iterations, after a linear warm-up of ``warmup``."""
+    def factor(it: int) -> float:
+        ramp = min(1.0, (it + 1) / warmup) if warmup > 0 else 1.0
+        return ramp * (1.0 - min(it, total) / max(total, 1)) ** power
+    return factor
 
 
 def set_train_modes(model: DISNet, phase: Phase, freeze_bn: bool) -> None:
@@ -169,6 +173,18 @@ def compute_losses(model: nn.Module, batch: dict[str, Any], phase: Phase, cfg: T
     weights = {"map": cfg.loss_map, "img": cfg.loss_img, "tag": cfg.loss_tag}
     losses["loss"] = sum(weights[k] * v for k, v in losses.items())
     return losses
+
+
+def validate(model: DISNet, cfg: TrainConfig, device: torch.device) -> float:
+    """mIoU (t = 0) of the model on ``cfg.val``; the RNG state is left as it was, so a run with
+    validation trains exactly as one without."""
+    from discli.data.manifest import read_manifest
+    from discli.evaluate import evaluate
+
+    manifest = read_manifest(cfg.val, root=cfg.root or None)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        report = evaluate(unwrap(model), manifest, steps=[0], ensemble=False, device=device)
+    return float(report["setups"][0]["miou"])
 
 
 # ----------------------------------------------------------------------------- state
@@ -224,22 +240,27 @@ def _trim_log(path: Path, run: PhaseRun, phase: str, upto: int) -> None:
 def run_phase(model: DISNet, phase: Phase, sources: Sequence[Source], cfg: TrainConfig,
               total_iters: int, run: PhaseRun, device: torch.device,
               resume: dict[str, Any] | None = None, dist: DistInfo = DistInfo(),
-              reporter: Reporter | None = None) -> dict[str, Any]:
+              reporter: Reporter | None = None, lr_scale: float = 1.0, warmup: int = 0
+              ) -> dict[str, Any]:
     """Train ``total_iters`` iterations of one phase (continuing ``resume`` if given); returns
-    the final checkpoint state (also written to ``run.checkpoint``)."""
+    the final checkpoint state (also written to ``run.checkpoint``). ``lr_scale`` multiplies
+    every learning rate of the phase, which warms up linearly over ``warmup`` iterations."""
     reporter = reporter or NullReporter()
     groups = param_groups(model, phase, cfg)
+    for group in groups:
+        group["lr"] = group["base_lr"] = group["lr"] * lr_scale
     net: nn.Module = model
     if dist.enabled:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.optimizer == "adamw":
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.lr,
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.lr * lr_scale,
                                                              weight_decay=cfg.weight_decay)
     else:
-        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr * lr_scale, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly(total_iters, cfg.poly_power))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly(total_iters, cfg.poly_power,
+                                                                     warmup))
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     start = 0
@@ -259,7 +280,8 @@ def run_phase(model: DISNet, phase: Phase, sources: Sequence[Source], cfg: Train
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if use_amp else {}, "stage": run.stage,
                 "phase": phase.name, "iteration": iteration, "total_iters": total_iters,
-                "done": done, "rng": rng_state(), "config": cfg.to_dict(), **run.extra}
+                "done": done, "rng": rng_state(), "config": cfg.to_dict(),
+                "inference": cfg.inference_settings(), **run.extra}
 
     sampler = PlannedBatches([len(s.dataset) for s in sources],  # type: ignore[arg-type]
                              [s.per_batch for s in sources], cfg.seed, start, total_iters, dist)
@@ -292,6 +314,17 @@ def run_phase(model: DISNet, phase: Phase, sources: Sequence[Source], cfg: Train
                       "time": round(time.perf_counter() - tic, 3), **values, **run.extra}
             with open(run.log, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if cfg.val and cfg.val_every and (iteration % cfg.val_every == 0
+                                          or iteration == total_iters):
+            val_miou = validate(model, cfg, device)
+            set_train_modes(model, phase, cfg.freeze_bn)
+            if dist.is_main:
+                record = {"stage": run.stage, "phase": phase.name, "iter": iteration,
+                          "val_miou": val_miou, **run.extra}
+                with open(run.log, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            reporter.log(f"{run.stage} {phase.name} iteration {iteration}: validation mIoU "
+                         f"{100 * val_miou:.1f}")
         if iteration < total_iters and iteration % cfg.ckpt_every == 0 and dist.is_main:
             save_checkpoint(run.checkpoint, state(iteration, done=False))
     final = state(total_iters, done=True)

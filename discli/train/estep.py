@@ -30,6 +30,7 @@ from discli.cache import CacheEntry, CacheWriter, make_attrs
 from discli.distributed import DistInfo, barrier, dist_info
 from discli.inference import InferenceConfig, infer
 from discli.lock import lock_file, remove_stale_temps
+from discli.losses import IGNORE_INDEX
 from discli.model import DISNet
 from discli.progress import NullReporter, Reporter
 
@@ -57,13 +58,22 @@ def image_sizes(manifest: Any) -> list[tuple[int, int]]:
     return [probe_image(manifest.image_path(rec)) for rec in manifest.records]
 
 
-def pseudo_entries(result_probs: torch.Tensor, v3: torch.Tensor, batch: dict[str, Any]
-                   ) -> list[CacheEntry]:
-    probs = F.interpolate(result_probs, size=batch["image"].shape[-2:], mode="bilinear",
-                          align_corners=False)
+def pseudo_entries(result_probs: torch.Tensor, v3: torch.Tensor, batch: dict[str, Any],
+                   u3: torch.Tensor | None = None) -> list[CacheEntry]:
+    """Cache entries of a batch: the final labelmap (u3 re-weighted by v3) at image size, its
+    per-pixel confidence and the cleaned tag probabilities. With ``u3`` given, pixels whose class
+    the tag re-weighting changed (a class the tags call absent, taken over by another or by the
+    background) are marked 255: the tags say what they are not, not what they are."""
+    size = batch["image"].shape[-2:]
+    probs = F.interpolate(result_probs, size=size, mode="bilinear", align_corners=False)
     confidence, labelmap = probs.max(dim=1)
+    labelmap = labelmap.to(torch.uint8)
+    if u3 is not None:
+        plain = F.interpolate(u3.float().softmax(dim=1), size=size, mode="bilinear",
+                              align_corners=False).argmax(dim=1)
+        labelmap[plain != labelmap] = IGNORE_INDEX
     tag_probs = torch.sigmoid(v3)
-    return [CacheEntry(id=batch["id"][i], labelmap=labelmap[i].to(torch.uint8).cpu().numpy(),
+    return [CacheEntry(id=batch["id"][i], labelmap=labelmap[i].cpu().numpy(),
                        confidence=confidence[i].half().cpu().numpy(),
                        tag_probs=tag_probs[i].float().cpu().numpy(),
                        noisy_tags=(batch["tags"][i] > 0.5).to(torch.uint8).numpy())
@@ -74,7 +84,8 @@ def run_estep(model: DISNet, manifest: Any, cache_path: str | Path, *, t_tr: int
               inference: InferenceConfig, checkpoint_hash: str, batch_size: int = 8,
               device: str | torch.device = "cpu", num_workers: int = 0,
               reporter: Reporter | None = None, force: bool = False, amp: bool = False,
-              dist: DistInfo | None = None, part_images: int = PART_IMAGES) -> Path:
+              dist: DistInfo | None = None, part_images: int = PART_IMAGES,
+              ignore_suppressed: bool = False) -> Path:
     """Write (or finish) the pseudo-label cache of ``manifest``'s images; returns its path.
 
     ``part_images``: images per crash-safe part file (rounded up to whole batches).
@@ -88,13 +99,15 @@ def run_estep(model: DISNet, manifest: Any, cache_path: str | Path, *, t_tr: int
         return _run_estep(model, manifest, cache_path, t_tr=t_tr, inference=inference,
                           checkpoint_hash=checkpoint_hash, batch_size=batch_size, device=device,
                           num_workers=num_workers, reporter=reporter, force=force, amp=amp,
-                          dist=dist, part_images=part_images)
+                          dist=dist, part_images=part_images,
+                          ignore_suppressed=ignore_suppressed)
 
 
 def _run_estep(model: DISNet, manifest: Any, cache_path: Path, *, t_tr: int,
                inference: InferenceConfig, checkpoint_hash: str, batch_size: int,
                device: str | torch.device, num_workers: int, reporter: Reporter | None,
-               force: bool, amp: bool, dist: DistInfo, part_images: int) -> Path:
+               force: bool, amp: bool, dist: DistInfo, part_images: int,
+               ignore_suppressed: bool) -> Path:
     from discli.data.dataset import SegDataset, collate, eval_transform
 
     reporter = reporter or NullReporter()
@@ -103,7 +116,8 @@ def _run_estep(model: DISNet, manifest: Any, cache_path: Path, *, t_tr: int,
         remove_stale_temps(cache_path.parent)
         remove_stale_temps(cache_path.with_name(cache_path.name.removesuffix(".h5") + ".parts"))
     cfg = InferenceConfig(**{**inference.__dict__, "steps": t_tr})
-    attrs = make_attrs(manifest.classes, t_tr, checkpoint_hash, cfg.__dict__)
+    attrs = make_attrs(manifest.classes, t_tr, checkpoint_hash,
+                       {**cfg.__dict__, "ignore_suppressed": ignore_suppressed})
     writer = CacheWriter(cache_path, attrs, rank=dist.rank, force=force)
     done = writer.done_ids()
     barrier()  # every rank must see the same finished set before anyone writes a new part
@@ -121,7 +135,8 @@ def _run_estep(model: DISNet, manifest: Any, cache_path: Path, *, t_tr: int,
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp and
                             device.type == "cuda"):
             result = infer(model, images, t_tr, cfg, tags=batch["tags"].to(device))
-        pending += pseudo_entries(result.probs.float(), result.v3, batch)
+        pending += pseudo_entries(result.probs.float(), result.v3, batch,
+                                  result.u3 if ignore_suppressed else None)
         if len(pending) >= part_images:
             writer.write(pending)
             pending = []

@@ -18,11 +18,13 @@ a SIGKILL at any moment. ``<out>/finetune`` is locked while a run writes it (:mo
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
 
 from discli.cache import PseudoCache
+from discli.data.dataset import train_transform
 from discli.checkpoint import atomic_write_bytes, file_hash, load_checkpoint, model_from_checkpoint
 from discli.distributed import barrier, init_distributed, resolve_device
 from discli.errors import BadInputError, UsageError
@@ -45,6 +47,36 @@ def round_dir(cfg: TrainConfig, r: int) -> Path:
 def round_input(cfg: TrainConfig, r: int) -> Path:
     """The model file a round starts from."""
     return init_checkpoint(cfg) if r == 1 else round_dir(cfg, r - 1) / "model.pth"
+
+
+def mstep_records(tagged: Any, cfg: TrainConfig) -> Any:
+    """The tagged images the M-step trains on. With ``drop_untagged``, an image whose caption
+    names no class is left out: its tag loss would push every class to absent and its
+    pseudo-labelmap, suppressed by those tags, would teach it as all background."""
+    if not cfg.drop_untagged:
+        return tagged
+    kept = [r for r in tagged.records if r.tags]
+    if not kept:
+        raise BadInputError("no tagged image has a tag (every caption names no class)",
+                            cfg.tagged)
+    return dataclasses.replace(tagged, records=kept)
+
+
+def log_estep(log: Path, cache_path: Path, cfg: TrainConfig, r: int) -> dict[str, Any]:
+    """Append the statistics of a finished E-step's cache to the run's log.jsonl."""
+    import json
+
+    from discli.pseudo_stats import cache_stats
+
+    cache = PseudoCache(cache_path)
+    try:
+        stats = cache_stats(cache, cfg.confidence, cfg.tag_threshold)
+    finally:
+        cache.close()
+    record = {"stage": "finetune", "phase": "estep", "round": r, "t_tr": cfg.t_tr, **stats}
+    with open(log, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    return record
 
 
 def round_status(cfg: TrainConfig, r: int) -> str:
@@ -127,7 +159,10 @@ def _finetune(cfg: TrainConfig, only: str | None, round_: int | None, reporter: 
                       checkpoint_hash=source_hash, batch_size=cfg.estep_batch_size,
                       device=device, num_workers=cfg.num_workers, reporter=reporter,
                       force=force, amp=cfg.amp, dist=dist,
-                      part_images=cfg.estep_part_images)
+                      part_images=cfg.estep_part_images,
+                      ignore_suppressed=cfg.ignore_suppressed)
+            if dist.is_main:
+                log_estep(out / "log.jsonl", cache_path, cfg, r)
         if only == "estep":
             summary["rounds"][r] = "estep done"
             continue
@@ -136,18 +171,26 @@ def _finetune(cfg: TrainConfig, only: str | None, round_: int | None, reporter: 
         cache = PseudoCache(cache_path, checkpoint_hash=source_hash, force=force)
         last = rdir / "last.pth"
         resume = load_checkpoint(last) if last.exists() else None
-        start_state = resume if resume is not None else load_checkpoint(source)
-        check_same_architecture(start_state, cfg, tagged.classes, last if resume else source)
-        model = model_from_checkpoint(start_state, source).to(device)
-        pseudo = PseudoLabelled(tagged, cache, labelled.transform, cfg.confidence,
-                                cfg.tag_threshold)
+        # Each M-step trains from the previous round's model, or (mstep_from = "init", as ST++
+        # retrains) from the fine-tuning's starting checkpoint, so that the errors of one
+        # round's model are not carried into the next as weights, only as pseudo-labels.
+        start = init_checkpoint(cfg) if cfg.mstep_from == "init" else source
+        start_state = resume if resume is not None else load_checkpoint(start)
+        check_same_architecture(start_state, cfg, tagged.classes, last if resume else start)
+        model = model_from_checkpoint(start_state, start).to(device)
+        transform = (train_transform(cfg.crop_size, (cfg.scale_min, cfg.scale_max), strong=True)
+                     if cfg.strong_aug else labelled.transform)
+        pseudo = PseudoLabelled(mstep_records(tagged, cfg), cache, transform,
+                                cfg.confidence, cfg.tag_threshold, cfg.mstep_tags, cfg.tag_gate,
+                                cfg.class_keep)
         n_tagged = round(cfg.batch_size * cfg.tagged_ratio)
         sources = [Source(labelled, cfg.batch_size - n_tagged), Source(pseudo, n_tagged)]
         run = PhaseRun(checkpoint=last, log=out / "log.jsonl", stage="finetune",
                        extra={"round": r, "source_hash": source_hash},
                        classes=tagged.classes)
         run_phase(model, PHASES["mstep"], [s for s in sources if s.per_batch > 0], cfg,
-                  cfg.mstep_iters, run, device, resume=resume, dist=dist, reporter=reporter)
+                  cfg.mstep_iters, run, device, resume=resume, dist=dist, reporter=reporter,
+                  lr_scale=cfg.mstep_lr_mult, warmup=cfg.mstep_warmup)
         if dist.is_main:
             atomic_write_bytes(rdir / "model.pth", lambda f: f.write(last.read_bytes()))
             last.unlink()

@@ -1,8 +1,16 @@
 """Tagged images with their E-step pseudo-labels as ground truth, for the M-step.
 
-Each item looks like a :class:`discli.data.dataset.SegDataset` item, but the labelmap is the
-cached pseudo-labelmap (pixels whose confidence is below ``confidence`` become 255, ignored) and
-the tags are the cleaned tags (cached tag probability >= ``tag_threshold``; background always 1).
+Each item looks like a :class:`discli.data.dataset.SegDataset` item, but
+
+- the labelmap is the cached pseudo-labelmap; pixels whose confidence is below ``confidence``
+  become 255 (ignored), and with ``tag_gate`` so do pixels of a class that the image's tags
+  say is absent (``"cleaned"``: its cleaned tags, so that the labelmap and the tags inferred
+  for an image agree; ``"noisy"``: its caption, which keeps the forward pass of t_tr = 0 from
+  teaching the classes it imagines; ``"none"``: no gate);
+- the tag target follows Eq. 1, whose tag loss runs over T = {T^f, T^w, T̂^w}: ``"noisy"`` trains
+  v3 on the caption tags T^w, ``"cleaned"`` on the cleaned tags T̂^w (tag probability >=
+  ``tag_threshold``), ``"mix"`` on their average (a soft target: 1 where both agree a class is
+  present, 0.5 where they disagree). Background is always present.
 """
 
 from __future__ import annotations
@@ -20,16 +28,80 @@ from discli.errors import BadInputError
 from discli.losses import IGNORE_INDEX
 from discli.model import BACKGROUND
 
+TAG_TARGETS = ("noisy", "cleaned", "mix")
+TAG_GATES = ("none", "noisy", "cleaned")
+
+
+def tag_target(noisy: np.ndarray, tag_probs: np.ndarray, kind: str,
+               threshold: float = 0.5) -> torch.Tensor:
+    """The (K,) tag target of one tagged image for the M-step (see the module docstring)."""
+    noisy_t = torch.from_numpy(noisy.astype(np.float32))
+    cleaned = torch.from_numpy((tag_probs >= threshold).astype(np.float32))
+    if kind == "noisy":
+        target = noisy_t
+    elif kind == "cleaned":
+        target = cleaned
+    elif kind == "mix":
+        target = 0.5 * (noisy_t + cleaned)
+    else:
+        raise ValueError(f"tag target must be one of {', '.join(TAG_TARGETS)}, got {kind!r}")
+    target[BACKGROUND] = 1.0
+    return target
+
+
+def gate_labelmap(labelmap: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """``labelmap`` with the pixels of classes not in ``present`` (bool (K,)) set to ignore."""
+    absent = ~present.astype(bool)
+    absent[BACKGROUND] = False
+    lut = np.arange(256, dtype=np.uint8)
+    lut[np.flatnonzero(absent)] = IGNORE_INDEX
+    return lut[labelmap]
+
+
+def class_thresholds(cache: PseudoCache, confidence: float, keep: float,
+                     max_images: int = 2000) -> np.ndarray:
+    """Per-class confidence thresholds (class-balanced self-training, Zou et al. 2018): for
+    each class, the confidence above which the most confident ``keep`` share of its pixels
+    lies, capped at ``confidence``. A class the model is unsure of keeps its best pixels
+    instead of vanishing from the pseudo-labels, which is how self-training drifts away from
+    rare classes. Estimated on the first ``max_images`` entries of the cache."""
+    k = len(cache.classes)
+    per_class: list[list[np.ndarray]] = [[] for _ in range(k)]
+    for i, image_id in enumerate(cache.ids()):
+        if i >= max_images:
+            break
+        entry = cache.get(image_id)
+        conf = entry.confidence.astype(np.float32).ravel()
+        labels = entry.labelmap.ravel()
+        for c in np.unique(labels):
+            if c < k:
+                per_class[c].append(conf[labels == c])
+    thresholds = np.full(k, confidence, dtype=np.float32)
+    for c, parts in enumerate(per_class):
+        if parts:
+            values = np.concatenate(parts)
+            thresholds[c] = min(confidence, float(np.quantile(values, 1.0 - keep)))
+    return thresholds
+
 
 class PseudoLabelled(SegDataset):
     def __init__(self, manifest: Manifest, cache: PseudoCache, transform: Transform,
-                 confidence: float = 0.0, tag_threshold: float = 0.5):
+                 confidence: float = 0.0, tag_threshold: float = 0.5,
+                 tags: str = "cleaned", tag_gate: str = "none", class_keep: float = 0.0):
         super().__init__(manifest, transform, use_labelmaps=False)
-        missing = [r.id for r in manifest.records if r.id not in set(cache.ids())]
+        have = set(cache.ids())
+        missing = [r.id for r in manifest.records if r.id not in have]
         if missing:
             raise BadInputError(f"{len(missing)} tagged images have no entry (first: "
                                 f"{missing[0]!r}); re-run the E-step", cache.path)
+        if tags not in TAG_TARGETS:
+            raise ValueError(f"tag target must be one of {', '.join(TAG_TARGETS)}, got {tags!r}")
+        if tag_gate not in TAG_GATES:
+            raise ValueError(f"tag gate must be one of {', '.join(TAG_GATES)}, got {tag_gate!r}")
         self.cache, self.confidence, self.tag_threshold = cache, confidence, tag_threshold
+        self.tags, self.tag_gate = tags, tag_gate
+        self.thresholds = (class_thresholds(cache, confidence, class_keep) if class_keep > 0
+                           else None)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rec = self.manifest.records[index]
@@ -39,7 +111,15 @@ class PseudoLabelled(SegDataset):
         if labelmap.shape != image.shape[:2]:
             raise BadInputError(f"cached labelmap of {rec.id!r} is {labelmap.shape}, its image "
                                 f"{image.shape[:2]}", self.cache.path)
-        labelmap[entry.confidence.astype(np.float32) < self.confidence] = IGNORE_INDEX
-        tags = torch.from_numpy((entry.tag_probs >= self.tag_threshold).astype(np.float32))
-        tags[BACKGROUND] = 1.0
+        conf = entry.confidence.astype(np.float32)
+        if self.thresholds is None:
+            labelmap[conf < self.confidence] = IGNORE_INDEX
+        else:
+            limit = np.append(self.thresholds, np.ones(256 - len(self.thresholds), np.float32))
+            labelmap[conf < limit[labelmap]] = IGNORE_INDEX
+        if self.tag_gate == "cleaned":
+            labelmap = gate_labelmap(labelmap, entry.tag_probs >= self.tag_threshold)
+        elif self.tag_gate == "noisy":
+            labelmap = gate_labelmap(labelmap, entry.noisy_tags > 0)
+        tags = tag_target(entry.noisy_tags, entry.tag_probs, self.tags, self.tag_threshold)
         return self.make_item(rec.id, index, image, labelmap, tags, True)

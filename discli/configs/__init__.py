@@ -1,0 +1,30 @@
+"""Shipped training presets: ``dis pretrain --config NAME`` / ``dis finetune --config NAME``.
+
+Each preset is a TOML file beside this module (``NAME.toml``) in the format
+:func:`discli.train.config.dump_toml` writes, with up to three tables: a shared ``[train]`` table,
+then ``[pretrain]`` and ``[finetune]`` for the keys that differ between the two stages (e.g.
+``loss_img``). :func:`discli.train.config.load_config` takes a preset name wherever it takes a
+config file path (a file of that name, when one exists, wins), applies ``[train]`` and then the
+stage's table; the command line still overrides every key.
+
+- ``demo``: what ``dis demo`` trains with on the synthetic benchmark (tiny backbone, AdamW,
+  64 px crops);
+- ``quick``: what ``dis demo --quick`` trains with (shorter schedules: a smoke run);
+- ``voc-resnet101``: the paper's recipe on VOC12 + captions (ImageNet ResNet-101, SGD).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_FOLDER = Path(__file__).resolve().parent
+
+PRESETS: tuple[str, ...] = tuple(sorted(p.stem for p in _FOLDER.glob("*.toml")))
+
+
+def preset_path(name: str) -> Path | None:
+    """The file of the shipped preset ``name`` ("demo" or "demo.toml"), None if there is none."""
+    stem = name[:-len(".toml")] if name.endswith(".toml") else name
+    if stem not in PRESETS:
+        return None
+    return _FOLDER / f"{stem}.toml"

@@ -1,0 +1,53 @@
+"""`dis score-cache`: how good are an E-step's pseudo-labels? Scores against true labelmaps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from discli.cli.output import print_json
+
+
+def score_cache(
+    cache: Path = typer.Argument(..., help="Pseudo-label cache (round-N/cache.h5)."),
+    truth: Path = typer.Argument(..., help="Manifest of the same images with their true "
+                                 "labelmaps (e.g. a synthetic benchmark's "
+                                 "manifests/tagged_oracle.jsonl)."),
+    confidence: float = typer.Option(0.0, "--confidence", min=0.0, max=1.0, help="Also score "
+                                     "only the pixels at or above this confidence (the ones an "
+                                     "M-step with this threshold trains on)."),
+    root: Path | None = typer.Option(None, "--root", help="Override the manifest's root."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+) -> None:
+    """mIoU and per-class IoU of a cache's pseudo-labelmaps (VOC protocol), over all pixels
+    and over the confident ones, with the cache's own statistics (mean confidence, tags the
+    E-step changed)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from discli.data.manifest import read_manifest
+    from discli.pseudo_stats import cache_stats
+    from discli.pseudo_stats import score_cache as run_score
+    from discli.tags import open_cache
+
+    pseudo = open_cache(cache)
+    report = {"cache": str(cache), "truth": str(truth),
+              **run_score(pseudo, read_manifest(truth, root=root), confidence),
+              "stats": cache_stats(pseudo, confidence)}
+    if json_out:
+        print_json(report)
+        return
+    table = Table(title=f"{cache} ({report['images']} images)", title_justify="left")
+    for column in ("class", "IoU (all pixels)", f"IoU (confidence >= {confidence:g})"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None or value != value else f"{100 * value:.1f}"
+
+    for name in pseudo.classes:
+        table.add_row(name, pct(report["all"]["iou"][name]), pct(report["kept"]["iou"][name]))
+    table.add_section()
+    table.add_row("mIoU", pct(report["all"]["miou"]), pct(report["kept"]["miou"]), style="bold")
+    table.add_row("pixels kept", "100.0", pct(report["kept_share"]))
+    Console().print(table)

@@ -1,0 +1,219 @@
+"""The M-step of Eq. 1 (tag targets, tag gate, class-balanced thresholds, untagged images),
+pseudo-label statistics and scores, E-step logging, validation during training, the warm-up
+schedule and the shipped backbone weights."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from datagen import make_split
+from discli.cache import CacheEntry, CacheWriter, PseudoCache, make_attrs
+from discli.data.manifest import read_manifest
+from discli.data.voc import write_palette_png
+from discli.errors import BadInputError, UsageError
+from discli.pseudo_stats import cache_stats, score_cache
+from discli.train.config import TrainConfig
+from discli.train.engine import poly
+from discli.train.finetune import finetune, mstep_records
+from discli.train.pretrain import pretrain
+from discli.train.pseudo import class_thresholds, gate_labelmap, tag_target
+
+CLASSES = ["background", "aeroplane", "bird", "car"]
+
+
+def test_tag_targets_follow_eq1():
+    noisy = np.array([1, 1, 0, 0], np.uint8)  # caption: aeroplane
+    probs = np.array([0.2, 0.1, 0.9, 0.3], np.float32)  # cleaned: bird
+    assert tag_target(noisy, probs, "noisy").tolist() == [1, 1, 0, 0]
+    assert tag_target(noisy, probs, "cleaned").tolist() == [1, 0, 1, 0]
+    assert tag_target(noisy, probs, "mix").tolist() == [1, 0.5, 0.5, 0]
+    assert tag_target(noisy, probs, "cleaned", threshold=0.25).tolist() == [1, 0, 1, 1]
+    with pytest.raises(ValueError, match="tag target"):
+        tag_target(noisy, probs, "both")
+
+
+def test_gate_ignores_absent_classes_never_background():
+    labelmap = np.array([[0, 1, 2], [3, 255, 2]], np.uint8)
+    gated = gate_labelmap(labelmap, np.array([False, True, False, True]))
+    assert gated.tolist() == [[0, 1, 255], [3, 255, 255]]
+
+
+def _write_cache(path, entries, classes=CLASSES):
+    writer = CacheWriter(path, make_attrs(classes, 0, "h", {}))
+    writer.write(entries)
+    return PseudoCache(writer.merge())
+
+
+def _entry(image_id, labelmap, confidence, probs, noisy):
+    return CacheEntry(image_id, np.asarray(labelmap, np.uint8),
+                      np.asarray(confidence, np.float16), np.asarray(probs, np.float32),
+                      np.asarray(noisy, np.uint8))
+
+
+def test_class_thresholds_keep_the_best_pixels_of_an_unsure_class(tmp_path):
+    labelmap = np.array([[0, 0, 0, 0], [1, 1, 1, 1]])
+    confidence = np.array([[0.9, 0.95, 0.99, 0.97], [0.3, 0.4, 0.5, 0.6]])
+    cache = _write_cache(tmp_path / "c.h5", [_entry("a", labelmap, confidence, [1, 1, 0, 0],
+                                                    [1, 1, 0, 0])])
+    thresholds = class_thresholds(cache, confidence=0.7, keep=0.5)
+    assert thresholds[0] == pytest.approx(0.7)  # confident class: the global threshold
+    assert 0.4 < thresholds[1] <= 0.5 + 1e-3  # unsure class: its best half survives
+    assert thresholds[2] == pytest.approx(0.7)  # no pixel: the global threshold
+
+
+def _scored_cache(tmp_path):
+    """Two images with one true labelmap: "a" labelled perfectly (its tags add bird), "b" all
+    background (its tags drop aeroplane; two of its pixels below confidence 0.7)."""
+    from discli.data.manifest import Manifest, Record, write_manifest
+
+    truth_lm = np.array([[0, 0, 1, 1], [0, 2, 2, 255]], np.uint8)
+    root = tmp_path / "truth"
+    write_palette_png(root / "a.png", truth_lm)
+    write_palette_png(root / "b.png", truth_lm)
+    rows = [{"id": i, "image": f"{i}.jpg", "labelmap": f"{i}.png", "tags": ["aeroplane"]}
+            for i in ("a", "b")]
+    manifest_path = root / "m.jsonl"
+    write_manifest(manifest_path, Manifest(CLASSES, [Record(**r) for r in rows], root))
+    perfect = np.where(truth_lm == 255, 0, truth_lm)
+    wrong = np.zeros_like(truth_lm)
+    conf = np.full(truth_lm.shape, 0.9)
+    conf_low = conf.copy()
+    conf_low[0, :2] = 0.5
+    cache = _write_cache(tmp_path / "c.h5", [
+        _entry("a", perfect, conf, [0.9, 0.8, 0.7, 0.1], [1, 1, 0, 0]),
+        _entry("b", wrong, conf_low, [0.9, 0.1, 0.1, 0.1], [1, 1, 0, 0])])
+    return manifest_path, cache
+
+
+def test_stats_and_scores_of_a_cache(tmp_path):
+    manifest_path, cache = _scored_cache(tmp_path)
+    stats = cache_stats(cache, confidence=0.7)
+    assert stats["images"] == 2 and stats["tags_added"] == 1 and stats["tags_removed"] == 1
+    assert stats["images_with_changed_tags"] == 2
+    assert stats["kept_share"] == pytest.approx(14 / 16)
+    assert stats["mean_confidence"] == pytest.approx((16 * 0.9 - 2 * 0.4) / 16, abs=1e-3)
+    score = score_cache(cache, read_manifest(manifest_path), confidence=0.7)
+    assert score["images"] == 2
+    # background: tp 3+3, gt 6, pred 3+7 -> 6/10; aeroplane 2/4; bird 2/4
+    assert score["all"]["iou"]["background"] == pytest.approx(0.6)
+    assert score["all"]["iou"]["aeroplane"] == pytest.approx(0.5)
+    assert score["all"]["iou"]["car"] is None
+    assert score["kept_share"] == pytest.approx(12 / 14)
+
+
+def test_score_cache_command(tmp_path):
+    import subprocess
+
+    manifest_path, cache = _scored_cache(tmp_path)
+    out = subprocess.run(["dis", "score-cache", str(cache.path), str(manifest_path),
+                          "--confidence", "0.7", "--json"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["all"]["iou"]["background"] == pytest.approx(0.6)
+    assert report["stats"]["tags_added"] == 1
+    table = subprocess.run(["dis", "score-cache", str(cache.path), str(manifest_path)],
+                           capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0 and "mIoU" in table.stdout
+    missing = subprocess.run(["dis", "score-cache", str(tmp_path / "none.h5"),
+                              str(manifest_path)], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 3 and "none.h5" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_pseudo_entries_ignore_what_the_tags_suppressed():
+    from discli.model import final_probs
+    from discli.train.estep import pseudo_entries
+
+    u3 = torch.zeros(1, 3, 2, 2)
+    u3[0, 1, 0, :] = 3.0  # class 1 wins the top row before re-weighting
+    u3[0, 2, 1, 0] = 3.0  # class 2 one pixel
+    v3 = torch.tensor([[5.0, -8.0, 5.0]])  # the tags call class 1 absent
+    batch = {"image": torch.zeros(1, 3, 2, 2), "id": ["x"], "tags": torch.tensor([[1., 1, 0]])}
+    plain = pseudo_entries(final_probs(u3, v3), v3, batch)[0]
+    assert plain.labelmap.tolist() == [[0, 0], [2, 0]]  # suppressed class 1 -> background
+    marked = pseudo_entries(final_probs(u3, v3), v3, batch, u3=u3)[0]
+    assert marked.labelmap.tolist() == [[255, 255], [2, 0]]
+    assert marked.noisy_tags.tolist() == [1, 1, 0]
+
+
+def test_untagged_images_left_out_of_the_mstep(tmp_path):
+    manifest = make_split(tmp_path, "web", 4, 1, False, tag_source="caption")
+    tagged = read_manifest(manifest)
+    tagged.records[0].tags = []
+    cfg = TrainConfig(tagged=str(manifest))
+    kept = mstep_records(tagged, cfg)
+    assert [r.id for r in kept.records] == [r.id for r in tagged.records[1:]]
+    assert len(mstep_records(tagged, TrainConfig(drop_untagged=False)).records) == 4
+    for rec in tagged.records:
+        rec.tags = []
+    with pytest.raises(BadInputError, match="no tagged image has a tag"):
+        mstep_records(tagged, cfg)
+
+
+def test_poly_schedule_warms_up_then_decays():
+    factor = poly(100, 1.0, warmup=10)
+    assert factor(0) == pytest.approx(0.1 * 1.0) and factor(4) == pytest.approx(0.5 * 0.96)
+    assert factor(9) == pytest.approx(1.0 * 0.91)
+    assert factor(50) == pytest.approx(0.5) and factor(100) == 0.0
+    assert poly(100, 1.0)(0) == 1.0
+
+
+def test_finetune_logs_estep_stats_and_validation(tmp_path):
+    labelled = make_split(tmp_path, "train", 6, 0, True)
+    tagged = make_split(tmp_path, "web", 5, 1, False, tag_source="caption")
+    cfg = TrainConfig(labelled=str(labelled), tagged=str(tagged), out=str(tmp_path / "run"),
+                      backbone="tiny", channels=16, batch_size=4, crop_size=32, lr=0.01,
+                      iters_step1=4, iters_step2=2, iters_step3=4, mstep_iters=6, rounds=2,
+                      t_tr=2, ckpt_every=100, log_every=1, estep_batch_size=2, device="cpu",
+                      mstep_tags="mix", tag_gate="noisy", confidence=0.3, class_keep=0.5,
+                      mstep_lr_mult=0.5, mstep_warmup=4, val=str(labelled), val_every=3)
+    pretrain(cfg)
+    finetune(cfg)
+    records = [json.loads(line) for line in
+               (tmp_path / "run/finetune/log.jsonl").read_text().splitlines()]
+    estep = [r for r in records if r["phase"] == "estep"]
+    assert [r["round"] for r in estep] == [1, 2]
+    assert all(r["images"] == 5 and 0 <= r["kept_share"] <= 1 for r in estep)
+    val = [r for r in records if "val_miou" in r and r["phase"] == "mstep"]
+    assert [(r["round"], r["iter"]) for r in val] == [(1, 3), (1, 6), (2, 3), (2, 6)]
+    assert all(0 <= r["val_miou"] <= 1 for r in val)
+    lrs = [r["lr"] for r in records if r["phase"] == "mstep" and "lr" in r and r["round"] == 1]
+    assert lrs[0] < lrs[1] < lrs[2] > lrs[3]  # warm-up: the rate rises, then decays
+    assert lrs[2] == pytest.approx(0.01 * 0.5 * 10 * 0.5 ** 0.9)  # lr x mult x head x poly
+    pretrain_log = (tmp_path / "run/pretrain/log.jsonl").read_text()
+    assert '"val_miou"' in pretrain_log
+
+
+def test_shipped_backbone_weights_load_by_name():
+    from discli.backbones import build_backbone
+    from discli.weights import weights_file
+
+    path = weights_file("tiny", 64)
+    assert path.is_file() and path.with_suffix(".json").is_file()
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert "cat" not in meta["source_classes"] and "bottle" in meta["source_classes"]
+    net = build_backbone("tiny", "shapes", channels=64)
+    state = torch.load(path, weights_only=True)
+    assert torch.equal(net.state_dict()["stage1.0.weight"], state["stage1.0.weight"])
+    with pytest.raises(UsageError, match="no shipped 'shapes' weights for the tiny backbone "
+                                         "with 32 channels"):
+        build_backbone("tiny", "shapes", channels=32)
+
+
+def test_make_weights_is_reproducible_and_loads(tmp_path):
+    from discli.backbones import build_backbone
+    from discli.weights import make_weights
+
+    a = make_weights("tiny", 8, out=tmp_path / "a.pth", n_images=6, iters=3, batch_size=2,
+                     workdir=tmp_path)
+    b = make_weights("tiny", 8, out=tmp_path / "b.pth", n_images=6, iters=3, batch_size=2,
+                     workdir=tmp_path)
+    sa, sb = torch.load(a["out"], weights_only=True), torch.load(b["out"], weights_only=True)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not any(k.startswith("backbone.") for k in sa)
+    build_backbone("tiny", str(tmp_path / "a.pth"), channels=8)  # loads as a state dict path
+    assert Path(a["out"]).with_suffix(".json").is_file()

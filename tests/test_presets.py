@@ -1,0 +1,140 @@
+"""Shipped training presets (`--config NAME`) and config files with [pretrain]/[finetune] tables."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+from test_infer_cli import cli
+
+from discli.configs import PRESETS, preset_path
+from discli.errors import BadInputError
+from discli.train.config import TrainConfig, dump_toml, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_presets_are_shipped():
+    assert PRESETS == ("demo", "quick", "voc-resnet101")
+    for name in PRESETS:
+        assert preset_path(name) == preset_path(f"{name}.toml")
+        assert preset_path(name).is_file() and preset_path(name).parent.name == "configs"
+        assert preset_path(name).read_text().startswith("#")  # says what it is for
+    assert preset_path("nosuch") is None and preset_path("../pyproject") is None
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    setuptools = project["tool"]["setuptools"]
+    assert setuptools["packages"].count("discli.configs") == 1
+    assert setuptools["package-data"]["discli"].count("configs/*.toml") == 1
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("section", ["pretrain", "finetune"])
+def test_every_preset_loads_and_validates(name, section):
+    data = tomllib.loads(preset_path(name).read_text())
+    assert set(data) == {"train", "pretrain", "finetune"}
+    cfg = load_config(name, section=section)  # validated by load_config
+    assert isinstance(cfg, TrainConfig)
+    assert load_config(preset_path(name), section=section) == cfg
+    if section == "pretrain":
+        assert cfg.loss_img == 1.0  # pretraining trains subnet-2
+
+
+def test_preset_values():
+    # demo/quick are tuned on the synthetic benchmark (values may move): check their shape only
+    for name in ("demo", "quick"):
+        pre, fine = (load_config(name, section=s) for s in ("pretrain", "finetune"))
+        assert pre.backbone == fine.backbone == "tiny" and pre.crop_size == 64
+        assert pre.loss_img == 1.0 and fine.loss_img == 0.0  # M-step leaves subnet-2 alone
+        assert pre.inf_lr == fine.inf_lr and pre.iters_step1 > 0 and fine.mstep_iters > 0
+    demo, quick = (load_config(n, section="pretrain") for n in ("demo", "quick"))
+    assert quick.iters_step1 < demo.iters_step1
+    # voc-resnet101: the paper's recipe (README "Training on VOC12 + captions")
+    voc_pre = load_config("voc-resnet101", section="pretrain")
+    voc_fine = load_config("voc-resnet101", section="finetune")
+    assert (voc_pre.backbone, voc_pre.backbone_weights, voc_pre.optimizer, voc_pre.lr,
+            voc_pre.head_lr_mult, voc_pre.crop_size, voc_pre.batch_size) == \
+        ("resnet101", "imagenet", "sgd", 0.01, 10.0, 321, 10)
+    assert (voc_pre.iters_step1, voc_pre.iters_step2, voc_pre.iters_step3) == (20000, 5000, 10000)
+    assert (voc_fine.t_tr, voc_fine.rounds, voc_fine.mstep_iters) == (30, 3, 10000)
+    assert voc_pre.loss_img == voc_fine.loss_img == 1.0
+
+
+def _capture(monkeypatch, module: str, function: str) -> list:
+    import importlib
+
+    seen: list = []
+
+    def fake(cfg, **kwargs):
+        seen.append(cfg)
+        return {"steps": [], "rounds": [], "out": cfg.out}
+
+    monkeypatch.setattr(importlib.import_module(module), function, fake)
+    return seen
+
+
+def test_config_name_resolves_on_the_command_line(monkeypatch, capsys, tmp_path):
+    seen = _capture(monkeypatch, "dis_plugins.pretrain", "run_pretrain")
+    code, _, err = cli(capsys, "pretrain", "--config", "demo", "--out", str(tmp_path),
+                       "--lr", "0.004", "--json", "-q")
+    assert code == 0, err
+    assert seen[-1] == load_config("demo", {"out": str(tmp_path), "lr": 0.004},
+                                   section="pretrain")
+    assert seen[-1].loss_img == 1.0 and seen[-1].lr == 0.004
+    seen = _capture(monkeypatch, "dis_plugins.finetune", "run_finetune")
+    code, _, err = cli(capsys, "finetune", "--config", "quick", "--out", str(tmp_path),
+                       "--set", "rounds=3", "--json", "-q")
+    assert code == 0, err
+    assert seen[-1] == load_config("quick", {"out": str(tmp_path), "rounds": 3},
+                                   section="finetune")
+    assert seen[-1].loss_img == 0.0 and seen[-1].rounds == 3
+
+
+def test_section_keys_win_over_train(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[train]\nlr = 0.5\nbatch_size = 3\nloss_img = 0.3\n"
+                    "[pretrain]\nloss_img = 1.0\n"
+                    "[finetune]\nlr = 0.1\nloss_img = 0.0\n")
+    pre = load_config(path, section="pretrain")
+    fine = load_config(path, section="finetune")
+    assert (pre.lr, pre.batch_size, pre.loss_img) == (0.5, 3, 1.0)
+    assert (fine.lr, fine.batch_size, fine.loss_img) == (0.1, 3, 0.0)
+    assert load_config(path, {"lr": 0.2, "loss_img": None}, section="finetune").lr == 0.2
+    with pytest.raises(BadInputError, match="section"):
+        load_config(path)  # tables for two commands: which one?
+    path.write_text("[train]\nlr = 0.5\n[finetune]\nbogus = 1\n")
+    with pytest.raises(BadInputError, match=r"run.toml \[finetune\]: unknown key 'bogus'"):
+        load_config(path, section="pretrain")  # a typo in the other table is caught too
+    path.write_text("[train]\nlr = 0.5\n[finetune]\nrounds = 'two'\n")
+    with pytest.raises(BadInputError, match="key 'rounds' must be int"):
+        load_config(path, section="finetune")
+
+
+def test_unknown_preset_fails_with_exit_3(capsys, tmp_path):
+    with pytest.raises(BadInputError,
+                       match=r"config file not found \(presets: demo, quick, voc-resnet101\)"):
+        load_config("nosuch", section="pretrain")
+    for command in ("pretrain", "finetune"):
+        code, _, err = cli(capsys, command, "--config", "nosuch", "--out", str(tmp_path))
+        assert code == 3
+        assert "nosuch: config file not found (presets: demo, quick, voc-resnet101)" in err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_flat_file_still_works(tmp_path, monkeypatch):
+    path = tmp_path / "flat.toml"
+    path.write_text("lr = 0.5\nbatch_size = 3\n")
+    for section in (None, "pretrain", "finetune"):
+        cfg = load_config(path, {"t_tr": 10}, section=section)
+        assert (cfg.lr, cfg.batch_size, cfg.t_tr) == (0.5, 3, 10)
+    # a file of a preset's name wins over the preset
+    monkeypatch.chdir(tmp_path)
+    Path("demo").write_text("lr = 0.123\n")
+    assert load_config("demo", section="pretrain").lr == 0.123
+    assert load_config("quick", section="pretrain") == load_config(preset_path("quick"),
+                                                                    section="pretrain")
+
+
+def test_dumped_config_loads_for_both_sections(tmp_path):
+    cfg = load_config("voc-resnet101", section="finetune")
+    path = tmp_path / "config.toml"
+    path.write_text(dump_toml(cfg))
+    assert load_config(path, section="pretrain") == cfg == load_config(path, section="finetune")
