@@ -137,17 +137,18 @@ def _toml(value: Any) -> str:
 
 def train_command(command: str, cfg: TrainConfig, preset: str = "demo") -> str:
     """The `dis pretrain|finetune` command line that trains with ``cfg``: ``--config PRESET``,
-    its manifests and run folders as options, and every setting that differs from the preset's
-    as --set KEY=VALUE (derived from the config itself, so the listed commands cannot drift from
+    its manifests, run folders and t_tr as options where they differ from the preset's, and
+    every other setting that differs as --set KEY=VALUE (derived from the config itself, so the listed commands cannot drift from
     what ran)."""
     from discli.train.config import load_config
 
     section = "pretrain" if command == "pretrain" else "finetune"
     defaults = asdict(load_config(preset, {}, section=section))
-    paths = [f"--{key} {value}" for key, value in asdict(cfg).items()
-             if key in ("labelled", "tagged", "init", "out") and value]
+    options = ("labelled", "tagged", "init", "out", "t_tr")
+    paths = [f"--{key.replace('_', '-')} {value}" for key, value in asdict(cfg).items()
+             if key in options and value != defaults[key]]
     sets = [f"--set {key}={_toml(value)}" for key, value in asdict(cfg).items()
-            if key not in ("labelled", "tagged", "init", "out") and value != defaults[key]]
+            if key not in options and value != defaults[key]]
     return " ".join([f"dis {command} --config {preset}", *paths, *sets])
 
 
@@ -188,12 +189,20 @@ def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, An
     bench, runs, results = out / "bench", out / "runs", out / "results"
     results.mkdir(parents=True, exist_ok=True)
     check_settings(results, demo)
+    # Seconds spent on each stage, summed over the runs that worked on it: a resumed demo
+    # reports what its stages cost, not the near-zero time of finding them finished.
+    timings_path = results / "timings.json"
+    spent: dict[str, float] = (json.loads(timings_path.read_text())
+                               if timings_path.exists() else {})
     timings: dict[str, float] = {}
 
-    def timed(name: str, fn: Any) -> Any:
+    def timed(name: str, fn: Any, redone: bool = False) -> Any:
+        """``redone``: a stage that every run does in full (the figures): its own time."""
         tic = time.perf_counter()
         value = fn()
-        timings[name] = round(time.perf_counter() - tic, 1)
+        before = 0.0 if redone else spent.get(name, 0.0)
+        timings[name] = spent[name] = round(before + time.perf_counter() - tic, 1)
+        atomic_write_bytes(timings_path, lambda f: f.write(json.dumps(spent, indent=1).encode()))
         return value
 
     reporter.log(f"demo: benchmark in {bench}")
@@ -264,8 +273,8 @@ def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, An
               "commands": _commands(demo, bench, runs, configs)}
     from discli.report import write_curves, write_figure, write_report
 
-    timed("figure", lambda: write_figure(out / "figure.png", checkpoints, val, demo))
-    timed("curves", lambda: write_curves(out / "curves.png", report))
+    timed("figure", lambda: write_figure(out / "figure.png", checkpoints, val, demo), True)
+    timed("curves", lambda: write_curves(out / "curves.png", report), True)
     report["timings_s"] = timings
     write_report(out, report)
     return report

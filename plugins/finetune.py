@@ -37,6 +37,8 @@ def finetune(
     num_workers: Optional[int] = opt.WorkersOpt,
     amp: Optional[bool] = opt.AmpOpt,
     root: Optional[Path] = opt.RootOpt,
+    val: Optional[Path] = opt.ValOpt,
+    val_every: Optional[int] = opt.ValEveryOpt,
     config: Optional[Path] = opt.ConfigOpt,
     sets: list[str] = opt.SetOpt,
     json_out: bool = opt.JsonOpt,
@@ -53,7 +55,8 @@ def finetune(
                            out=out, init=init, t_tr=t_tr, rounds=rounds, mstep_iters=mstep_iters,
                            tagged_ratio=tagged_ratio, backbone=backbone, batch_size=batch_size,
                            crop_size=crop_size, lr=lr, seed=seed, device=device,
-                           num_workers=num_workers, amp=amp, root=root)
+                           num_workers=num_workers, amp=amp, root=root, val=val,
+                           val_every=val_every)
     main_rank = dist_info().is_main  # under torchrun only rank 0 talks
     with RichReporter(quiet=quiet or not main_rank) as reporter:
         summary = run_finetune(cfg, only=only, round_=round_, reporter=reporter, force=force)

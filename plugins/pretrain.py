@@ -31,6 +31,8 @@ def pretrain(
     num_workers: Optional[int] = opt.WorkersOpt,
     amp: Optional[bool] = opt.AmpOpt,
     root: Optional[Path] = opt.RootOpt,
+    val: Optional[Path] = opt.ValOpt,
+    val_every: Optional[int] = opt.ValEveryOpt,
     config: Optional[Path] = opt.ConfigOpt,
     sets: list[str] = opt.SetOpt,
     json_out: bool = opt.JsonOpt,
@@ -49,7 +51,8 @@ def pretrain(
                            backbone=backbone, backbone_weights=backbone_weights,
                            batch_size=batch_size,
                            crop_size=crop_size, lr=lr, seed=seed, device=device,
-                           num_workers=num_workers, amp=amp, root=root, **step_iters)
+                           num_workers=num_workers, amp=amp, root=root, **step_iters, val=val,
+                           val_every=val_every)
     main_rank = dist_info().is_main  # under torchrun only rank 0 talks
     with RichReporter(quiet=quiet or not main_rank) as reporter:
         summary = run_pretrain(cfg, steps=step or (1, 2, 3), reporter=reporter)

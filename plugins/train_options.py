@@ -55,5 +55,9 @@ SeedOpt = typer.Option(None, "--seed")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N.")
 WorkersOpt = typer.Option(None, "--num-workers", help="DataLoader worker processes.")
 AmpOpt = typer.Option(None, "--amp/--no-amp", help="Mixed precision on CUDA.")
+ValOpt = typer.Option(None, "--val", help="Manifest with labelmaps to log validation mIoU "
+                      "(t = 0) on while training (log.jsonl: val_miou).")
+ValEveryOpt = typer.Option(None, "--val-every", min=0, help="Validate every N iterations "
+                           "(and at the end of each step; 0 = only there).")
 JsonOpt = typer.Option(False, "--json", help="Print the summary as JSON on stdout.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")

@@ -217,3 +217,19 @@ def test_make_weights_is_reproducible_and_loads(tmp_path):
     assert not any(k.startswith("backbone.") for k in sa)
     build_backbone("tiny", str(tmp_path / "a.pth"), channels=8)  # loads as a state dict path
     assert Path(a["out"]).with_suffix(".json").is_file()
+
+
+def test_cli_val_options_log_validation(tmp_path):
+    import subprocess
+
+    labelled = make_split(tmp_path, "train", 4, 0, True)
+    out = subprocess.run(["dis", "pretrain", "--labelled", str(labelled), "--out",
+                          str(tmp_path / "run"), "--backbone", "tiny", "--set", "channels=8",
+                          "--batch-size", "2", "--crop-size", "32", "--device", "cpu",
+                          "--iters", "2", "--iters", "1", "--iters", "2", "--val", str(labelled),
+                          "--quiet"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in
+               (tmp_path / "run/pretrain/log.jsonl").read_text().splitlines()]
+    val = [(r["step"], r["iter"]) for r in records if "val_miou" in r]
+    assert val == [(1, 2), (2, 1), (3, 2)]  # --val-every 0: at the end of every step

@@ -82,7 +82,8 @@ class TrainConfig:
     t_ts: int = 0  # test-time inference iterations that dis infer/evaluate default to
     estep_batch_size: int = 8
     estep_part_images: int = 64  # E-step images per crash-safe cache part (a kill loses < this)
-    # validation during training: mIoU (t = 0) on this manifest every val_every iterations
+    # validation during training: mIoU (t = 0) on this manifest every val_every iterations and
+    # at the end of every step (val_every = 0: only there)
     val: str = ""
     val_every: int = 0
     # run

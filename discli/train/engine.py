@@ -314,8 +314,8 @@ def run_phase(model: DISNet, phase: Phase, sources: Sequence[Source], cfg: Train
                       "time": round(time.perf_counter() - tic, 3), **values, **run.extra}
             with open(run.log, "a") as f:
                 f.write(json.dumps(record) + "\n")
-        if cfg.val and cfg.val_every and (iteration % cfg.val_every == 0
-                                          or iteration == total_iters):
+        if cfg.val and (iteration == total_iters
+                        or (cfg.val_every and iteration % cfg.val_every == 0)):
             val_miou = validate(model, cfg, device)
             set_train_modes(model, phase, cfg.freeze_bn)
             if dist.is_main:
