@@ -233,3 +233,13 @@ def test_cli_val_options_log_validation(tmp_path):
                (tmp_path / "run/pretrain/log.jsonl").read_text().splitlines()]
     val = [(r["step"], r["iter"]) for r in records if "val_miou" in r]
     assert val == [(1, 2), (2, 1), (3, 2)]  # --val-every 0: at the end of every step
+
+
+@pytest.mark.parametrize("key", ["inf_lr", "inf_momentum", "inf_proximity", "weight_decay",
+                                 "mstep_lr_mult", "class_keep", "confidence"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_training_config_refuses_non_finite_numbers(key, value):
+    from discli.train.config import load_config
+
+    with pytest.raises(BadInputError, match=rf"invalid value \w+ for '{key}'"):
+        load_config(None, {key: value})

@@ -8,6 +8,7 @@ The effective configuration is stored in every checkpoint and written beside it
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -153,6 +154,11 @@ def validate(cfg: TrainConfig, source: str = "config") -> TrainConfig:
     for name, ok in checks:
         if not ok:
             raise BadInputError(f"invalid value {getattr(cfg, name)!r} for {name!r}", source)
+    for f in fields(cfg):  # nan and inf pass every comparison above the wrong way: refuse them
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadInputError(f"invalid value {value!r} for {f.name!r} (not a finite number)",
+                                source)
     for name in ("iters_step1", "iters_step2", "iters_step3", "mstep_iters"):
         if getattr(cfg, name) < 0:
             raise BadInputError(f"invalid value {getattr(cfg, name)!r} for {name!r}", source)
