@@ -243,3 +243,29 @@ def test_training_config_refuses_non_finite_numbers(key, value):
 
     with pytest.raises(BadInputError, match=rf"invalid value \w+ for '{key}'"):
         load_config(None, {key: value})
+
+
+@pytest.mark.parametrize("pseudo_map", ["final", "labelmap"])
+def test_estep_pseudo_map_is_the_chosen_map(tmp_path, pseudo_map):
+    import torch.nn.functional as F
+
+    from discli.data.dataset import SegDataset
+    from discli.inference import InferenceConfig, infer
+    from discli.model import ModelConfig, build_model
+    from discli.train.estep import run_estep
+
+    tagged = read_manifest(make_split(tmp_path, "web", 3, 1, False, tag_source="caption"))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="tiny", num_classes=4,
+                                    backbone_kwargs={"channels": 8})).eval()
+    cfg = InferenceConfig(lr=0.01, tag_weight=30.0)
+    cache_path = run_estep(model, tagged, tmp_path / "c.h5", t_tr=3, inference=cfg,
+                           checkpoint_hash="h", batch_size=1, pseudo_map=pseudo_map)
+    cache = PseudoCache(cache_path)
+    assert json.loads(cache.attrs["inference"])["pseudo_map"] == pseudo_map
+    for item in SegDataset(tagged, use_labelmaps=False):
+        result = infer(model, item["image"][None], 3, cfg, tags=item["tags"][None])
+        probs = result.probs if pseudo_map == "final" else result.u3.softmax(dim=1)
+        want = F.interpolate(probs, size=item["image"].shape[-2:], mode="bilinear",
+                             align_corners=False).argmax(dim=1)[0]
+        assert np.array_equal(cache.get(item["id"]).labelmap, want.numpy().astype(np.uint8))

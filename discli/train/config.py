@@ -71,6 +71,9 @@ class TrainConfig:
     tag_gate: str = "noisy"  # "none" | "noisy" | "cleaned"
     # E-step: pseudo-label pixels whose class the tag re-weighting changed are ignored (255)
     ignore_suppressed: bool = True
+    # E-step labelmap: the "final" map (u3 re-weighted by v3, the paper's) or the labelmap head's
+    # softmax(u3) alone ("labelmap"), leaving the tags to tag_gate
+    pseudo_map: str = "labelmap"
     drop_untagged: bool = True
     mstep_lr_mult: float = 1.0  # M-step learning rates = this x the pretraining ones
     mstep_warmup: int = 0  # linear learning-rate warm-up iterations at the start of each M-step
@@ -150,6 +153,7 @@ def validate(cfg: TrainConfig, source: str = "config") -> TrainConfig:
               ("mstep_lr_mult", cfg.mstep_lr_mult > 0), ("mstep_warmup", cfg.mstep_warmup >= 0),
               ("val_every", cfg.val_every >= 0), ("class_keep", 0.0 <= cfg.class_keep <= 1.0),
               ("mstep_from", cfg.mstep_from in ("previous", "init")),
+              ("pseudo_map", cfg.pseudo_map in ("final", "labelmap")),
               ("tag_threshold", 0.0 < cfg.tag_threshold < 1.0)]
     for name, ok in checks:
         if not ok:

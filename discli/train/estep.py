@@ -85,7 +85,7 @@ def run_estep(model: DISNet, manifest: Any, cache_path: str | Path, *, t_tr: int
               device: str | torch.device = "cpu", num_workers: int = 0,
               reporter: Reporter | None = None, force: bool = False, amp: bool = False,
               dist: DistInfo | None = None, part_images: int = PART_IMAGES,
-              ignore_suppressed: bool = False) -> Path:
+              ignore_suppressed: bool = False, pseudo_map: str = "final") -> Path:
     """Write (or finish) the pseudo-label cache of ``manifest``'s images; returns its path.
 
     ``part_images``: images per crash-safe part file (rounded up to whole batches).
@@ -100,14 +100,14 @@ def run_estep(model: DISNet, manifest: Any, cache_path: str | Path, *, t_tr: int
                           checkpoint_hash=checkpoint_hash, batch_size=batch_size, device=device,
                           num_workers=num_workers, reporter=reporter, force=force, amp=amp,
                           dist=dist, part_images=part_images,
-                          ignore_suppressed=ignore_suppressed)
+                          ignore_suppressed=ignore_suppressed, pseudo_map=pseudo_map)
 
 
 def _run_estep(model: DISNet, manifest: Any, cache_path: Path, *, t_tr: int,
                inference: InferenceConfig, checkpoint_hash: str, batch_size: int,
                device: str | torch.device, num_workers: int, reporter: Reporter | None,
                force: bool, amp: bool, dist: DistInfo, part_images: int,
-               ignore_suppressed: bool) -> Path:
+               ignore_suppressed: bool, pseudo_map: str) -> Path:
     from discli.data.dataset import SegDataset, collate, eval_transform
 
     reporter = reporter or NullReporter()
@@ -117,7 +117,8 @@ def _run_estep(model: DISNet, manifest: Any, cache_path: Path, *, t_tr: int,
         remove_stale_temps(cache_path.with_name(cache_path.name.removesuffix(".h5") + ".parts"))
     cfg = InferenceConfig(**{**inference.__dict__, "steps": t_tr})
     attrs = make_attrs(manifest.classes, t_tr, checkpoint_hash,
-                       {**cfg.__dict__, "ignore_suppressed": ignore_suppressed})
+                       {**cfg.__dict__, "ignore_suppressed": ignore_suppressed,
+                        "pseudo_map": pseudo_map})
     writer = CacheWriter(cache_path, attrs, rank=dist.rank, force=force)
     done = writer.done_ids()
     barrier()  # every rank must see the same finished set before anyone writes a new part
@@ -135,7 +136,8 @@ def _run_estep(model: DISNet, manifest: Any, cache_path: Path, *, t_tr: int,
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp and
                             device.type == "cuda"):
             result = infer(model, images, t_tr, cfg, tags=batch["tags"].to(device))
-        pending += pseudo_entries(result.probs.float(), result.v3, batch,
+        probs = result.probs if pseudo_map == "final" else result.u3.float().softmax(dim=1)
+        pending += pseudo_entries(probs.float(), result.v3, batch,
                                   result.u3 if ignore_suppressed else None)
         if len(pending) >= part_images:
             writer.write(pending)

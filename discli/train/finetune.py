@@ -160,7 +160,7 @@ def _finetune(cfg: TrainConfig, only: str | None, round_: int | None, reporter: 
                       device=device, num_workers=cfg.num_workers, reporter=reporter,
                       force=force, amp=cfg.amp, dist=dist,
                       part_images=cfg.estep_part_images,
-                      ignore_suppressed=cfg.ignore_suppressed)
+                      ignore_suppressed=cfg.ignore_suppressed, pseudo_map=cfg.pseudo_map)
             if dist.is_main:
                 log_estep(out / "log.jsonl", cache_path, cfg, r)
         if only == "estep":
