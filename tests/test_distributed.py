@@ -216,3 +216,49 @@ def test_probs_writer_parts_of_several_ranks_merge_once(tmp_path):
         assert sorted(h5["entries"]) == [f"im{i}" for i in range(7)]
         assert h5["entries"]["im5"]["probs"][0, 0, 0] == 5
     assert not (tmp_path / ".p.h5.parts").exists()
+
+
+# ----------------------------------------------------------------------------- M-step batch mix
+
+def test_every_rank_gets_the_global_batch_mix_of_sources():
+    from discli.train.engine import PlannedBatches
+
+    sizes, per_batch = [30, 50], [6, 2]  # pixel-labelled, pseudo-labelled: a quarter tagged
+    whole = PlannedBatches(sizes, per_batch, seed=3, start=0, stop=5)
+    for it in range(5):
+        shares = [PlannedBatches(sizes, per_batch, 3, 0, 5, DistInfo(rank, 2)).batch(it)
+                  for rank in range(2)]
+        for share in shares:
+            assert [s for s, _, _ in share].count(1) == 1  # 2 tagged over 2 ranks: one each
+            assert len(share) == 4
+        assert sorted(shares[0] + shares[1]) == sorted(whole.batch(it))  # nothing lost
+
+
+_MIX_SCRIPT = """
+import json, torch.distributed as dist
+from discli.distributed import DistInfo
+from discli.train.engine import PlannedBatches
+dist.init_process_group("gloo")
+info = DistInfo(dist.get_rank(), dist.get_world_size())
+shares = [[s for s, _, _ in b] for b in PlannedBatches([9, 40], [3, 3], 0, 0, 4, info)]
+gathered = [None, None]
+dist.all_gather_object(gathered, shares)
+if info.rank == 0:
+    print(json.dumps(gathered))
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_ranks_each_mix_labelled_and_pseudo_labelled(tmp_path):
+    script = tmp_path / "mix.py"
+    script.write_text(_MIX_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    per_rank = json.loads(out.stdout.strip().splitlines()[-1])
+    for rank_batches in per_rank:  # half of every global batch is pseudo-labelled: so per rank
+        assert len(rank_batches) == 4
+        assert all(sorted(b) in ([0, 1, 1], [0, 0, 1]) for b in rank_batches)
+        assert sum(b.count(1) for b in rank_batches) == 6  # the odd one alternates

@@ -83,8 +83,13 @@ class PlannedBatches(Sampler[list[tuple[int, int, int]]]):
                 position = iteration * count + j
                 sample_seed = (self.seed * 1_000_003 + source * 7919 + position) % (2**63)
                 items.append((source, self._index(source, position), sample_seed))
-        share = len(items) // self.dist.world_size
-        return items[self.dist.rank * share:(self.dist.rank + 1) * share]
+        # Dealt out round-robin, so that every rank's share mixes the sources in the global
+        # batch's proportion: a contiguous slice gave one rank only pixel-labelled images and
+        # another only pseudo-labelled ones, and their BatchNorm statistics drifted apart. The
+        # deal starts one rank later every iteration, so that odd remainders even out.
+        world = self.dist.world_size
+        share = len(items) // world
+        return items[(self.dist.rank + iteration) % world::world][:share]
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         for iteration in range(self.start, self.stop):
