@@ -35,10 +35,15 @@ def bench_batch(model: torch.nn.Module, batch: int, args: argparse.Namespace,
         with torch.inference_mode():
             model.features(x)
 
+    def run(steps: int, method: str) -> None:
+        with torch.autocast(device.type, dtype=torch.float16,
+                            enabled=args.amp and device.type == "cuda"):
+            infer(model, images, steps, cfg[method], tags=tags)
+
     variants = {
-        "t=0": lambda: infer(model, images, 0, tags=tags),
-        f"t={t} lowrank": lambda: infer(model, images, t, cfg["lowrank"], tags=tags),
-        f"t={t} autograd": lambda: infer(model, images, t, cfg["autograd"], tags=tags),
+        "t=0": lambda: run(0, "lowrank"),
+        f"t={t} lowrank": lambda: run(t, "lowrank"),
+        f"t={t} autograd": lambda: run(t, "autograd"),
         "backbone NCHW": lambda: backbone(images),
         "backbone NHWC": lambda: backbone(images_cl),
     }
@@ -46,7 +51,7 @@ def bench_batch(model: torch.nn.Module, batch: int, args: argparse.Namespace,
     times = interleaved(variants, args.reps, args.warmup, device)
     per_image = {name: median(v) / batch for name, v in times.items()}
     for name, value in per_image.items():
-        print(f"  {name:<16} {value:8.3f} s/image")
+        print(f"  {name:<16} {value:8.4f} s/image  {1 / value:9.1f} images/s")
     base = per_image["t=0"]
     for method in ("lowrank", "autograd"):
         print(f"  ratio t={t} {method} / t=0: {per_image[f't={t} {method}'] / base:.3f}")
@@ -93,6 +98,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--tags", action="store_true", help="training-time inference (with tags)")
+    parser.add_argument("--amp", action="store_true", help="float16 autocast (CUDA only)")
     args = parser.parse_args()
     device, model = setup(args)
     print(describe_machine(device))

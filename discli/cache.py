@@ -23,6 +23,7 @@ writes parts with its own rank number and rank 0 merges.
 from __future__ import annotations
 
 import json
+import re
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -51,6 +52,11 @@ class CacheEntry:
 
 def key_of(image_id: str) -> str:
     return image_id.replace("%", "%25").replace("/", "%2F")
+
+
+def id_of(key: str) -> str:
+    """The inverse of :func:`key_of`."""
+    return re.sub(r"%(25|2F)", lambda m: "%" if m.group(1) == "25" else "/", key)
 
 
 def make_attrs(classes: list[str], t_tr: int, checkpoint_hash: str,
@@ -165,6 +171,9 @@ class CacheWriter:
         return self.path
 
 
+REOPEN_EVERY = 1000
+
+
 class PseudoCache:
     """Read access to a finished cache; the file is opened lazily (safe in DataLoader workers)."""
 
@@ -177,7 +186,9 @@ class PseudoCache:
             with h5py.File(self.path, "r") as h5:
                 self.attrs = {k: (v.item() if isinstance(v, np.generic) else v)
                               for k, v in h5.attrs.items()}
-                self._ids = [str(g.attrs["id"]) for g in h5.get("entries", {}).values()]
+                # From the link names alone: opening 50k groups for their "id" attribute cost
+                # seconds and a hundred MB (each object header stays cached while open).
+                self._ids = [id_of(key) for key in h5.get("entries", {}).keys()]
         except OSError as exc:
             raise BadInputError(f"not a readable HDF5 file ({exc})", self.path) from None
         check_attrs(self.attrs, self.path, checkpoint_hash, force)
@@ -195,9 +206,17 @@ class PseudoCache:
         return len(self._ids)
 
     def __contains__(self, image_id: str) -> bool:
-        return image_id in set(self._ids)
+        if getattr(self, "_id_set", None) is None:
+            self._id_set = set(self._ids)
+        return image_id in self._id_set
 
     def get(self, image_id: str) -> CacheEntry:
+        # HDF5 keeps what it learnt of every group it opened until the file closes: reading the
+        # 20k entries of one open file grew the process by 200 MB (benchmarks/scale.py), so the
+        # file is reopened every REOPEN_EVERY reads (a millisecond) and memory stays flat.
+        self._reads = getattr(self, "_reads", 0) + 1
+        if self._reads % REOPEN_EVERY == 0:
+            self.close()
         if self._h5 is None:
             self._h5 = h5py.File(self.path, "r")
         try:

@@ -8,6 +8,13 @@ order, background first), and for training ``optimizer``, ``scheduler``, ``stage
 the inference commands default to: :func:`inference_settings`; older checkpoints lack it).
 Writes are atomic: a temporary file in the same folder, flushed to disk, then ``os.replace``
 onto the final name, so a kill never leaves a torn file.
+
+A checkpoint is untrusted input: before anything is allocated, :func:`check_model_config` checks
+its ``model_config`` (types and bounds) and :func:`model_from_checkpoint` builds the network on
+PyTorch's ``meta`` device (shapes only, no memory) and compares every tensor shape the
+configuration implies with the tensors the file holds. A file claiming ``channels: 300000``
+while holding a small model is refused instead of allocating terabytes; the real network is
+built only when its tensors are exactly those the file already holds in memory.
 """
 
 from __future__ import annotations
@@ -21,12 +28,14 @@ from typing import Any
 import torch
 
 from discli.data.fileio import atomic_write as atomic_write_bytes  # one home for atomic writes
-from discli.errors import BadInputError, DisError, IncompatibleError
+from discli.errors import BadInputError, DisError, IncompatibleError, UsageError, quote
 from discli.inference import METHODS, InferenceConfig
 from discli.model import DISNet, ModelConfig
 
 FORMAT = "dis-checkpoint"
 FORMAT_VERSION = 1
+# Labelmaps are 8-bit and 255 means void: at most 255 classes (discli.data.manifest).
+MAX_CLASSES = 255
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -38,8 +47,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if path.is_dir():
         raise BadInputError("expected a checkpoint file, found a folder", path)
-    if not path.is_file():
+    if not path.exists():
         raise BadInputError("checkpoint not found", path)
+    if not path.is_file():  # /dev/zero, a FIFO: torch.load would read forever
+        raise BadInputError("expected a checkpoint file, found a device, pipe or socket", path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
@@ -57,16 +68,84 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def model_from_checkpoint(state: dict[str, Any], path: str | Path = "checkpoint") -> DISNet:
+def _scalar_ok(value: object) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return 0 <= value <= 1 << 16  # larger than any real width, depth or size
+    return value is None or isinstance(value, bool) or (isinstance(value, str)
+                                                         and len(value) <= 1000)
+
+
+def check_model_config(raw: object, path: str | Path = "checkpoint") -> ModelConfig:
+    """The checkpoint's ``model_config`` as a :class:`ModelConfig`, or a one-line
+    :class:`IncompatibleError`: types, 2..255 classes, backbone kwargs plain bounded scalars."""
+    if not isinstance(raw, dict):
+        raise IncompatibleError("checkpoint has no usable model_config entry (not a dict)", path)
+    backbone, k = raw.get("backbone", "tiny"), raw.get("num_classes", 21)
+    kwargs, weights = raw.get("backbone_kwargs", {}), raw.get("backbone_weights")
+    problem = None
+    if not isinstance(backbone, str) or not 0 < len(backbone) <= 100:
+        problem = f"backbone {quote(backbone)} is not a backbone name"
+    elif not isinstance(k, int) or isinstance(k, bool) or not 2 <= k <= MAX_CLASSES:
+        problem = (f"num_classes {quote(k)} is not an integer from 2 to {MAX_CLASSES} "
+                   f"(labelmaps are 8-bit and 255 means void)")
+    elif weights is not None and not isinstance(weights, str):
+        problem = f"backbone_weights {quote(weights)} is not a path or name"
+    elif not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs):
+        problem = f"backbone_kwargs {quote(kwargs)} is not a dict of options"
+    else:
+        bad = [key for key, value in kwargs.items() if not _scalar_ok(value)]
+        if bad:
+            problem = (f"backbone_kwargs {quote(bad[0])} = {quote(kwargs[bad[0]])} is out of "
+                       f"bounds (integers 0..65536, finite numbers, short strings)")
+    if problem:
+        raise IncompatibleError(f"model_config: {problem}; refusing to build it", path)
+    return ModelConfig(backbone=backbone, num_classes=k, backbone_weights=weights,
+                       backbone_kwargs=dict(kwargs))
+
+
+def _check_shapes(config: ModelConfig, weights: dict[str, Any], path: str | Path) -> None:
+    """Build ``config`` on the meta device (no memory) and refuse a state dict whose names or
+    shapes differ, before the real network (whose size the config alone decides) exists."""
     try:
-        config = ModelConfig.from_dict(state["model_config"])
-        weights = state["model"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise IncompatibleError(f"checkpoint has no usable model_config/model entries "
-                                f"({type(exc).__name__}: {exc})", path) from None
+        with torch.device("meta"):
+            expected = DISNet(config).state_dict()
+    except DisError:
+        raise
+    except Exception:  # noqa: BLE001 - a plugin backbone that cannot be built on meta: the
+        return  # real build below still checks every name and shape, after allocating
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = sorted(key for key in set(expected) & set(weights)
+                   if tuple(expected[key].shape) != tuple(weights[key].shape))
+    if missing or unexpected or wrong:
+        if wrong:
+            key = wrong[0]
+            detail = (f"{key} is {tuple(weights[key].shape)} in the file but "
+                      f"{tuple(expected[key].shape)} in its model_config")
+        else:
+            detail = (f"missing {quote(missing[:3])}" if missing
+                      else f"unexpected {quote(unexpected[:3])}")
+        raise IncompatibleError(f"weights do not fit {config.backbone} with "
+                                f"{config.num_classes} classes and {config.backbone_kwargs}: "
+                                f"{detail}", path)
+
+
+def model_from_checkpoint(state: dict[str, Any], path: str | Path = "checkpoint") -> DISNet:
+    if "model_config" not in state or not isinstance(state.get("model"), dict):
+        raise IncompatibleError("checkpoint has no usable model_config/model entries", path)
+    config = check_model_config(state["model_config"], path)
+    weights = state["model"]
+    if not all(isinstance(key, str) and isinstance(value, torch.Tensor)
+               for key, value in weights.items()):
+        raise IncompatibleError("checkpoint's 'model' entry is not a state dict of tensors", path)
     config.backbone_weights = None  # the checkpoint holds the weights: never re-download
     try:
+        _check_shapes(config, weights, path)
         model = DISNet(config)
+    except IncompatibleError:
+        raise
     except DisError as exc:  # e.g. a backbone plugin that is not installed here
         raise IncompatibleError(f"cannot rebuild its model: {exc}", path) from None
     except (TypeError, ValueError) as exc:
@@ -135,6 +214,10 @@ def inference_config(settings: dict[str, Any], steps: int | None = None,
     """An :class:`discli.inference.InferenceConfig` from checkpoint settings, with every
     override that is not None taking the place of the checkpoint's value."""
     values = {k: settings[k] for k in ("lr", "momentum", "tag_weight", "proximity", "method")}
+    for key, value in overrides.items():
+        # nan passes every range check the wrong way and yields an all-background labelmap
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{key.replace('_', '-')} must be a finite number, got {value}")
     values.update({k: v for k, v in overrides.items() if v is not None})
     return InferenceConfig(steps=steps or 0, **values)
 

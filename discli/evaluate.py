@@ -32,6 +32,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,9 +43,10 @@ from discli.errors import BadInputError, UsageError
 from discli.inference import InferenceConfig
 from discli.metrics import BoundaryF, ConfusionMatrix
 from discli.model import DISNet
-from discli.predict import (check_classes, plan_batches, run_inference, size_batches,
-                            synchronize, upsample_probs)
+from discli.multiscale import infer_views
+from discli.predict import check_classes, plan_batches, size_batches, synchronize
 from discli.progress import NullReporter, Reporter
+from discli.visual import DEFAULT_OPACITY
 
 ENSEMBLE = "ensemble"
 
@@ -111,7 +113,8 @@ class Evaluator:
                            "miou": scores["miou"], "pixel_acc": scores["pixel_acc"],
                            "boundary": self.boundary[name].compute(), "ms_per_image": ms,
                            "iou": scores["iou"], "classes_counted": scores["classes_counted"],
-                           "pixels": scores["pixels"]})
+                           "pixels": scores["pixels"],
+                           "confusion": self.confusion[name].mat.cpu().tolist()})
         return {"images": self.images, "ms_per_image": ms, "setups": setups}
 
 
@@ -151,20 +154,37 @@ def evaluate(model: DISNet, manifest: Any, steps: Sequence[int] = (0,),
              ensemble: bool = True, batch_size: int = 8, device: str | torch.device = "cpu",
              amp: bool = False, boundary_tolerance: float = 2.0, split: str | None = None,
              num_workers: int = 0, limit: int | None = None,
-             checkpoint: str | None = None, reporter: Reporter | None = None
-             ) -> dict[str, Any]:
+             checkpoint: str | None = None, reporter: Reporter | None = None,
+             save_dir: str | Path | None = None, opacity: float = DEFAULT_OPACITY,
+             scales: Sequence[float] = (1.0,), flip: bool = False) -> dict[str, Any]:
     """Evaluate ``model`` on the labelled records of ``manifest`` (a
     :class:`discli.data.manifest.Manifest`) at every t in ``steps`` (+ their ensemble).
 
     Returns ``{"manifest", "split", "classes", "steps", "images", "ms_per_image",
     "boundary_tolerance", "checkpoint", "setups": [{"name", "steps", "miou", "pixel_acc",
     "boundary": {"precision", "recall", "f1", "tolerance"}, "ms_per_image", "iou": {class: IoU
-    or None}, "classes_counted", "pixels"}, ...]}``; mIoU over classes with gt + pred pixels > 0.
+    or None}, "classes_counted", "pixels", "confusion": K x K pixel counts, rows = true class,
+    columns = predicted}, ...]}``; mIoU over classes with gt + pred pixels > 0.
+
+    ``save_dir``: also write what was scored (:class:`PredictionSaver`): per setup a folder
+    (``t0``, ``t10``, ``ensemble``) with ``<id>.png``, the prediction as a VOC palette PNG,
+    and ``<id>_overlay.jpg``, the image with the prediction blended over its labelled
+    non-background pixels at ``opacity``; and ``confusion.png``, the confusion matrix of every
+    setup.
+
+    ``scales`` / ``flip``: multi-scale and flip testing (:mod:`discli.multiscale`): every t is
+    the average of the probabilities of every scale, and of its mirror image when ``flip``.
 
     Under torchrun each rank scores its share of the batches and every rank returns the report
     of the whole set (see the module docstring).
     """
     from discli.data.dataset import SegDataset
+    from discli.multiscale import check_scales
+
+    try:
+        scales = check_scales(scales)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
     cfg = cfg or InferenceConfig()
     reporter = reporter or NullReporter()
@@ -178,6 +198,8 @@ def evaluate(model: DISNet, manifest: Any, steps: Sequence[int] = (0,),
     dataset = SegDataset(data, transform=None, use_labelmaps=True)
     model = model.to(device).eval()
     acc = Evaluator(len(classes), steps, ensemble, boundary_tolerance)
+    saver = (PredictionSaver(save_dir, data, acc.names, opacity)
+             if save_dir is not None else None)
     if info.enabled:
         batches, total = _sharded_batches(dataset, data, batch_size, num_workers, info)
     else:
@@ -187,7 +209,9 @@ def evaluate(model: DISNet, manifest: Any, steps: Sequence[int] = (0,),
         total = len(dataset)
     reporter.start("evaluate", total=total)
     for batch in batches:
-        _score_batch(model, batch, acc, cfg, amp, device)
+        preds = _score_batch(model, batch, acc, cfg, amp, device, scales, flip)
+        if saver is not None:
+            saver.write(batch, preds)
         latest = acc.confusion[acc.names[-1]].compute()
         reporter.advance(len(batch), mIoU=latest["miou"])
     if info.enabled:
@@ -195,6 +219,8 @@ def evaluate(model: DISNet, manifest: Any, steps: Sequence[int] = (0,),
     if acc.images == 0:
         raise BadInputError("no image had a readable labelmap", manifest.path)
     report = _finite(acc.result(classes))
+    if saver is not None and info.is_main:
+        saver.write_confusion(report["setups"], classes)
     return {"manifest": str(manifest.path), "checkpoint": checkpoint, "split": split,
             "classes": classes, "steps": steps, "boundary_tolerance": boundary_tolerance,
             **report}
@@ -216,14 +242,16 @@ def _sharded_batches(dataset: Any, data: Any, batch_size: int, num_workers: int,
 
 
 def _score_batch(model: DISNet, batch: list[dict[str, Any]], acc: Evaluator,
-                 cfg: InferenceConfig, amp: bool, device: torch.device) -> None:
-    """One backbone forward for a batch of same-size images, scored for every setup."""
+                 cfg: InferenceConfig, amp: bool, device: torch.device,
+                 scales: Sequence[float] = (1.0,), flip: bool = False
+                 ) -> dict[str, torch.Tensor]:
+    """One backbone forward per view (scale, flip) for a batch of same-size images, scored for
+    every setup; returns the predictions (B, H, W) by setup name."""
     images = torch.stack([torch.as_tensor(item["image"]) for item in batch]).to(device)
     target = torch.stack([torch.as_tensor(item["labelmap"]) for item in batch])
-    size = tuple(images.shape[-2:])
     start = time.perf_counter()
-    results = run_inference(model, images, acc.steps, cfg, amp)
-    full = {t: upsample_probs(results[t].probs, size) for t in acc.steps}
+    results = infer_views(model, images, acc.steps, cfg, scales, flip, amp)
+    full = {t: results[t].probs for t in acc.steps}
     preds = {f"t={t}": full[t].argmax(dim=1) for t in acc.steps}
     if ENSEMBLE in acc.names:
         preds[ENSEMBLE] = torch.stack(list(full.values())).mean(dim=0).argmax(dim=1)
@@ -232,3 +260,68 @@ def _score_batch(model: DISNet, batch: list[dict[str, Any]], acc: Evaluator,
     acc.add_time(time.perf_counter() - start, len(batch))
     for name, pred in preds.items():
         acc.update(name, pred, target)
+    return preds
+
+
+def setup_folder(name: str) -> str:
+    """The folder of a setup's predictions: "t=10" -> "t10", "ensemble" -> "ensemble"."""
+    return name.replace("=", "")
+
+
+class PredictionSaver:
+    """Writes the predictions an evaluation scores (``evaluate(save_dir=...)``), as
+    mmsegmentation's ``--show-dir`` does: ``<dir>/<setup>/<id>.png`` (VOC palette PNG, the
+    palette index is the class), ``<dir>/<setup>/<id>_overlay.jpg`` and ``<dir>/confusion.png``.
+    Every file is written atomically; a folder that would put an output on an input image or
+    labelmap of the manifest is refused before anything is written."""
+
+    def __init__(self, folder: str | Path, manifest: Any, names: Sequence[str], opacity: float):
+        from discli.visual import check_opacity
+
+        self.folder = Path(folder)
+        self.names = list(names)
+        self.opacity = check_opacity(opacity)
+        inputs = {p.resolve() for rec in manifest.records
+                  for p in (manifest.image_path(rec), manifest.labelmap_path(rec)) if p}
+        for rec in manifest.records:
+            for name in self.names:
+                for path in self.paths(name, rec.id):
+                    if path.resolve() in inputs:
+                        raise UsageError(f"--save-dir {self.folder} would write {path} over an "
+                                         "input file: choose another folder")
+        if (self.folder / "confusion.png").resolve() in inputs:
+            raise UsageError(f"--save-dir {self.folder} would write confusion.png over an input "
+                             "file: choose another folder")
+
+    def paths(self, name: str, image_id: str) -> tuple[Path, Path]:
+        sub = self.folder / setup_folder(name)
+        return sub / f"{image_id}.png", sub / f"{image_id}_overlay.jpg"
+
+    def write(self, batch: list[dict[str, Any]], preds: dict[str, torch.Tensor]) -> None:
+        import io
+
+        from PIL import Image
+
+        from discli.data.dataset import denormalize
+        from discli.data.fileio import atomic_write
+        from discli.data.voc import write_palette_png
+        from discli.visual import overlay
+
+        for i, item in enumerate(batch):
+            rgb = (denormalize(torch.as_tensor(item["image"])).permute(1, 2, 0).numpy() * 255)
+            rgb = rgb.round().astype("uint8")
+            for name in self.names:
+                labelmap = preds[name][i].numpy().astype("uint8")
+                png, jpg = self.paths(name, str(item["id"]))
+                write_palette_png(png, labelmap)
+                buffer = io.BytesIO()
+                Image.fromarray(overlay(rgb, labelmap, self.opacity)).save(
+                    buffer, format="JPEG", quality=90)
+                data = buffer.getvalue()
+                atomic_write(jpg, lambda f, data=data: f.write(data), durable=False)
+
+    def write_confusion(self, setups: list[dict[str, Any]], classes: Sequence[str]) -> Path:
+        from discli.plots import write_confusions
+
+        return write_confusions(self.folder / "confusion.png",
+                                {s["name"]: s["confusion"] for s in setups}, classes)

@@ -45,22 +45,8 @@ from discli.inference_lowrank import refine_lowrank, supports_lowrank
 from discli.losses import recon_loss, recon_target, tag_loss
 from discli.model import DISNet, final_probs
 
-METHODS = ("auto", "autograd", "lowrank")
-
-
-@dataclass
-class InferenceConfig:
-    steps: int = 0  # t
-    lr: float = 0.003  # the only step measured to help (README, "Test-time inference")
-    momentum: float = 0.9
-    tag_weight: float = 1.0  # only used when noisy tags are given (training-time inference)
-    proximity: float = 0.0
-    method: str = "auto"  # "auto" | "autograd" | "lowrank" (same iterations, see module doc)
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"inference method must be one of {', '.join(METHODS)}, "
-                             f"got {self.method!r}")
+# The settings live in a module without torch, so that the CLI can show them in --help fast.
+from discli.inference_config import METHODS, InferenceConfig  # noqa: E402,F401
 
 
 @dataclass

@@ -4,18 +4,28 @@ Outputs for an image with id ``ID`` under ``out_dir`` (an id may contain "/": su
 
     ID.png           class indices, 8-bit greyscale ('L'), at the image's own resolution
     ID_color.png     the same labelmap with the VOC palette ('P')
-    ID_overlay.jpg   (overlay=True) image and coloured labelmap blended half and half
+    ID_overlay.jpg   (overlay=True) the image with the labelmap's non-background pixels blended
+                     with their class colour at ``opacity`` (background left as it is)
 
 Final probabilities (stride 8) are upsampled bilinearly (align_corners=False) to the image size
 before the argmax. Images are batched only with images of the *same size* (never padded), so an
 image's prediction does not depend on its batch mates. Every file is written atomically (temp +
-rename); an image whose requested outputs all exist is skipped (resume) unless ``overwrite``.
+rename); an image whose requested outputs all exist *and were made from the same input file
+with the same checkpoint and settings* is skipped (resume) unless ``overwrite``.
 ``out_dir/.dis-infer.json`` records the checkpoint and settings: resuming into a folder made with
-other ones is refused.
+other ones is refused. ``out_dir/.dis-infer.outputs.jsonl`` records what made each output, one
+line per image appended once its files are written: ``{"id", "input": hash of the input file's
+bytes, "made": hash of checkpoint and settings}``. An image whose record is missing or differs
+(another image under the same id, say) is predicted again; a folder without ``.dis-infer.json``
+that already holds a file of an output's name is refused (the file was not made by dis infer).
+
+No output may be a file the run reads: an input image, a labelmap of an input manifest, the
+manifest, the checkpoint (:func:`discli.safety.refuse_overlap`, exit 2, whatever the flags).
 
 ``probs_path`` (HDF5): root attrs ``format="dis-probs"``, ``format_version``, ``classes`` (JSON),
 ``steps``, ``checkpoint_hash``; ``/entries/<key>`` per image (key = id with "/" as "%2F") holds
-``probs`` float16 (K, H, W) at the image's resolution, ``tag_probs`` float32 (K,), attr ``id``.
+``probs`` float16 (K, H, W) at the image's resolution, ``tag_probs`` float32 (K,), attrs ``id``
+and ``input`` (hash of the input file: an entry of another image under the same id is redone).
 While a run is in progress, entries go to small part files (``.<name>.parts/part-NNNNNN.h5``),
 each written under a temporary name and renamed when complete (every :data:`PROBS_PART_IMAGES`
 images or :data:`PROBS_PART_SECONDS` seconds); when the run ends (also on an error or ^C) the
@@ -42,7 +52,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -64,16 +76,20 @@ from discli.checkpoint import (atomic_write_bytes, default_inference_settings, f
                                inference_config, inference_settings, load_model)
 from discli.distributed import (DistInfo, barrier, gather_to_main, on_main, setup_distributed,
                                 shard, together)
-from discli.errors import BadInputError, IncompatibleError, UsageError
+from discli.data.fileio import MAX_LINE_BYTES, MAX_TEXT_BYTES
+from discli.errors import BadInputError, IncompatibleError, UsageError, quote, system_error
 from discli.inference import InferenceConfig, InferenceResult, infer_steps
 from discli.lock import lock_file, lock_folder, make_folder, remove_stale_temps
 from discli.model import DISNet
+from discli.multiscale import check_scales
 from discli.progress import NullReporter, Reporter
+from discli.safety import refuse_overlap
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 PROBS_FORMAT = "dis-probs"
 PROBS_FORMAT_VERSION = 1
 RUN_INFO = ".dis-infer.json"
+OUTPUT_RECORDS = ".dis-infer.outputs.jsonl"
 PROBS_PART_IMAGES = 32  # a kill loses at most this many images' probabilities ...
 PROBS_PART_SECONDS = 60.0  # ... or this much work
 
@@ -127,6 +143,8 @@ def check_classes(model_classes: Sequence[str], other: Sequence[str], what: str,
 class InputImage:
     id: str
     path: Path
+    labelmap: Path | None = None  # the manifest's labelmap of the image: never written over
+    source: Path | None = None  # the manifest the image came from: never written over
 
 
 def _inside(path: Path, folder: Path | None) -> bool:
@@ -143,7 +161,9 @@ def _manifest_images(path: Path) -> list[InputImage]:
     from discli.data.manifest import read_manifest
 
     manifest = read_manifest(path)
-    return [InputImage(rec.id, Path(manifest.image_path(rec))) for rec in manifest.records]
+    return [InputImage(rec.id, Path(manifest.image_path(rec)),
+                       None if rec.labelmap is None else Path(manifest.labelmap_path(rec)), path)
+            for rec in manifest.records]
 
 
 def _expand(source: str, exclude: Path | None) -> list[InputImage]:
@@ -155,6 +175,24 @@ def _expand(source: str, exclude: Path | None) -> list[InputImage]:
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         return [InputImage(path.stem, path)]
     return _manifest_images(path)
+
+
+def _stdin_lines(stream: TextIO | None) -> Iterator[str]:
+    """The lines of a list of paths on stdin, bounded: ``dis infer - < /dev/zero`` (or an archive
+    piped by mistake) is refused instead of read until memory runs out."""
+    if stream is None:  # sys.stdin is None when fd 0 is closed
+        return
+    total = 0
+    for n in itertools.count(1):
+        line = stream.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        total += len(line)
+        if len(line) > MAX_LINE_BYTES or total > MAX_TEXT_BYTES:
+            raise BadInputError(f"line {n}: the list of paths has a line longer than "
+                                f"{MAX_LINE_BYTES >> 20} MiB or is larger than "
+                                f"{MAX_TEXT_BYTES >> 20} MiB: not a list of paths", "<stdin>")
+        yield line
 
 
 def collect_inputs(sources: Sequence[str], stdin: TextIO | None = None,
@@ -171,7 +209,7 @@ def collect_inputs(sources: Sequence[str], stdin: TextIO | None = None,
         if source == "-":
             stream = stdin if stdin is not None else sys.stdin
             try:
-                for line in stream or ():  # sys.stdin is None when fd 0 is closed
+                for line in _stdin_lines(stream):
                     line = line.strip()
                     if line and not line.startswith("#"):
                         images.extend(_expand(line, exclude))
@@ -183,7 +221,7 @@ def collect_inputs(sources: Sequence[str], stdin: TextIO | None = None,
     seen: dict[str, Path] = {}
     for image in images:
         if image.id in seen:
-            raise BadInputError(f"two inputs share the id {image.id!r}: {seen[image.id]} and "
+            raise BadInputError(f"two inputs share the id {quote(image.id)}: {seen[image.id]} and "
                                 f"{image.path}; rename one or pass them in separate runs",
                                 image.path)
         seen[image.id] = image.path
@@ -203,13 +241,13 @@ def safe_join(out_dir: Path, name: str) -> Path:
     if (not name or "\x00" in name or name.startswith("/") or any(p in ("", ".", "..")
                                                                     for p in parts)
             or (len(parts[0]) >= 2 and parts[0][1] == ":")):
-        raise BadInputError(f"image id {name!r} would write outside the output folder "
+        raise BadInputError(f"image id {quote(name)} would write outside the output folder "
                             f"(absolute, empty or '..' path component)", out_dir)
     path = out_dir.joinpath(*parts)
     root = out_dir.resolve()
     resolved = path.resolve()
     if resolved != root and root not in resolved.parents:
-        raise BadInputError(f"image id {name!r} would write outside the output folder "
+        raise BadInputError(f"image id {quote(name)} would write outside the output folder "
                             f"(through a symbolic link)", out_dir)
     return path
 
@@ -251,12 +289,16 @@ def write_color_png(path: Path, labelmap: np.ndarray) -> None:
 
 
 def overlay_image(image: np.ndarray, labelmap: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    colors = palette()[labelmap]
-    return ((1 - alpha) * image.astype(np.float32) + alpha * colors).round().astype(np.uint8)
+    """:func:`discli.visual.overlay`: labelled non-background pixels blended, the rest kept."""
+    from discli.visual import overlay
+
+    return overlay(image, labelmap, alpha)
 
 
-def write_overlay(path: Path, image: np.ndarray, labelmap: np.ndarray) -> None:
-    _save_image(path, Image.fromarray(overlay_image(image, labelmap)), "JPEG", quality=90)
+def write_overlay(path: Path, image: np.ndarray, labelmap: np.ndarray,
+                  opacity: float = 0.5) -> None:
+    _save_image(path, Image.fromarray(overlay_image(image, labelmap, opacity)), "JPEG",
+                quality=90)
 
 
 class ProbsWriter:
@@ -280,6 +322,7 @@ class ProbsWriter:
         self.rank = rank
         self._prefix = "part-" if rank == 0 else f"part-r{rank}-"
         self.done: set[str] = set()
+        self.inputs: dict[str, str] = {}  # id -> hash of the input its entry was made from
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if rank == 0:
             remove_stale_temps(self.path.parent)
@@ -288,12 +331,11 @@ class ProbsWriter:
                 for part in self.parts():
                     part.unlink()
             else:
-                if self.path.exists():
-                    self._check(self.path)
-                    self.done |= self._ids(self.path)
-                for part in self.parts():
-                    self._check(part)
-                    self.done |= self._ids(part)
+                for source in ([self.path] if self.path.exists() else []) + self.parts():
+                    self._check(source)
+                    entries = self._ids(source)
+                    self.done |= set(entries)
+                    self.inputs.update(entries)
         own = re.compile(re.escape(self._prefix) + r"(\d+)\.h5")
         seqs = [int(m.group(1)) for m in (own.fullmatch(p.name) for p in self.parts()) if m]
         self._seq = max(seqs, default=-1) + 1
@@ -306,9 +348,11 @@ class ProbsWriter:
         return sorted(self.parts_dir.glob("part-*.h5")) if self.parts_dir.is_dir() else []
 
     @staticmethod
-    def _ids(path: Path) -> set[str]:
+    def _ids(path: Path) -> dict[str, str]:
+        """id -> the input hash of each entry ("" for entries written before dis recorded it)."""
         with h5py.File(path, "r") as h5:
-            return {str(g.attrs["id"]) for g in h5.get("entries", {}).values()}
+            return {str(g.attrs["id"]): str(g.attrs.get("input", ""))
+                    for g in h5.get("entries", {}).values()}
 
     def _check(self, path: Path) -> None:
         try:
@@ -355,12 +399,24 @@ class ProbsWriter:
         else:
             tmp.unlink(missing_ok=True)
 
-    def add(self, image_id: str, probs: np.ndarray, tag_probs: np.ndarray) -> None:
+    def add(self, image_id: str, probs: np.ndarray, tag_probs: np.ndarray,
+            input_hash: str = "") -> None:
+        try:
+            self._add(image_id, probs, tag_probs, input_hash)
+        except OSError as exc:  # a full disk: name the file, not "Can't write data"
+            refused = system_error(exc, self.path)
+            if refused is None:
+                raise
+            raise refused from exc
+
+    def _add(self, image_id: str, probs: np.ndarray, tag_probs: np.ndarray,
+             input_hash: str) -> None:
         entries = self._open_part()["entries"]
         key = key_of(image_id)
         try:
             g = entries.create_group(key)
             g.attrs["id"] = image_id
+            g.attrs["input"] = input_hash
             g.create_dataset("probs", data=probs.astype(np.float16), compression="gzip",
                              compression_opts=1, chunks=True)
             g.create_dataset("tag_probs", data=tag_probs.astype(np.float32))
@@ -370,6 +426,7 @@ class ProbsWriter:
             raise
         self._count += 1
         self.done.add(image_id)
+        self.inputs[image_id] = input_hash
         if (self._count >= self.part_images
                 or time.monotonic() - self._opened >= self.part_seconds):
             self._finish_part()
@@ -469,6 +526,87 @@ def _normalize(image: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(normalize(image))
 
 
+def input_hash(path: Path) -> str:
+    """Hash of an input image's bytes ("" when it cannot be read: such an image is never taken
+    as done, and reading it for prediction gives the proper error)."""
+    try:
+        return file_hash(path)
+    except OSError:
+        return ""
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    """What made an output besides its input: checkpoint hash, steps, inference settings,
+    classes."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class OutputRecords:
+    """``out_dir/.dis-infer.outputs.jsonl``: one line per image whose files are written,
+    ``{"id", "input", "made"}`` (module docstring). Appended one line at a time (``O_APPEND``:
+    the ranks of a torchrun job share it); the last line of each id wins, and a line torn by a
+    kill is ignored (its image is redone)."""
+
+    def __init__(self, out_dir: Path, made: str):
+        self.path = out_dir / OUTPUT_RECORDS
+        self.made = made
+        self.records: dict[str, dict[str, Any]] = {}
+
+    def load(self) -> None:
+        """Read the records (rank 0, before anyone appends); rewrite them compacted when older
+        lines were superseded, so that resuming many times does not grow the file."""
+        from discli.data.fileio import read_bytes
+
+        if not self.path.exists():
+            return
+        lines = read_bytes(self.path, "record of outputs").split(b"\n")
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("id"), str):
+                self.records[rec["id"]] = rec
+        if sum(1 for line in lines if line.strip()) > len(self.records):
+            text = "".join(json.dumps(rec) + "\n" for rec in self.records.values())
+            atomic_write_bytes(self.path, lambda f: f.write(text.encode()))
+
+    def matches(self, image_id: str, input_digest: str) -> bool:
+        """Whether the outputs of ``image_id`` were made from this input with these settings."""
+        rec = self.records.get(image_id)
+        return (bool(input_digest) and rec is not None and rec.get("input") == input_digest
+                and rec.get("made") == self.made)
+
+    def add(self, image_id: str, input_digest: str) -> None:
+        line = json.dumps({"id": image_id, "input": input_digest, "made": self.made}) + "\n"
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line.encode())  # one write: lines of two ranks never interleave
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            refused = system_error(exc, self.path)
+            if refused is None:
+                raise
+            raise refused from exc
+        self.records[image_id] = json.loads(line)
+
+
+def _refuse_foreign(out_dir: Path, plans: list[tuple[InputImage, dict[str, Path]]]) -> None:
+    """A folder dis infer has not written to (no .dis-infer.json) may not already hold a file
+    of an output's name: it is someone else's (ground-truth labelmaps, photos), never replaced,
+    whatever the flags."""
+    if (out_dir / RUN_INFO).exists():
+        return
+    for _, paths in plans:
+        for path in paths.values():
+            if os.path.lexists(path):
+                raise UsageError(f"{path} exists and was not made by dis infer (the folder has no "
+                                 f"{RUN_INFO}); choose another --out, or move the file away "
+                                 f"(nothing was written)", out_dir)
+
+
 def _write_run_info(out_dir: Path, info: dict[str, Any]) -> None:
     atomic_write_bytes(out_dir / RUN_INFO, lambda f: f.write(json.dumps(info, indent=1).encode()))
 
@@ -499,8 +637,9 @@ def predict(model: DISNet, inputs: Sequence[InputImage], *, classes: Sequence[st
             out_dir: str | Path | None = None, steps: int = 0, cfg: InferenceConfig | None = None,
             batch_size: int = 8, device: str | torch.device = "cpu", amp: bool = False,
             overlay: bool = False, probs_path: str | Path | None = None, overwrite: bool = False,
-            checkpoint_hash: str = "", reporter: Reporter | None = None
-            ) -> Iterator[dict[str, Any]]:
+            checkpoint_hash: str = "", reporter: Reporter | None = None, opacity: float = 0.5,
+            protect: Iterable[tuple[str | Path, str]] = (), scales: Sequence[float] = (1.0,),
+            flip: bool = False) -> Iterator[dict[str, Any]]:
     """Infer every input and write its outputs; yields one summary dict per image.
 
     Summary: ``id``, ``image`` (path), ``size`` [H, W], ``skipped`` (outputs already there),
@@ -512,6 +651,12 @@ def predict(model: DISNet, inputs: Sequence[InputImage], *, classes: Sequence[st
     collected on rank 0 and shared with :func:`discli.distributed.on_main`). Rank 0 yields the
     summary of every image, the skipped ones first, then its own as they are computed, then
     those of the other ranks once all are done; the other ranks yield their own images' only.
+
+    ``scales`` / ``flip``: multi-scale and flip testing (:mod:`discli.multiscale`).
+
+    No output may be a file the run reads: the inputs, their manifests and labelmaps, and the
+    files of ``protect`` (``(path, what)`` pairs: the checkpoint); refused with
+    :class:`UsageError` before anything is written, whatever ``overwrite`` says.
     """
     cfg = cfg or InferenceConfig()
     reporter = reporter or NullReporter()
@@ -521,12 +666,29 @@ def predict(model: DISNet, inputs: Sequence[InputImage], *, classes: Sequence[st
     settings = {"checkpoint_hash": checkpoint_hash, "steps": int(steps),
                 "inference": {"lr": cfg.lr, "momentum": cfg.momentum,
                               "proximity": cfg.proximity}, "classes": list(classes)}
+    try:
+        views = {"scales": list(check_scales(scales)), "flip": bool(flip)}
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if views != {"scales": [1.0], "flip": False}:  # (folders of the single view keep their hash)
+        settings["views"] = views
     plans = [(item, output_paths(out, item.id, overlay) if out is not None else {})
              for item in inputs]
     targets = [p for _, paths in plans for p in paths.values()]
     if len(set(targets)) != len(targets):
         raise BadInputError("two images would write the same output file (an id ending in "
                             "'_color' or '_overlay' next to its stem?)", out)
+    manifests = {item.source for item in inputs if item.source is not None}
+    refuse_overlap(
+        [(p, "output file") for p in targets] + [(probs_path, "--probs file")]
+        + ([(out / RUN_INFO, "run record"), (out / OUTPUT_RECORDS, "record of outputs")]
+           if out is not None else []),
+        [(item.path, "input image") for item in inputs]
+        + [(item.labelmap, "labelmap of the input manifest") for item in inputs]
+        + [(m, "input manifest") for m in manifests] + list(protect),
+        advice="choose another --out or --probs")
+    if out is not None:
+        _refuse_foreign(out, plans)  # again under the lock; here before the lock file exists
     with contextlib.ExitStack() as locks:
         def take_locks() -> None:  # per-rank lock names: the ranks of one job share the folder
             if out is not None:
@@ -538,23 +700,32 @@ def predict(model: DISNet, inputs: Sequence[InputImage], *, classes: Sequence[st
         together(take_locks)
         yield from _predict_locked(model, plans, classes, out, steps, cfg, batch_size, device,
                                    amp, probs_path, overwrite, checkpoint_hash, settings,
-                                   reporter, info)
+                                   reporter, info, opacity)
 
 
 def _predict_locked(model: DISNet, plans: list[tuple[InputImage, dict[str, Path]]],
                     classes: Sequence[str], out: Path | None, steps: int, cfg: InferenceConfig,
                     batch_size: int, device: torch.device, amp: bool,
                     probs_path: str | Path | None, overwrite: bool, checkpoint_hash: str,
-                    settings: dict[str, Any], reporter: Reporter, info: DistInfo
-                    ) -> Iterator[dict[str, Any]]:
+                    settings: dict[str, Any], reporter: Reporter, info: DistInfo,
+                    opacity: float = 0.5) -> Iterator[dict[str, Any]]:
     main = info.is_main
+    views = settings.get("views", {"scales": [1.0], "flip": False})
+
+    # an overlay's look is part of what made it: another --opacity redoes the overlays
+    overlay = any("overlay" in paths for _, paths in plans)
+    made = settings_hash({**settings, "overlay_opacity": opacity if overlay else None})
+    records = OutputRecords(out, made) if out is not None else None
 
     def prepare() -> ProbsWriter | None:
         if out is not None and main:
             # image writes torn by a kill: only where this run writes (never a scan of a big tree)
             for folder in {out, *(p.parent for _, paths in plans for p in paths.values())}:
                 remove_stale_temps(folder)
+            _refuse_foreign(out, plans)
             _check_run_info(out, settings, overwrite)
+            assert records is not None
+            records.load()
         if probs_path is None:
             return None
         return ProbsWriter(probs_path, {"format": PROBS_FORMAT,
@@ -572,6 +743,11 @@ def _predict_locked(model: DISNet, plans: list[tuple[InputImage, dict[str, Path]
         for i, (item, paths) in enumerate(plans):
             done = (bool(paths) or probs is not None) and not overwrite and all(
                 p.is_file() for p in paths.values()) and (probs is None or item.id in probs.done)
+            if done:  # outputs of this id exist: were they made from this input, these settings?
+                digest = input_hash(item.path)
+                done = ((records is None or records.matches(item.id, digest))
+                        and (probs is None or (bool(digest)
+                                               and probs.inputs.get(item.id) == digest)))
             (skipped if done else todo).append(i)
         if not info.enabled:
             return skipped, todo, None
@@ -603,7 +779,8 @@ def _predict_locked(model: DISNet, plans: list[tuple[InputImage, dict[str, Path]
                        "outputs": {k: str(p) for k, p in paths.items()}}
         own: list[dict[str, Any]] = []
         for summary in _predict_batches(model, batches, classes, steps, cfg, device, amp, probs,
-                                        reporter):
+                                        reporter, opacity, records, views["scales"],
+                                        views["flip"]):
             if not main:
                 own.append(summary)  # for rank 0 to report
             yield summary
@@ -631,38 +808,46 @@ def _finish(probs: ProbsWriter | None, out: Path | None, overwrite: bool,
 
 
 def _loaded(todo: list[tuple[InputImage, dict[str, Path]]]
-            ) -> Iterator[tuple[InputImage, dict[str, Path], np.ndarray]]:
+            ) -> Iterator[tuple[InputImage, dict[str, Path], np.ndarray, str]]:
+    """(image, its output paths, decoded RGB, hash of its file) for each image to predict."""
     from discli.data.voc import read_image
 
     for item, paths in todo:
-        yield item, paths, read_image(item.path)
+        rgb = read_image(item.path)
+        yield item, paths, rgb, input_hash(item.path)
 
 
 def _predict_batches(model: DISNet,
-                     batches: Iterable[list[tuple[InputImage, dict[str, Path], np.ndarray]]],
+                     batches: Iterable[list[tuple[InputImage, dict[str, Path], np.ndarray, str]]],
                      classes: Sequence[str], steps: int, cfg: InferenceConfig,
                      device: torch.device, amp: bool, probs: ProbsWriter | None,
-                     reporter: Reporter) -> Iterator[dict[str, Any]]:
+                     reporter: Reporter, opacity: float = 0.5,
+                     records: OutputRecords | None = None, scales: Sequence[float] = (1.0,),
+                     flip: bool = False) -> Iterator[dict[str, Any]]:
+    from discli.multiscale import infer_views
+
     names = list(classes)
     for batch in batches:
-        images = torch.stack([_normalize(rgb) for _, _, rgb in batch]).to(device)
+        images = torch.stack([_normalize(rgb) for _, _, rgb, _ in batch]).to(device)
         size = batch[0][2].shape[:2]
         start = time.perf_counter()
-        result = run_inference(model, images, [steps], cfg, amp)[steps]
-        full = upsample_probs(result.probs, size)
+        result = infer_views(model, images, [steps], cfg, scales, flip, amp)[steps]
+        full = result.probs
         labelmaps = full.argmax(dim=1).to(torch.uint8).cpu().numpy()
         synchronize(device)
         ms = 1000 * (time.perf_counter() - start) / len(batch)
         tag_probs = result.tag_probs.float().cpu().numpy()
-        for i, (item, paths, rgb) in enumerate(batch):
+        for i, (item, paths, rgb, digest) in enumerate(batch):
             lm = labelmaps[i]
             if "labelmap" in paths:
                 write_index_png(paths["labelmap"], lm)
                 write_color_png(paths["color"], lm)
             if "overlay" in paths:
-                write_overlay(paths["overlay"], rgb, lm)
+                write_overlay(paths["overlay"], rgb, lm, opacity)
+            if records is not None and paths:
+                records.add(item.id, digest)  # after its files: a kill before it redoes them
             if probs is not None:
-                probs.add(item.id, full[i].cpu().numpy(), tag_probs[i])
+                probs.add(item.id, full[i].cpu().numpy(), tag_probs[i], digest)
             counts = np.bincount(lm.reshape(-1), minlength=len(names))
             order = np.argsort(-counts, kind="stable")
             reporter.advance(1)
@@ -672,4 +857,4 @@ def _predict_batches(model: DISNet,
                                if counts[k] > 0},
                    "tags": {names[k]: round(float(tag_probs[i][k]), 4)
                             for k in range(1, len(names))},
-                   "loss": float(result.losses[i, -1]), "ms": round(ms, 2)}
+                   "loss": float(result.loss[i]), "ms": round(ms, 2)}

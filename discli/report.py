@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -9,9 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 from discli.checkpoint import atomic_write_bytes
+from discli.plots import write_curves  # noqa: F401  (the demo's curves.png)
 
 
 def _pct(x: float | None) -> str:
@@ -82,28 +83,25 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
     atomic_write_bytes(out / "report.md", lambda f: f.write(markdown(report).encode()))
 
 
-def _tile(array: np.ndarray, size: int) -> Image.Image:
-    image = Image.fromarray(array)
-    if image.mode == "P" or array.ndim == 2:
-        return image.resize((size, size), Image.NEAREST)
-    return image.resize((size, size), Image.BILINEAR)
-
-
-def _colour(labelmap: np.ndarray) -> np.ndarray:
-    from discli.data.voc import voc_palette
-
-    palette = np.array(voc_palette(), dtype=np.uint8).reshape(-1, 3)
-    return palette[labelmap]
+def figure_headings(demo: Any, with_t0: bool) -> list[str]:
+    """Column headings of the figure: every prediction column names its t_tr and t_ts."""
+    t_dis = max(demo.t_tr)
+    headings = ["input", "recon.\ntarget", "ground\ntruth", "baseline\nt_ts=0"]
+    if with_t0:
+        headings.append("t_tr=0\nt_ts=0")
+    return headings + [f"t_tr={t_dis}\nt_ts={t}" for t in demo.t_ts]
 
 
 def write_figure(path: Path, checkpoints: dict[str, Path], manifest: Any, demo: Any,
                  tile: int = 96) -> None:
     """Rows of test images; columns: input, reconstruction target, ground truth, baseline,
-    t_tr = 0, and the largest-t_tr DIS model at every t_ts (the layout of the paper's Fig. 5)."""
+    t_tr = 0, and the largest-t_tr DIS model at every t_ts (the layout of the paper's Fig. 5).
+    Every image keeps its aspect ratio; a legend of the class colours is drawn below."""
     from discli.checkpoint import load_model
     from discli.data.dataset import SegDataset, denormalize
     from discli.inference import infer_steps
     from discli.losses import recon_target
+    from discli.visual import colorize, grid
 
     from discli.checkpoint import inference_config, inference_settings
 
@@ -113,66 +111,31 @@ def write_figure(path: Path, checkpoints: dict[str, Path], manifest: Any, demo: 
     dis_name = f"t_tr={max(demo.t_tr)}"
     # the DIS model's test-time inference, as its checkpoint says
     cfg = inference_config(inference_settings(loaded[dis_name][1]))
-    columns = ["input", "recon target", "ground truth", "baseline"]
-    if "t_tr=0" in models:
-        columns.append("t_tr=0")
-    columns += [f"DIS t_ts={t}" for t in demo.t_ts]
-    header = 14
-    canvas = Image.new("RGB", (tile * len(columns), header + tile * demo.figure_rows), "white")
-    draw = ImageDraw.Draw(canvas)
-    for c, name in enumerate(columns):
-        draw.text((c * tile + 3, 1), name, fill=(0, 0, 0))
+    with_t0 = "t_tr=0" in models and dis_name != "t_tr=0"
+    rows = []
     for r in range(min(demo.figure_rows, len(dataset))):
         item = dataset[r]
         image = item["image"][None]
         size = image.shape[-2:]
-        pixels = (denormalize(image[0]).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        pixels = (denormalize(image[0]).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         target = recon_target(image, (max(1, size[0] // 8), max(1, size[1] // 8)))
-        target = (denormalize(target[0]).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        target = (denormalize(target[0]).permute(1, 2, 0).numpy() * 255).round().astype(
+            np.uint8)
         gt = item["labelmap"].numpy().astype(np.uint8)
-        tiles = [pixels, target, _colour(gt)]
+        tiles = [(pixels, False), (target, False), (colorize(gt), True)]
 
-        def predict(model: Any, t: int) -> np.ndarray:
+        def predict(model: Any, t: int) -> tuple[np.ndarray, bool]:
             probs = infer_steps(model, image, [t], cfg)[t].probs
             full = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
-            return _colour(full.argmax(1)[0].numpy().astype(np.uint8))
+            return colorize(full.argmax(1)[0].numpy().astype(np.uint8)), True
 
         with torch.no_grad():
             tiles.append(predict(models["baseline"], 0))
-            if "t_tr=0" in models:
+            if with_t0:
                 tiles.append(predict(models["t_tr=0"], 0))
             tiles += [predict(models[dis_name], t) for t in demo.t_ts]
-        for c, array in enumerate(tiles):
-            canvas.paste(_tile(array, tile), (c * tile, header + r * tile))
-    atomic_write_bytes(path, lambda f: canvas.save(f, format="PNG"))
-
-
-def write_curves(path: Path, report: dict[str, Any]) -> None:
-    """mIoU against t_ts for every fine-tuned model, the baseline and the bound as lines (the
-    paper's Table 3 as a picture)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
-    for name, scores in report["scores"].items():
-        points = [(int(s["name"][2:]), 100 * s["miou"]) for s in scores["setups"]
-                  if s["name"].startswith("t=")]
-        if name in ("baseline", "bound"):
-            value = next(m for t, m in points if t == 0)
-            ax.axhline(value, linestyle="--", color="grey" if name == "baseline" else "black",
-                       label=f"{name} (t_ts=0): {value:.1f}")
-        else:
-            ax.plot([t for t, _ in points], [m for _, m in points], marker="o", label=name)
-    ax.set_xlabel("t_ts (test-time inference iterations)")
-    ax.set_ylabel("mIoU % (test images)")
-    ax.legend(fontsize=7, loc="best")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, lambda f: f.write(buf.getvalue()))
+        rows.append(tiles)
+    canvas = grid(rows, figure_headings(demo, with_t0), tile, list(manifest.classes))
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    atomic_write_bytes(path, lambda f: f.write(buffer.getvalue()))

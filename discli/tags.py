@@ -60,14 +60,20 @@ def _row(entry: Any, threshold: float) -> TagRow:
     return TagRow(entry.id, noisy, probs, cleaned)
 
 
-def rows(cache: PseudoCache, threshold: float = DEFAULT_THRESHOLD) -> Iterator[TagRow]:
+def entry_rows(cache: PseudoCache, threshold: float = DEFAULT_THRESHOLD
+               ) -> Iterator[tuple[Any, TagRow]]:
+    """(cache entry, its tag row) for every image, each entry read once."""
     check_threshold(threshold)
     k = len(cache.classes)
     for entry in cache:
         if len(entry.tag_probs) != k:
             raise BadInputError(f"entry {entry.id!r} has {len(entry.tag_probs)} tag probabilities "
                                 f"for {k} classes (corrupt cache?)", cache.path)
-        yield _row(entry, threshold)
+        yield entry, _row(entry, threshold)
+
+
+def rows(cache: PseudoCache, threshold: float = DEFAULT_THRESHOLD) -> Iterator[TagRow]:
+    return (row for _, row in entry_rows(cache, threshold))
 
 
 def names(mask: np.ndarray, classes: Sequence[str]) -> list[str]:
@@ -166,7 +172,7 @@ def diff(cache: PseudoCache, threshold: float = DEFAULT_THRESHOLD,
 
 def read_truth(path: str | Path, classes: Sequence[str]) -> dict[str, set[str]]:
     """Ground-truth tags, JSON Lines ``{"id": ..., "tags": [names]}``; ``-`` reads stdin."""
-    from discli.data.fileio import read_text
+    from discli.data.fileio import json_loads, read_text
 
     known = set(classes[1:])
     truth: dict[str, set[str]] = {}
@@ -174,7 +180,7 @@ def read_truth(path: str | Path, classes: Sequence[str]) -> dict[str, set[str]]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json_loads(line)
         except json.JSONDecodeError as exc:
             raise BadInputError(f"line {n}: malformed JSON ({exc.msg})", path) from None
         if (not isinstance(obj, dict) or not isinstance(obj.get("id"), str)

@@ -19,9 +19,19 @@ JSON = typer.Option(False, "--json", help="JSON on stdout.")
 
 
 def _console() -> Any:
-    from rich.console import Console
+    from discli.cli.output import console
 
-    return Console()
+    return console()
+
+
+def _is_folder(output: str) -> bool:
+    """``-o`` names a folder (labelmap export) when it is one, ends with a slash or has no
+    file suffix; ``tags.jsonl``, ``tags.csv`` name a file."""
+    import os
+
+    path = Path(output)
+    return output != "-" and (path.is_dir() or output.endswith(("/", os.sep))
+                              or path.suffix == "")
 
 
 @app.command()
@@ -29,20 +39,46 @@ def export(
     cache: Path = typer.Argument(..., help="Pseudo-label cache (cache.h5)."),
     fmt: str = typer.Option("jsonl", "--format", "-f", help="jsonl, csv or tsv."),
     threshold: float = THRESHOLD,
-    output: str = typer.Option("-", "--output", "-o", help="Output file (- = stdout)."),
+    output: str = typer.Option("-", "--output", "-o", help="Output file (- = stdout), or a "
+                               "folder (existing, ending with /, or without a suffix): the "
+                               "labelmaps as palette PNGs plus tags.jsonl."),
+    confidence: float | None = typer.Option(None, "--confidence", min=0.0, max=1.0,
+                                            help="Folder export: pixels below this "
+                                            "confidence become 255 (void; default: the run's "
+                                            "confidence from its config.toml, else 0)."),
+    gate: str | None = typer.Option(None, "--gate", help="Folder export: none, noisy or "
+                                    "cleaned: pixels of classes these tags say are absent "
+                                    "become 255 (default: the run's tag_gate, else none)."),
+    json_out: bool = JSON,
 ) -> None:
-    """One line per image: id, noisy tags, cleaned tags, tag probabilities."""
+    """One line per image: id, noisy tags, cleaned tags, tag probabilities; or, with -o DIR,
+    every pseudo-labelmap as a VOC palette PNG (ignored pixels 255) plus DIR/tags.jsonl."""
     from discli import tags
+    from discli.errors import UsageError
 
     if fmt not in tags.FORMATS:
-        from discli.errors import UsageError
-
         raise UsageError(f"--format must be one of {', '.join(tags.FORMATS)}, not {fmt!r}")
+    if _is_folder(output):
+        from discli.export import export_cache
+
+        if fmt != "jsonl":
+            raise UsageError("a folder export writes tags.jsonl: --format must be jsonl")
+        result = export_cache(cache, output, threshold, confidence, gate)
+        if json_out:
+            print_json(result)
+        else:
+            typer.echo(result["out"])
+        return
+    if confidence is not None or gate is not None or json_out:
+        raise UsageError("--confidence, --gate and --json go with a folder export (-o DIR)")
     store = tags.open_cache(cache)
     rows = tags.rows(store, threshold)
     if output == "-":
         tags.write_export(rows, store.classes, fmt)
         return
+    from discli.safety import refuse_overlap
+
+    refuse_overlap([(output, "export")], [(cache, "cache")], advice="choose another --output")
     import io
 
     from discli.checkpoint import atomic_write_bytes
@@ -173,6 +209,10 @@ def run(
     from discli import tags
     from discli.distributed import resolve_device
 
+    from discli.safety import refuse_overlap
+
+    refuse_overlap([(out, "cache")], [(manifest, "manifest"), (checkpoint, "checkpoint")],
+                   advice="choose another --out")
     overrides = {"lr": lr, "momentum": momentum, "tag_weight": tag_weight}
     with RichReporter(quiet=quiet) as reporter:
         result = tags.run_clean(checkpoint, manifest, out, t_tr=t_tr, overrides=overrides,

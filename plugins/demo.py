@@ -7,9 +7,6 @@ from pathlib import Path
 import typer
 
 from discli.cli.output import RichReporter, err_console, print_json
-from discli.demo import DemoConfig, run_demo
-from discli.evaluate import parse_steps
-from discli.report import table_rows
 
 
 def demo(
@@ -28,6 +25,10 @@ def demo(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Reproduce the paper's ablation (Table 3, Fig. 5) on the built-in synthetic benchmark."""
+    from discli.demo import DemoConfig, run_demo
+    from discli.evaluate import parse_steps
+    from discli.report import table_rows
+
     options = dict(out=str(out), t_tr=parse_steps(t_tr), t_ts=parse_steps(t_ts), seed=seed,
                    device=device, difficulty=difficulty)
     cfg = DemoConfig.quick_config(**options) if quick else DemoConfig(**options)

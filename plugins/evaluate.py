@@ -16,7 +16,7 @@ def _pct(value: float | None) -> str:
 
 
 def render(report: dict[str, Any]) -> None:
-    from rich.console import Console
+    from discli.cli.output import console
     from rich.table import Table
 
     setups = report["setups"]
@@ -32,7 +32,7 @@ def render(report: dict[str, Any]) -> None:
     table.add_row(f"boundary F ({report['boundary_tolerance']:g}px)",
                   *[_pct(s["boundary"]["f1"]) for s in setups])
     table.add_row("ms/image (one pass)", *[f"{s['ms_per_image']:.1f}" for s in setups])
-    Console().print(table)
+    console().print(table)
 
 
 def evaluate(
@@ -56,7 +56,16 @@ def evaluate(
     amp: bool = opt.AmpOpt,
     lr: float | None = opt.LrOpt,
     momentum: float | None = opt.MomentumOpt,
-    json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    scales: str = opt.ScalesOpt,
+    flip: bool = opt.FlipOpt,
+    save_dir: Path | None = typer.Option(None, "--save-dir", help="Also write the scored "
+                                         "predictions: <setup>/<id>.png (VOC palette), "
+                                         "<setup>/<id>_overlay.jpg, and confusion.png."),
+    opacity: float = typer.Option(0.5, "--opacity", min=0.0, max=1.0, help="Overlay colour "
+                                  "weight over labelled non-background pixels (--save-dir)."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout (with "
+                                  "each setup's confusion matrix: rows true, columns predicted, "
+                                  "pixels)."),
     quiet: bool = opt.QuietOpt,
 ) -> None:
     """Score a checkpoint on a labelled manifest (mIoU, pixel accuracy, boundary F).
@@ -70,6 +79,7 @@ def evaluate(
     from discli.distributed import resolve_device, setup_distributed
     from discli.evaluate import evaluate as run_evaluate
     from discli.evaluate import parse_steps
+    from discli.multiscale import parse_scales
     from discli.predict import load_for_inference
 
     from discli.errors import UsageError
@@ -78,6 +88,10 @@ def evaluate(
         raise UsageError("give the manifest once: as the argument or with --manifest")
     manifest = manifest or manifest_opt
     steps = parse_steps(t_ts) if t_ts is not None else None
+    try:
+        view_scales = parse_scales(scales)
+    except ValueError as exc:
+        raise UsageError(f"--{exc}") from None
     dev, dist = setup_distributed(resolve_device(device))
     data = read_manifest(manifest, root=root)
     loaded = load_for_inference(checkpoint, dev)
@@ -89,13 +103,18 @@ def evaluate(
                               classes=loaded.classes, ensemble=ensemble, batch_size=batch_size,
                               device=dev, amp=amp, boundary_tolerance=boundary_tol, split=split,
                               num_workers=num_workers, limit=limit,
-                              checkpoint=str(checkpoint), reporter=reporter)
+                              checkpoint=str(checkpoint), reporter=reporter,
+                              save_dir=save_dir, opacity=opacity, scales=view_scales,
+                              flip=flip)
     report["checkpoint_hash"] = loaded.checkpoint_hash
     report["inference"] = {"t_ts": steps, "lr": cfg.lr, "momentum": cfg.momentum,
-                           "proximity": cfg.proximity, "method": cfg.method}
+                           "proximity": cfg.proximity, "method": cfg.method,
+                           "scales": list(view_scales), "flip": flip}
     if not dist.is_main:
         return
     if json_out:
         print_json(report)
     else:
         render(report)
+        if save_dir is not None:
+            typer.echo(f"predictions and confusion.png written to {save_dir}")

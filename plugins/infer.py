@@ -20,6 +20,9 @@ def infer(
                                     "iterations (0 = plain forward; default: the "
                                     "checkpoint's t_ts)."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write image/labelmap blends."),
+    opacity: float = typer.Option(0.5, "--opacity", min=0.0, max=1.0, help="Overlay colour "
+                                  "weight over labelled non-background pixels (background "
+                                  "pixels stay as they are)."),
     probs: Path | None = typer.Option(None, "--probs", help="HDF5 file for class and tag "
                                       "probabilities."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute images whose outputs "
@@ -29,6 +32,8 @@ def infer(
     amp: bool = opt.AmpOpt,
     lr: float | None = opt.LrOpt,
     momentum: float | None = opt.MomentumOpt,
+    scales: str = opt.ScalesOpt,
+    flip: bool = opt.FlipOpt,
     json_out: bool = typer.Option(False, "--json", help="One JSON summary line per image on "
                                   "stdout."),
     quiet: bool = opt.QuietOpt,
@@ -40,10 +45,15 @@ def infer(
     """
     from discli.distributed import on_main, resolve_device, setup_distributed
     from discli.errors import UsageError
+    from discli.multiscale import parse_scales
     from discli.predict import collect_inputs, load_for_inference, predict
 
     if out is None and probs is None and not json_out:
         raise UsageError("nothing to write: pass --out DIR, --probs FILE and/or --json")
+    try:
+        view_scales = parse_scales(scales)
+    except ValueError as exc:
+        raise UsageError(f"--{exc}") from None
     dev, dist = setup_distributed(resolve_device(device))
     images = on_main(lambda: collect_inputs(inputs, exclude=out))  # stdin is read by rank 0 only
     loaded = load_for_inference(checkpoint, dev)
@@ -55,7 +65,9 @@ def infer(
         for summary in predict(loaded.model, images, classes=loaded.classes, out_dir=out,
                                steps=t_ts, cfg=cfg, batch_size=batch_size, device=dev, amp=amp,
                                overlay=overlay, probs_path=probs, overwrite=overwrite,
-                               checkpoint_hash=loaded.checkpoint_hash, reporter=reporter):
+                               checkpoint_hash=loaded.checkpoint_hash, reporter=reporter,
+                               opacity=opacity, protect=[(checkpoint, "checkpoint")],
+                               scales=view_scales, flip=flip):
             if not dist.is_main:
                 continue  # rank 0 reports every image
             skipped += summary["skipped"]

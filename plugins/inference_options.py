@@ -12,10 +12,16 @@ import typer
 
 BatchOpt = typer.Option(8, "--batch-size", "-b", min=1, help="Images per batch (images of one "
                         "size only).")
-WorkersOpt = typer.Option(0, "--workers", min=0, help="DataLoader worker processes.")
+WorkersOpt = typer.Option(0, "--num-workers", "--workers", min=0, help="DataLoader worker "
+                          "processes (--workers: the older spelling).")
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available).")
 AmpOpt = typer.Option(True, "--amp/--no-amp", help="float16 backbone forward on CUDA.")
 LrOpt = typer.Option(None, "--lr", help="Inference step size (default: the checkpoint's).")
 MomentumOpt = typer.Option(None, "--momentum", help="Inference momentum (default: the "
                            "checkpoint's).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+ScalesOpt = typer.Option("1.0", "--scales", help="Multi-scale testing: comma-separated image "
+                         "scales whose probabilities are averaged, e.g. 0.5,0.75,1.0,1.25 "
+                         "(each with its own feature inference).")
+FlipOpt = typer.Option(False, "--flip/--no-flip", help="Also average the mirrored image's "
+                       "prediction (mirrored back), at every scale.")

@@ -19,10 +19,11 @@ def plugins(json_out: bool = typer.Option(False, "--json", help="One JSON object
             print_json({"name": p.name, "group": p.group, "distribution": p.distribution,
                         "version": p.version, "value": p.value, "ok": p.ok, "error": p.error})
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from discli.cli.output import console
 
     table = Table("group", "name", "distribution", "version", "status")
     for p in rows:
         table.add_row(p.group, p.name, p.distribution, p.version, "ok" if p.ok else p.error)
-    Console().print(table)
+    console().print(table)

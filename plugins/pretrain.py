@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -9,18 +10,19 @@ import typer
 
 from dis_plugins import train_options as opt
 from discli.cli.output import RichReporter, print_json
-from discli.distributed import dist_info
-from discli.train.pretrain import pretrain as run_pretrain
+
+_ITERS = ",".join(opt.shown_default(f"iters_step{s}") for s in (1, 2, 3))
 
 
 def pretrain(
     labelled: Optional[Path] = opt.LabelledOpt,
-    out: Optional[Path] = opt.OutOpt,
-    step: list[int] = typer.Option([], "--step", help="Run only this step (1, 2 or 3); "
-                                   "repeatable. Default: all remaining steps."),
-    iters: Optional[list[int]] = typer.Option(None, "--iters", help="Iterations of steps 1, 2, "
-                                              "3 (give three times), e.g. --iters 1000 "
-                                              "--iters 300 --iters 500."),
+    out: Path = opt.OutOpt,
+    step: list[str] = typer.Option([], "--step", metavar="1,2,3", help="Run only these steps "
+                                   "(1, 2, 3), e.g. --step 2,3.", show_default="all remaining"),
+    iters: Optional[list[str]] = typer.Option(None, "--iters", metavar="N1,N2,N3",
+                                              help="Iterations of steps 1, 2 and 3, e.g. "
+                                              "--iters 1000,300,500 (keys iters_step1..3).",
+                                              show_default=_ITERS),
     backbone: Optional[str] = opt.BackboneOpt,
     backbone_weights: Optional[str] = opt.WeightsOpt,
     batch_size: Optional[int] = opt.BatchOpt,
@@ -35,30 +37,43 @@ def pretrain(
     val_every: Optional[int] = opt.ValEveryOpt,
     config: Optional[Path] = opt.ConfigOpt,
     sets: list[str] = opt.SetOpt,
+    tensorboard: bool = opt.TensorBoardOpt,
     json_out: bool = opt.JsonOpt,
     quiet: bool = opt.QuietOpt,
 ) -> None:
     """Pretrain on pixel-labelled images: (1) backbone + subnets 1, 3; (2) subnet 2; (3) all.
 
     Re-running the same command on the same --out continues where it stopped.
+    Other settings are refused.
+    A table of the steps goes to stderr, the final checkpoint's path to stdout.
     """
     step_iters = {}
     if iters:
-        if len(iters) != 3:
-            raise typer.BadParameter("give --iters three times (steps 1, 2, 3)")
-        step_iters = {"iters_step1": iters[0], "iters_step2": iters[1], "iters_step3": iters[2]}
+        counts = opt.parse_ints(iters, "--iters")
+        if len(counts) != 3:
+            raise typer.BadParameter("give the iterations of steps 1, 2 and 3, e.g. "
+                                     "--iters 1000,300,500", param_hint="--iters")
+        step_iters = dict(zip(("iters_step1", "iters_step2", "iters_step3"), counts))
     cfg = opt.build_config(config, sets, section="pretrain", labelled=labelled, out=out,
                            backbone=backbone, backbone_weights=backbone_weights,
-                           batch_size=batch_size,
-                           crop_size=crop_size, lr=lr, seed=seed, device=device,
-                           num_workers=num_workers, amp=amp, root=root, **step_iters, val=val,
-                           val_every=val_every)
+                           batch_size=batch_size, crop_size=crop_size, lr=lr, seed=seed,
+                           device=device, num_workers=num_workers, amp=amp, root=root,
+                           **step_iters, val=val, val_every=val_every)
+    from discli.distributed import dist_info
+    from discli.train.pretrain import pretrain as run_pretrain
+
     main_rank = dist_info().is_main  # under torchrun only rank 0 talks
     with RichReporter(quiet=quiet or not main_rank) as reporter:
-        summary = run_pretrain(cfg, steps=step or (1, 2, 3), reporter=reporter)
+        summary = run_pretrain(cfg, steps=opt.parse_ints(step, "--step") or (1, 2, 3),
+                               reporter=reporter, tensorboard=tensorboard)
     if not main_rank:
         return
     if json_out:
         print_json(summary)
-    else:
-        reporter.log(f"pretrain: {summary['steps']} -> {summary.get('checkpoint', summary['out'])}")
+        return
+    if not quiet:
+        from dis_plugins._render import train_summary
+
+        train_summary("pretrain", summary)
+    if "checkpoint" in summary:
+        sys.stdout.write(summary["checkpoint"] + "\n")

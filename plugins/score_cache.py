@@ -23,9 +23,9 @@ def score_cache(
     """mIoU and per-class IoU of a cache's pseudo-labelmaps (VOC protocol), over all pixels
     and over the confident ones, with the cache's own statistics (mean confidence, tags the
     E-step changed)."""
-    from rich.console import Console
     from rich.table import Table
 
+    from discli.cli.output import console
     from discli.data.manifest import read_manifest
     from discli.pseudo_stats import cache_stats
     from discli.pseudo_stats import score_cache as run_score
@@ -50,4 +50,4 @@ def score_cache(
     table.add_section()
     table.add_row("mIoU", pct(report["all"]["miou"]), pct(report["kept"]["miou"]), style="bold")
     table.add_row("pixels kept", "100.0", pct(report["kept_share"]))
-    Console().print(table)
+    console().print(table)

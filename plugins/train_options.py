@@ -1,63 +1,147 @@
-"""Options shared by `dis pretrain` and `dis finetune`, turned into a TrainConfig."""
+"""Options shared by `dis pretrain` and `dis finetune`, turned into a TrainConfig.
+
+An option of a config key defaults to None (not given), so that a --config file or preset can
+set the key; its help is the key's own (:func:`discli.train.config.config_keys`) and the default
+it shows is TrainConfig's.
+"""
 
 from __future__ import annotations
 
 import tomllib
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
 from discli.configs import PRESETS
-from discli.errors import UsageError
-from discli.train.config import TrainConfig, load_config
+from discli.errors import BadInputError, UsageError
+from discli.train.config import TrainConfig, coerce, load_config, unknown_key_message
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
-    """`--set key=value` with TOML value syntax (bare words are taken as strings)."""
+    """`--set key=value` with TOML value syntax (bare words are taken as strings); an unknown
+    key or a value of the wrong type is a usage error naming the --set."""
     values: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
             raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
         key, raw = item.split("=", 1)
         key = key.strip().replace("-", "_")
+        if key not in _FIELDS:
+            raise UsageError(f"--set {item}: {unknown_key_message(key)}")
         try:
-            values[key] = tomllib.loads(f"v = {raw}")["v"]
+            value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
-            values[key] = raw
+            value = raw
+        try:
+            values[key] = coerce(key, value, f"--set {item}")
+        except BadInputError as exc:
+            raise UsageError(str(exc)) from None
     return values
 
 
 def build_config(config: Optional[Path], sets: list[str], section: Optional[str] = None,
                  **options: Any) -> TrainConfig:
     """``--config`` (a file or a preset name; its [train] table, then its ``section`` table:
-    "pretrain" or "finetune") < the options given < ``--set``."""
+    "pretrain" or "finetune") < the options given and ``--set``.
+
+    An option and a ``--set`` of the same key must agree (``--crop-size 7 --set crop_size=64``
+    is refused, not silently one of them). A bad value in the config file is bad input (exit 3,
+    naming the file); a bad value on the command line is a bad option (exit 2).
+    """
     overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
-    overrides.update(parse_sets(sets))
-    return load_config(config, overrides, section=section)
+    for key, value in parse_sets(sets).items():
+        given = overrides.get(key)
+        if given is not None and given != value:
+            raise UsageError(f"--{key.replace('_', '-')} {given} and --set {key}={value} "
+                             f"disagree; give one of them")
+        overrides[key] = value
+    from_file = load_config(config, section=section)  # the file's own problems: exit 3
+    try:
+        cfg = load_config(None, overrides, base=from_file, section=section)
+    except BadInputError as exc:  # the file was fine on its own: the command line is not
+        raise UsageError(str(exc)) from None
+    _refuse_overwriting_inputs(cfg, config, section)
+    return cfg
+
+
+def _refuse_overwriting_inputs(cfg: TrainConfig, config: Optional[Path],
+                               section: Optional[str]) -> None:
+    """The files a run writes in ``<out>/<section>/`` may not be files it reads (``--config
+    runs/x/pretrain/config.toml --out runs/x`` would replace the file it was configured from)."""
+    from discli.safety import refuse_overlap
+
+    if not cfg.out or section is None:
+        return
+    folder = Path(cfg.out) / section
+    reads = [(config, "--config file"), (cfg.labelled or None, "labelled manifest"),
+             (getattr(cfg, "tagged", "") or None, "tagged manifest"),
+             (getattr(cfg, "val", "") or None, "validation manifest"),
+             (getattr(cfg, "init", "") or None, "--init checkpoint")]
+    refuse_overlap([(folder / name, f"run's {name}") for name in ("config.toml", "log.jsonl",
+                                                                   "last.pth", "final.pth")],
+                   reads, advice="choose another --out, or copy the file elsewhere first")
+
+
+def parse_ints(values: Optional[list[str]], option: str) -> list[int]:
+    """``--iters 1000,300,500`` or ``--iters 1000 --iters 300 --iters 500``: the integers."""
+    parts = [p for v in values or [] for p in v.replace(" ", "").split(",") if p]
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        given = ",".join(values or [])
+        raise typer.BadParameter(f"expected comma-separated integers, got {given!r}",
+                                 param_hint=option) from None
+
+
+def shown_default(name: str) -> str:
+    """TrainConfig's default of a key as --help shows it."""
+    value = _FIELDS[name].default
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "none" if value == "" else str(value)
+
+
+def key_option(name: str, *flags: str, help: str | None = None, **kwargs: Any) -> Any:
+    """The option of config key ``name``: None unless given, the key's help and default."""
+    text = help or _FIELDS[name].metadata["help"]
+    return typer.Option(None, *(flags or (f"--{name.replace('_', '-')}",)),
+                        help=text[0].upper() + text[1:] + ".",
+                        show_default=kwargs.pop("show_default", shown_default(name)), **kwargs)
 
 
 ConfigOpt = typer.Option(None, "--config", help="TOML file of training options (flat keys, or "
                          "a shared 'train' table plus 'pretrain' and 'finetune' tables), or a "
-                         f"shipped preset: {', '.join(PRESETS)}. The command line wins.")
-SetOpt = typer.Option([], "--set", help="Any other option as KEY=VALUE (TOML syntax), "
-                      "e.g. --set head_lr_mult=10. Repeatable.")
-OutOpt = typer.Option(None, "--out", "-o", help="Run folder (checkpoints, logs, caches).")
-LabelledOpt = typer.Option(None, "--labelled", help="Manifest of pixel-labelled images.")
-RootOpt = typer.Option(None, "--root", help="Root folder the manifests' paths are relative to.")
-BackboneOpt = typer.Option(None, "--backbone", help="Backbone name (see `dis plugins`).")
-WeightsOpt = typer.Option(None, "--backbone-weights",
-                          help="'imagenet' (torchvision download) or a local state-dict path.")
-BatchOpt = typer.Option(None, "--batch-size", help="Global batch size.")
-CropOpt = typer.Option(None, "--crop-size", help="Training crop size in pixels.")
-LrOpt = typer.Option(None, "--lr", help="Backbone learning rate (new layers: x head_lr_mult).")
-SeedOpt = typer.Option(None, "--seed")
-DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N.")
-WorkersOpt = typer.Option(None, "--num-workers", help="DataLoader worker processes.")
-AmpOpt = typer.Option(None, "--amp/--no-amp", help="Mixed precision on CUDA.")
-ValOpt = typer.Option(None, "--val", help="Manifest with labelmaps to log validation mIoU "
-                      "(t = 0) on while training (log.jsonl: val_miou).")
-ValEveryOpt = typer.Option(None, "--val-every", min=0, help="Validate every N iterations "
-                           "(and at the end of each step; 0 = only there).")
-JsonOpt = typer.Option(False, "--json", help="Print the summary as JSON on stdout.")
-QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+                         f"shipped preset: {', '.join(PRESETS)} (`dis config show NAME`). The "
+                         "defaults shown here are TrainConfig's, which the file replaces; the "
+                         "command line wins over both.", show_default="none")
+SetOpt = typer.Option([], "--set", metavar="KEY=VALUE", help="Any config key as KEY=VALUE "
+                      "(TOML syntax), e.g. --set head_lr_mult=10; repeatable. `dis config keys` "
+                      "lists every key.",
+                      show_default=False)
+OutOpt = typer.Option(..., "--out", "-o", help="Run folder (checkpoints, logs, caches). "
+                      "Re-running on it continues its run, with the same settings only.")
+LabelledOpt = key_option("labelled", help="manifest of pixel-labelled images (required, unless "
+                         "--config sets labelled)", show_default=False)
+RootOpt = key_option("root", show_default=False)
+BackboneOpt = key_option("backbone")
+WeightsOpt = key_option("backbone_weights")
+BatchOpt = key_option("batch_size")
+CropOpt = key_option("crop_size")
+LrOpt = key_option("lr")
+SeedOpt = key_option("seed")
+DeviceOpt = key_option("device")
+WorkersOpt = key_option("num_workers", "--num-workers", min=0)
+AmpOpt = key_option("amp", "--amp/--no-amp", show_default="amp")
+ValOpt = key_option("val")
+ValEveryOpt = key_option("val_every", min=0)
+TensorBoardOpt = typer.Option(False, "--tensorboard", help="Also write the log (losses, "
+                              "learning rate, E-step statistics, validation mIoU) as "
+                              "TensorBoard events in <out>/<command>/tensorboard/ (needs the "
+                              "tensorboard package: the project's 'tensorboard' extra).")
+JsonOpt = typer.Option(False, "--json", help="Print the summary as one line of JSON on stdout "
+                       "(instead of the checkpoint path).")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary table.")

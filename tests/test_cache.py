@@ -60,3 +60,21 @@ def test_stale_and_foreign_caches_refused(tmp_path):
     with pytest.raises(IncompatibleError, match="format version 99"):
         PseudoCache(path)
 
+
+
+def test_ids_from_link_names_and_reads_across_reopens(tmp_path, monkeypatch):
+    import discli.cache
+
+    odd = ["a/b", "50%", "x%2Fy", "plain", "%25/%"]  # the escapes of key_of, and literal ones
+    entries = [CacheEntry(i, *(vars(_entry(n))[k] for k in ('labelmap', 'confidence', 'tag_probs',
+                                                         'noisy_tags')))
+               for n, i in enumerate(odd)]
+    attrs = make_attrs(["background", "a", "b", "c"], 0, "h", {})
+    writer = CacheWriter(tmp_path / "cache.h5", attrs)
+    writer.write(entries)
+    cache = PseudoCache(writer.merge())
+    assert sorted(cache.ids()) == sorted(odd) and "x%2Fy" in cache and "x/y" not in cache
+    monkeypatch.setattr(discli.cache, "REOPEN_EVERY", 2)  # the file closes every second read
+    for _ in range(2):
+        for entry in entries:
+            assert np.array_equal(cache.get(entry.id).labelmap, entry.labelmap)

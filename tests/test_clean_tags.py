@@ -179,3 +179,80 @@ def test_help_lists_subcommands(capsys):
     assert code == 0
     for name in ("export", "show", "diff", "stats", "run"):
         assert name in out
+
+
+def _labelled_cache(path):
+    """Two entries with real pseudo-labelmaps: left half cat, right half dog, one void pixel;
+    confidence rising from 0.1 (top row) to 0.8 (bottom row)."""
+    labelmap = np.zeros((8, 6), np.uint8)
+    labelmap[2:, :3], labelmap[2:, 3:], labelmap[0, 0] = 1, 2, 255
+    confidence = np.repeat(np.linspace(0.1, 0.8, 8)[:, None], 6, axis=1).astype(np.float16)
+    writer = CacheWriter(path, make_attrs(list(CLASSES), 5, "h", {"lr": 0.1}))
+    writer.write([CacheEntry("a", labelmap, confidence, np.array([1, 0.9, 0.2], np.float32),
+                             np.array([1, 1, 0], np.uint8)),
+                  CacheEntry("d/e", labelmap, confidence, np.array([1, 0.1, 0.7], np.float32),
+                             np.array([1, 1, 1], np.uint8))])
+    return writer.merge(), labelmap, confidence
+
+
+def test_export_folder_writes_palette_labelmaps_and_tags(tmp_path, capsys):
+    from PIL import Image
+
+    from discli.data.voc import voc_palette
+
+    path, labelmap, confidence = _labelled_cache(tmp_path / "c.h5")
+    out = tmp_path / "labels"
+    code, stdout, err = cli(capsys, "clean-tags", "export", str(path), "-o", str(out),
+                            "--confidence", "0.5", "--gate", "cleaned")
+    assert code == 0, err
+    assert stdout.strip() == str(out)
+    lines = [json.loads(line) for line in (out / "tags.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in lines] == ["a", "d/e"]
+    assert lines[0]["cleaned"] == ["cat"] and lines[1]["cleaned"] == ["dog"]
+    low = confidence.astype(np.float32) < 0.5
+    for row, absent in zip(lines, (2, 1)):  # "a": dog not a cleaned tag; "d/e": cat
+        with Image.open(out / row["labelmap"]) as im:
+            assert im.mode == "P" and im.size == (6, 8)
+            assert im.getpalette()[:9] == voc_palette()[:9]
+            assert tuple(im.getpalette()[765:768]) == (224, 224, 192)  # void: VOC's white
+            values = np.asarray(im)
+        want = labelmap.copy()
+        want[low] = 255
+        want[want == absent] = 255
+        assert np.array_equal(values, want)
+        assert row["ignored"] == pytest.approx((want == 255).mean(), abs=1e-6)
+    assert (out / "d" / "e.png").is_file()
+    # the tag table export to a file still works as before
+    code, _, err = cli(capsys, "clean-tags", "export", str(path), "-o", str(tmp_path / "t.csv"),
+                       "--format", "csv")
+    assert code == 0 and (tmp_path / "t.csv").read_text().startswith("id,noisy,cleaned")
+    code, _, err = cli(capsys, "clean-tags", "export", str(path), "-o", str(out), "--gate",
+                       "sometimes")
+    assert code == 2 and "--gate" in err
+
+
+def test_export_folder_defaults_to_the_runs_settings(tmp_path, capsys):
+    """A cache in a run folder is exported with the run's confidence and tag gate, i.e. the
+    pixels that run's M-step trained on."""
+    from PIL import Image
+
+    round_dir = tmp_path / "run" / "finetune" / "round-1"
+    round_dir.mkdir(parents=True)
+    (tmp_path / "run" / "finetune" / "config.toml").write_text(
+        '[train]\nconfidence = 0.7\ntag_gate = "noisy"\n')
+    path, labelmap, confidence = _labelled_cache(round_dir / "cache.h5")
+    code, out, err = cli(capsys, "clean-tags", "export", str(path), "-o",
+                         str(tmp_path / "x") + "/", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["confidence"] == 0.7 and result["gate"] == "noisy"
+    values = np.asarray(Image.open(tmp_path / "x" / "a.png"))
+    want = labelmap.copy()
+    want[confidence.astype(np.float32) < 0.7] = 255
+    want[want == 2] = 255  # "a"'s caption names no dog
+    assert np.array_equal(values, want)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "x" / "d" / "e.png")),
+                          np.where(confidence.astype(np.float32) < 0.7, 255, labelmap))
+    assert result["ignored_share"] == pytest.approx(
+        ((want == 255).sum() + (np.where(confidence.astype(np.float32) < 0.7, 255, labelmap)
+                                == 255).sum()) / (2 * labelmap.size))

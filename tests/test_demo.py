@@ -97,3 +97,41 @@ def test_listed_commands_rebuild_the_configs_that_ran():
             paths["t_tr"] = int(paths["t_tr"])  # typer parses --t-tr as an int
         rebuilt = build_config(Path("demo"), sets, section=section, **paths)
         assert rebuilt == cfg
+
+
+def test_figure_keeps_aspect_ratio_labels_columns_and_has_a_legend(tmp_path):
+    """figure.png (the paper's Fig. 5) from tiny checkpoints: one row per test image, every
+    tile with its image's aspect ratio, a heading naming t_tr and t_ts over every prediction
+    column, and the class colours in a legend below."""
+    import numpy as np
+    from test_infer_cli import CLASSES, _trained, save_tiny, write_dataset
+
+    from discli.data.manifest import read_manifest
+    from discli.demo import DemoConfig
+    from discli.report import figure_headings, write_figure
+    from discli.visual import palette
+
+    manifest = read_manifest(write_dataset(tmp_path / "data", [(32, 64), (64, 32)], seed=4))
+    model = _trained()
+    checkpoints = {name: save_tiny(tmp_path / f"{name}.pt", model)
+                   for name in ("baseline", "t_tr=0", "t_tr=2")}
+    demo = DemoConfig(t_tr=[0, 2], t_ts=[0, 1], figure_rows=2)
+    headings = figure_headings(demo, True)
+    assert headings[3:] == ["baseline\nt_ts=0", "t_tr=0\nt_ts=0", "t_tr=2\nt_ts=0",
+                            "t_tr=2\nt_ts=1"]
+    write_figure(tmp_path / "figure.png", checkpoints, manifest, demo, tile=96)
+    figure = np.asarray(Image.open(tmp_path / "figure.png").convert("RGB"))
+    assert figure.shape[1] == 7 * (96 + 4) + 4
+    # column 0 holds the inputs (no white pixel in them): 96 x 48, then 48 x 96
+    column = (figure[:, 4:100] != 255).any(axis=2)
+    rows = np.flatnonzero(column.any(axis=1))
+    runs = np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1)
+    tiles = [r for r in runs if len(r) >= 40]
+    assert [len(r) for r in tiles[:2]] == [48, 96]
+    first = column[tiles[0]]
+    assert first.any(axis=0).sum() == 96
+    second = column[tiles[1]]
+    assert second.any(axis=0).sum() == 48
+    legend_part = figure[tiles[1][-1] + 5:].reshape(-1, 3).tolist()
+    for index in [*range(len(CLASSES)), 255]:
+        assert palette()[index].tolist() in legend_part

@@ -153,3 +153,111 @@ def test_evaluator_all_reduce_single_process_group(tmp_path):
         dist.destroy_process_group()
     assert after["setups"][0] == before["setups"][0] and before["setups"][0]["pixels"] == 3
     assert after["images"] == 2 and after["ms_per_image"] == pytest.approx(500)
+
+
+def test_confusion_matrix_in_the_report(tiny_checkpoint, dataset):
+    """Rows = true class, columns = predicted, pixel counts: the matrix sums to the scored
+    (non-void) pixels, its row sums are the ground truth's class counts, and the IoU computed
+    from it is the reported one."""
+    model, _ = load_model(tiny_checkpoint)
+    manifest = read_manifest(dataset)
+    report = evaluate(model, manifest, [0, 2], CFG)
+    truth = np.zeros(len(CLASSES), np.int64)
+    for rec in manifest.records:
+        gt = read_labelmap(manifest.labelmap_path(rec), len(CLASSES))
+        truth += np.bincount(gt[gt != 255].ravel(), minlength=len(CLASSES))
+    for setup in report["setups"]:
+        mat = np.array(setup["confusion"])
+        assert mat.shape == (len(CLASSES), len(CLASSES))
+        assert mat.sum() == setup["pixels"] == truth.sum()
+        assert list(mat.sum(axis=1)) == list(truth)  # rows: true classes
+        union = mat.sum(axis=0) + mat.sum(axis=1) - np.diag(mat)
+        iou = [np.diag(mat)[c] / union[c] for c in range(len(CLASSES)) if union[c]]
+        assert np.mean(iou) == pytest.approx(setup["miou"])
+
+
+def test_save_dir_writes_what_was_scored(tiny_checkpoint, dataset, tmp_path):
+    """--save-dir: per setup a VOC palette PNG of every prediction (recounted against the
+    ground truth they give back the reported confusion matrix exactly) and an overlay that
+    leaves background pixels alone; confusion.png with a panel per setup."""
+    from PIL import Image
+
+    from discli.data.voc import voc_palette
+    from discli.visual import overlay
+
+    out = tmp_path / "shown"
+    r = dis("evaluate", str(dataset), "-c", str(tiny_checkpoint), "--t-ts", "0,2", "--json",
+            "--device", "cpu", "--lr", str(CFG.lr), "--momentum", str(CFG.momentum),
+            "--save-dir", str(out), "--opacity", "0.6")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    manifest = read_manifest(dataset)
+    assert sorted(p.name for p in out.iterdir()) == ["confusion.png", "ensemble", "t0", "t2"]
+    for setup in report["setups"]:
+        folder = out / setup["name"].replace("=", "")
+        mat = np.zeros((len(CLASSES), len(CLASSES)), np.int64)
+        for rec in manifest.records:
+            gt = read_labelmap(manifest.labelmap_path(rec), len(CLASSES))
+            image = read_image(manifest.image_path(rec))
+            with Image.open(folder / f"{rec.id}.png") as im:
+                assert im.mode == "P" and im.size == (gt.shape[1], gt.shape[0])
+                assert im.getpalette()[:3 * len(CLASSES)] == voc_palette()[:3 * len(CLASSES)]
+                pred = np.asarray(im)
+            keep = gt != 255
+            np.add.at(mat, (gt[keep], pred[keep]), 1)
+            with Image.open(folder / f"{rec.id}_overlay.jpg") as im:
+                shown = np.asarray(im.convert("RGB")).astype(int)
+            assert shown.shape == image.shape
+            # JPEG keeps region means (not noisy pixels): background as bright as the image
+            # (a blend with black would take 60% off), labelled pixels as the exact overlay
+            expected = overlay(image, pred, 0.6).astype(int)
+            for region in (pred == 0, pred > 0):
+                if region.sum() > 50:
+                    assert abs(shown[region].mean() - expected[region].mean()) < 4
+            assert np.array_equal(expected[pred == 0], image[pred == 0])
+        assert mat.tolist() == setup["confusion"]
+    with Image.open(out / "confusion.png") as im:
+        assert im.width > 2.5 * im.height  # three panels side by side
+    code = dis("evaluate", str(dataset), "-c", str(tiny_checkpoint), "--device", "cpu",
+               "--save-dir", str(out), "--opacity", "1.5")
+    assert code.returncode == 2 and "--opacity" in code.stderr
+
+
+def test_save_dir_never_writes_over_inputs(tiny_checkpoint, tmp_path):
+    """A save dir whose outputs would land on the manifest's own labelmaps is refused before
+    anything is written."""
+    from discli.errors import UsageError
+
+    root = tmp_path / "d"
+    path = write_dataset(root, [(32, 32)], seed=2)
+    manifest = read_manifest(path)
+    rec = manifest.records[0]
+    # labels/img000.png is the labelmap: a save dir whose "t0" folder is labels/ hits it
+    (root / "t0").symlink_to(root / "labels")
+    before = (root / "labels" / f"{rec.id}.png").read_bytes()
+    model, _ = load_model(tiny_checkpoint)
+    with pytest.raises(UsageError, match="over an input file"):
+        evaluate(model, manifest, [0], CFG, save_dir=root)
+    assert (root / "labels" / f"{rec.id}.png").read_bytes() == before
+
+
+def test_multiscale_and_flip(tiny_checkpoint, dataset, capsys):
+    model, _ = load_model(tiny_checkpoint)
+    manifest = read_manifest(dataset)
+    plain = evaluate(model, manifest, [0, 3], CFG)
+    single = evaluate(model, manifest, [0, 3], CFG, scales=[1.0], flip=False)
+    assert [s["confusion"] for s in single["setups"]] == [s["confusion"] for s in plain["setups"]]
+    multi = evaluate(model, manifest, [0, 3], CFG, scales=[0.75, 1.25], flip=True)
+    assert multi["images"] == plain["images"]
+    assert [s["confusion"] for s in multi["setups"]] != [s["confusion"] for s in plain["setups"]]
+    code, out, err = cli(capsys, "evaluate", str(dataset), "-c", str(tiny_checkpoint), "--t-ts",
+                         "0,3", "--scales", "0.75,1.25", "--flip", "--device", "cpu", "-q",
+                         "--json", "--lr", str(CFG.lr), "--momentum", str(CFG.momentum))
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["inference"]["scales"] == [0.75, 1.25] and report["inference"]["flip"]
+    for got, want in zip(report["setups"], multi["setups"]):
+        assert got["confusion"] == want["confusion"]
+    code, _, err = cli(capsys, "evaluate", str(dataset), "-c", str(tiny_checkpoint),
+                       "--scales", "0.5,nan", "--device", "cpu")
+    assert code == 2 and "--scales" in err

@@ -299,3 +299,27 @@ def test_size_batches_groups_equal_sizes():
     bounded = list(size_batches([(i, str(i)) for i in range(10)], lambda x: (x[0],), 4,
                                 max_pending=3))
     assert sum(len(b) for b in bounded) == 10
+
+
+def test_scales_and_flip(tiny_checkpoint, images, tmp_path, capsys):
+    """--scales 1.0 is today's output; with --flip a mirrored image gives the mirrored
+    labelmap; other views redo a folder's outputs."""
+    mirrored = tmp_path / "in"
+    mirrored.mkdir()
+    rgb = np.asarray(Image.open(images / "c.png"))
+    Image.fromarray(rgb).save(mirrored / "c.png")
+    Image.fromarray(np.ascontiguousarray(rgb[:, ::-1])).save(mirrored / "m.png")
+
+    def run(out, *extra):
+        code, _, err = cli(capsys, "infer", str(mirrored), "-c", str(tiny_checkpoint), "--out",
+                           str(out), "--device", "cpu", "--t-ts", "3", "-q", *extra)
+        assert code == 0, err
+        return {p.stem: np.asarray(Image.open(p)) for p in out.glob("?.png")}
+
+    plain, single = run(tmp_path / "plain"), run(tmp_path / "single", "--scales", "1.0")
+    assert all(np.array_equal(plain[k], single[k]) for k in ("c", "m"))
+    multi = run(tmp_path / "multi", "--scales", "0.75,1.0,1.5", "--flip")
+    assert np.array_equal(multi["m"], multi["c"][:, ::-1])
+    assert not np.array_equal(multi["c"], plain["c"])
+    again = run(tmp_path / "plain", "--scales", "0.75,1.0,1.5", "--flip", "--overwrite")
+    assert np.array_equal(again["c"], multi["c"])  # redone with the new views

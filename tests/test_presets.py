@@ -72,14 +72,14 @@ def _capture(monkeypatch, module: str, function: str) -> list:
 
 
 def test_config_name_resolves_on_the_command_line(monkeypatch, capsys, tmp_path):
-    seen = _capture(monkeypatch, "dis_plugins.pretrain", "run_pretrain")
+    seen = _capture(monkeypatch, "discli.train.pretrain", "pretrain")
     code, _, err = cli(capsys, "pretrain", "--config", "demo", "--out", str(tmp_path),
                        "--lr", "0.004", "--json", "-q")
     assert code == 0, err
     assert seen[-1] == load_config("demo", {"out": str(tmp_path), "lr": 0.004},
                                    section="pretrain")
     assert seen[-1].loss_img == 1.0 and seen[-1].lr == 0.004
-    seen = _capture(monkeypatch, "dis_plugins.finetune", "run_finetune")
+    seen = _capture(monkeypatch, "discli.train.finetune", "finetune")
     code, _, err = cli(capsys, "finetune", "--config", "quick", "--out", str(tmp_path),
                        "--set", "rounds=3", "--json", "-q")
     assert code == 0, err
@@ -138,3 +138,81 @@ def test_dumped_config_loads_for_both_sections(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text(dump_toml(cfg))
     assert load_config(path, section="pretrain") == cfg == load_config(path, section="finetune")
+
+
+# ----------------------------------------------------------------------------- finding the options
+def test_voc12_alias_is_the_paper_preset():
+    assert preset_path("voc12-resnet101") == preset_path("voc-resnet101")
+    for section in ("pretrain", "finetune"):
+        assert load_config("voc12-resnet101", section=section) == \
+            load_config("voc-resnet101", section=section)
+
+
+def test_config_keys_lists_every_key_with_default_and_help(capsys):
+    import dataclasses
+    import json
+
+    from discli.train.config import config_keys
+
+    code, out, err = cli(capsys, "config", "keys")
+    assert code == 0, err
+    lines = out.splitlines()
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert [line.split()[0] for line in lines[1:]] == names
+    row = next(line for line in lines if line.startswith("crop_size "))
+    assert row.split()[:5] == ["crop_size", "int", "321", "both", "same"]
+    assert row.endswith("training crop size in pixels")
+    assert all(k.help and "\n" not in k.help for k in config_keys())  # one line of help each
+    code, out, _ = cli(capsys, "config", "keys", "--stage", "pretrain", "--json")
+    keys = {k["name"]: k for k in json.loads(out)}
+    assert "iters_step1" in keys and "mstep_iters" not in keys
+    assert keys["device"]["neutral"] and not keys["lr"]["neutral"]
+
+
+@pytest.mark.parametrize("name", [*PRESETS, "voc12-resnet101"])
+def test_config_show_prints_a_preset_resolved(capsys, name, tmp_path):
+    code, out, err = cli(capsys, "config", "show", name)
+    assert code == 0, err
+    path = tmp_path / "shown.toml"
+    path.write_text(out)
+    for section in ("pretrain", "finetune"):  # the output is a config file: the same configs
+        assert load_config(path, section=section) == load_config(name, section=section)
+    code, out, _ = cli(capsys, "config", "show", name, "--stage", "finetune")
+    assert out.count("[finetune]") == 1 and "[pretrain]" not in out
+    code, _, err = cli(capsys, "config", "show", "nosuch")
+    assert code == 3 and "presets: demo, quick, voc-resnet101" in err
+
+
+def test_unknown_set_key_suggests_the_close_one(capsys, tmp_path):
+    code, _, err = cli(capsys, "pretrain", "--out", str(tmp_path), "--set", "bach_size=4")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--set bach_size=4: unknown key 'bach_size' (did you mean 'batch_size'" in err
+    code, _, err = cli(capsys, "finetune", "--out", str(tmp_path), "--set", "zzz=1")
+    assert code == 2 and "`dis config keys` lists them" in err
+    code, _, err = cli(capsys, "pretrain", "--out", str(tmp_path), "--set", "iters_step1=x")
+    assert code == 2 and "--set iters_step1=x: key 'iters_step1' must be int" in err
+    assert "--iters-step1" not in err  # no flag of that name exists
+    path = tmp_path / "run.toml"
+    path.write_text("[train]\ncrop_szie = 64\n")
+    with pytest.raises(BadInputError, match=r"unknown key 'crop_szie' \(did you mean "
+                                            r"'crop_size'\?\)"):
+        load_config(path, section="pretrain")
+
+
+def test_help_shows_every_default_and_out_is_required(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("COLUMNS", "200")
+    for command in ("pretrain", "finetune"):
+        code, out, _ = cli(capsys, command, "--help")
+        assert code == 0
+        text = " ".join(out.split())
+        for shown in ("--backbone <str> Backbone name (`dis plugins` lists them). "
+                      "[default: (tiny)]", "[default: (8)]", "[default: (321)]",
+                      "[default: (0.01)]", "--num-workers", "--tensorboard", "[required]"):
+            assert shown in text, (command, shown)
+        code, _, err = cli(capsys, command, "--labelled", "x.jsonl")
+        assert code == 2 and "Missing option '--out'" in err
+    code, out, _ = cli(capsys, "finetune", "--help")
+    text = " ".join(out.split())
+    assert "[default: (30)]" in text and "[default: (2)]" in text  # --t-tr, --rounds
+    code, out, _ = cli(capsys, "pretrain", "--help")
+    assert "(1000,300,500)" in " ".join(out.split())

@@ -187,3 +187,214 @@ def test_cli_pretrain_and_finetune(data, tmp_path):
                          text=True, timeout=300)
     assert out.returncode == 3 and "bad.toml: unknown key 'nope'" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- a folder, one run
+def _files(folder):
+    return {p: p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_rerun_with_other_settings_is_refused_and_rewrites_nothing(data, tmp_path):
+    cfg = config(data, tmp_path)
+    pretrain(cfg)
+    before = _files(tmp_path / "pretrain")
+    with pytest.raises(UsageError, match=r"holds a pretrain run with other settings "
+                                         r"\(batch_size 4 -> 2, lr 0.01 -> 0.5\)") as info:
+        pretrain(config(data, tmp_path, lr=0.5, batch_size=2))
+    assert info.value.exit_code == 2 and "config.toml" in str(info.value)
+    # settings that change no result may differ; a run with nothing to do writes nothing
+    again = config(data, tmp_path, device="cpu", num_workers=1, log_every=3, ckpt_every=5,
+                   t_ts=0, rounds=4, mstep_iters=99)  # finetune keys: not pretrain's business
+    summary = pretrain(again)
+    assert summary["steps"] == {1: "already done", 2: "already done", 3: "already done"}
+    assert _files(tmp_path / "pretrain") == before
+    assert summary["results"][1]["iterations"] == 6 and summary["results"][3]["loss"] > 0
+    # the same manifest by another spelling is the same setting; another file is not
+    link = tmp_path / "same.jsonl"
+    link.symlink_to(data["labelled"])
+    assert pretrain(config(data, tmp_path, labelled=str(link)))["steps"][1] == "already done"
+    with pytest.raises(UsageError, match="labelled"):
+        pretrain(config(data, tmp_path, labelled=str(data["tagged"])))
+
+
+def test_interrupted_run_continues_only_with_its_settings(data, tmp_path):
+    import discli.train.engine as engine
+
+    real = engine.save_checkpoint
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_4(path, state):
+        real(path, state)
+        if state["phase"] == "step1" and state["iteration"] == 4:
+            raise Killed
+
+    engine.save_checkpoint = kill_at_4
+    try:
+        with pytest.raises(Killed):
+            pretrain(config(data, tmp_path))
+    finally:
+        engine.save_checkpoint = real
+    with pytest.raises(UsageError, match=r"crop_size 32 -> 48"):
+        pretrain(config(data, tmp_path, crop_size=48))
+    assert pretrain(config(data, tmp_path))["steps"][1] == "trained"
+
+
+def test_finetune_rerun_refuses_other_settings_and_extends_rounds(data, tmp_path):
+    cfg = config(data, tmp_path, mstep_iters=2, t_tr=1)
+    pretrain(cfg)
+    finetune(cfg)
+    folder = tmp_path / "finetune"
+    before = _files(folder)
+    with pytest.raises(UsageError, match=r"finetune run with other settings \(t_tr 1 -> 5\)"):
+        finetune(config(data, tmp_path, mstep_iters=2, t_tr=5))
+    with pytest.raises(UsageError, match=r"rounds 1 -> 0"):
+        finetune(config(data, tmp_path, mstep_iters=2, t_tr=1, rounds=0))
+    # pretrain-only keys and neutral keys may differ: nothing to do, nothing rewritten
+    same = config(data, tmp_path, mstep_iters=2, t_tr=1, iters_step1=99, estep_batch_size=1)
+    assert finetune(same)["rounds"] == {1: "already done"}
+    assert _files(folder) == before
+    # more rounds continue the run
+    summary = finetune(config(data, tmp_path, mstep_iters=2, t_tr=1, rounds=2))
+    assert summary["rounds"] == {1: "already done", 2: "trained"}
+    assert (folder / "final.pth").read_bytes() == (folder / "round-2/model.pth").read_bytes()
+    assert summary["results"][2]["estep"]["images"] == 5 and summary["results"][2]["loss"] > 0
+
+
+def test_cli_refuses_other_settings_in_one_line(data, tmp_path, capsys):
+    from test_infer_cli import cli
+
+    args = ["pretrain", "--labelled", str(data["labelled"]), "--out", str(tmp_path),
+            "--batch-size", "4", "--crop-size", "32", "--device", "cpu", "--iters", "2,1,2",
+            "--set", "channels=16", "-q", "--json"]
+    code, out, err = cli(capsys, *args)
+    assert code == 0, err
+    code, out, err = cli(capsys, *args[:-2], "--lr", "0.5")
+    assert code == 2 and out == ""
+    assert err.startswith("dis: error: ") and "lr 0.01 -> 0.5" in err
+    assert len(err.strip().splitlines()) == 1
+    # the summary: a table on stderr, the checkpoint on stdout
+    code, out, err = cli(capsys, *args[:-2], "--num-workers", "0")
+    assert code == 0, err
+    assert out.strip().endswith("pretrain/final.pth") and len(out.splitlines()) == 1
+    assert "already done" in err and "step" in err and "{1:" not in err
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+class FakeWriter:
+    made: list = []
+
+    def __init__(self, log_dir, purge_step=None):
+        self.log_dir, self.purge_step, self.scalars, self.closed = log_dir, purge_step, [], False
+        FakeWriter.made.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def close(self):
+        self.closed = True
+
+
+def test_tensorboard_mirrors_the_log(data, tmp_path, monkeypatch):
+    import discli.train.runlog as runlog
+
+    FakeWriter.made = []
+    monkeypatch.setattr(runlog, "summary_writer_class", lambda: FakeWriter)
+    cfg = config(data, tmp_path, mstep_iters=2, t_tr=1, val=str(data["labelled"]))
+    pretrain(cfg, tensorboard=True)
+    finetune(cfg, tensorboard=True)
+    writers = {Path(w.log_dir).relative_to(tmp_path).as_posix(): w for w in FakeWriter.made}
+    assert set(writers) == {"pretrain/tensorboard/step1", "pretrain/tensorboard/step2",
+                            "pretrain/tensorboard/step3", "finetune/tensorboard/estep",
+                            "finetune/tensorboard/mstep-round1"}
+    assert all(w.closed for w in writers.values())
+    step1 = writers["pretrain/tensorboard/step1"]
+    assert step1.purge_step == 1
+    # the same numbers as log.jsonl, record for record
+    log = [json.loads(line) for line in (tmp_path / "pretrain/log.jsonl").read_text().splitlines()]
+    losses = [(r["iter"], r["loss"]) for r in log if r.get("step") == 1 and "loss" in r]
+    assert [(s, v) for t, v, s in step1.scalars if t == "loss/total"] == losses
+    tags = {t for t, _, _ in step1.scalars}
+    assert {"loss/total", "loss/labelmap", "loss/tags", "lr", "val/miou"} <= tags
+    estep = {t: (v, s) for t, v, s in writers["finetune/tensorboard/estep"].scalars}
+    assert estep["estep/images"] == (5, 1) and "estep/kept_share" in estep
+    mstep = {t for t, _, _ in writers["finetune/tensorboard/mstep-round1"].scalars}
+    assert {"loss/total", "loss/reconstruction", "lr", "val/miou"} <= mstep
+
+
+def test_tensorboard_missing_is_one_clear_error(data, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    with pytest.raises(UsageError, match=r"--tensorboard needs the tensorboard package"):
+        pretrain(config(data, tmp_path), tensorboard=True)
+    assert not (tmp_path / "pretrain").exists()  # before any work
+
+
+def test_tensorboard_real_writer(data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pretrain(config(data, tmp_path, iters_step1=4, iters_step2=0, iters_step3=0),
+             tensorboard=True)
+    events = EventAccumulator(str(tmp_path / "pretrain/tensorboard/step1"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/total")] == [1, 2, 3, 4]
+
+
+def test_non_finite_loss_stops_before_the_step_and_keeps_the_checkpoint(data, tmp_path, capsys):
+    from discli.cli.app import main
+    from discli.errors import TrainingDivergedError
+
+    cfg = config(data, tmp_path, iters_step1=4, ckpt_every=2, clip_grad_norm=0.0)
+    pretrain(cfg, steps=[1])  # a finished step 1 ...
+    saved = (tmp_path / "pretrain/step1.pth").read_bytes()
+    import discli.train.engine as engine
+
+    real = engine.compute_losses
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):  # ... then step 2's third loss is NaN
+        losses = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    engine.compute_losses = poisoned
+    try:
+        with pytest.raises(TrainingDivergedError, match=r"step2: the loss is not finite at "
+                                                        r"iteration 3 .*clip_grad_norm") as info:
+            pretrain(cfg, steps=[2])
+    finally:
+        engine.compute_losses = real
+    assert info.value.exit_code == 7
+    assert (tmp_path / "pretrain/step1.pth").read_bytes() == saved
+    state = load_checkpoint(tmp_path / "pretrain/last.pth")
+    assert state["phase"] == "step2" and state["iteration"] == 2  # the checkpoint before it
+    assert all(torch.isfinite(v.float()).all() for v in state["model"].values())
+
+
+def test_gradient_clipping_bounds_the_update(data, tmp_path):
+    import discli.train.engine as engine
+
+    norms = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        params = list(params)
+        total = real(params, max_norm, *args, **kwargs)  # the norm before clipping
+        after = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        norms.append((float(total), float(after), max_norm))
+        return total
+
+    engine.nn.utils.clip_grad_norm_ = spy
+    try:
+        pretrain(config(data, tmp_path, iters_step1=3, lr=0.5, clip_grad_norm=1e-3),
+                 steps=[1])
+    finally:
+        engine.nn.utils.clip_grad_norm_ = real
+    assert len(norms) == 3
+    for before, after, limit in norms:
+        assert limit == 1e-3 and before > limit and after == pytest.approx(limit, rel=1e-3)

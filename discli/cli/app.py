@@ -7,9 +7,12 @@ stderr and every other command still works.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import sys
 import traceback
+from typing import Any
 
 import typer
 
@@ -21,7 +24,7 @@ except ImportError:  # pragma: no cover - older typer on the click package
 from discli import __version__
 from discli.cli.output import error, warn
 from discli.entrypoints import COMMANDS_GROUP, Plugin, load_group
-from discli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, DisError
+from discli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, DisError, UsageError, system_error
 
 # click >= 8.2 raises this for a group called without a command (it prints the help)
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -69,6 +72,31 @@ def build_app() -> typer.Typer:
     return app
 
 
+def refuse_non_finite(command: Any) -> Any:
+    """Wrap every command's callback (recursively) so that a float option given as nan or inf
+    is refused with exit 2: click's float type accepts them, and they pass every range check
+    (``min=0, max=1`` included) the wrong way, so a NaN step size would "succeed" with an
+    all-background labelmap. One place covers every command, plugins' included."""
+    for sub in getattr(command, "commands", {}).values():
+        refuse_non_finite(sub)
+    callback = getattr(command, "callback", None)
+    if callback is None or getattr(callback, "_dis_finite", False):
+        return command
+    flags = {p.name: max(getattr(p, "opts", None) or [p.name], key=len) for p in command.params}
+
+    @functools.wraps(callback)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        for name, value in kwargs.items():
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(item, float) and not math.isfinite(item):
+                    raise UsageError(f"{flags.get(name, name)}: {item} is not a finite number")
+        return callback(*args, **kwargs)
+
+    checked._dis_finite = True  # type: ignore[attr-defined]
+    command.callback = checked
+    return command
+
+
 def _usage_line(exc: click.ClickException) -> str:
     """A click usage error as one line: the problem, then where to find help."""
     message = " ".join(exc.format_message().split())
@@ -101,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(sys, name) is None:
             setattr(sys, name, open(os.devnull, mode, encoding="utf-8"))
     try:
-        code = build_app()(args=argv, prog_name="dis", standalone_mode=False)
+        command = refuse_non_finite(typer.main.get_command(build_app()))
+        code = command(args=argv, prog_name="dis", standalone_mode=False)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if code == 1 and isinstance(sys.stdout, click.utils.PacifyFlushWrapper):
@@ -128,6 +157,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return _broken_pipe()
+    except OSError as exc:  # disk full, read-only, permission...: the user's machine, not a bug
+        if debug:
+            traceback.print_exc()
+        refused = system_error(exc)
+        if refused is None:
+            error(f"internal error: {type(exc).__name__}: {exc} (run with --debug for a "
+                  f"traceback)")
+            return EXIT_FAILURE
+        error(str(refused))
+        return refused.exit_code
     except Exception as exc:  # a bug: one line unless --debug
         if debug:
             traceback.print_exc()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from typing import Any
@@ -11,7 +12,24 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
-err_console = Console(stderr=True)
+from discli.errors import shorten
+
+# Wide enough that a table or a line is never cut or wrapped when the output is a file or a
+# pipe (rich would assume 80 columns there); a terminal keeps its own width.
+PIPE_WIDTH = 1000
+
+
+def console(stderr: bool = False) -> Console:
+    """A rich Console on stdout (data) or stderr (logs), as wide as needed when not a tty."""
+    stream = sys.stderr if stderr else sys.stdout
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):  # closed or replaced stream
+        tty = False
+    return Console(stderr=stderr, width=None if tty else PIPE_WIDTH)
+
+
+err_console = console(stderr=True)
 
 
 def warn(message: str) -> None:
@@ -20,11 +38,28 @@ def warn(message: str) -> None:
 
 
 def error(message: str) -> None:
-    sys.stderr.write(f"dis: error: {message}\n")
+    # Exactly one line, whatever the message quotes: control characters (a newline in a file
+    # name) are escaped and the length is capped (DisError caps its parts already; this also
+    # covers click's messages, which quote option values whole).
+    one_line = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in message)
+    sys.stderr.write(f"dis: error: {shorten(one_line, 4000)}\n")
+
+
+def finite_json(data: Any) -> Any:
+    """``data`` with every NaN or infinite float replaced by None: ``json.dumps`` would write
+    them as ``NaN``/``Infinity``, which no strict JSON reader accepts."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_json(v) for v in data]
+    return data
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, default=str) + "\n")
+    """One line of strict JSON (non-finite numbers as null) on stdout."""
+    sys.stdout.write(json.dumps(finite_json(data), default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 

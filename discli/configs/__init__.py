@@ -10,7 +10,8 @@ stage's table; the command line still overrides every key.
 - ``demo``: what ``dis demo`` trains with on the synthetic benchmark (tiny backbone, AdamW,
   64 px crops);
 - ``quick``: what ``dis demo --quick`` trains with (shorter schedules: a smoke run);
-- ``voc-resnet101``: the paper's recipe on VOC12 + captions (ImageNet ResNet-101, SGD).
+- ``voc-resnet101`` (also ``voc12-resnet101``): the paper's recipe on VOC12 + captions
+  (ImageNet ResNet-101, SGD).
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ from pathlib import Path
 _FOLDER = Path(__file__).resolve().parent
 
 PRESETS: tuple[str, ...] = tuple(sorted(p.stem for p in _FOLDER.glob("*.toml")))
+# other names of a preset
+ALIASES = {"voc12-resnet101": "voc-resnet101"}
 
 
 def preset_path(name: str) -> Path | None:
     """The file of the shipped preset ``name`` ("demo" or "demo.toml"), None if there is none."""
     stem = name[:-len(".toml")] if name.endswith(".toml") else name
+    stem = ALIASES.get(stem, stem)
     if stem not in PRESETS:
         return None
     return _FOLDER / f"{stem}.toml"

@@ -24,7 +24,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from discli.data.fileio import read_text
+from discli.data.fileio import json_loads, read_text
 from discli.data.voc import VOC_CLASSES
 from discli.errors import BadInputError
 
@@ -55,7 +55,7 @@ def load_lexicon(path: str | None = None) -> tuple[dict[str, tuple[str, ...]], t
     else:
         text, where = read_text(path, "lexicon"), path
     try:
-        data = json.loads(text)
+        data = json_loads(text)
     except json.JSONDecodeError as exc:
         raise BadInputError(f"malformed JSON ({exc.msg} at line {exc.lineno})", where) from None
     if not isinstance(data, dict) or data.get("format") != LEXICON_FORMAT:

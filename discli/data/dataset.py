@@ -28,7 +28,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from discli.data.images import read_image
+from discli.data.images import read_image, size_mismatch
 from discli.data.manifest import Manifest
 from discli.data.voc import IGNORE, read_labelmap
 from discli.errors import BadInputError
@@ -156,8 +156,8 @@ class SegDataset(torch.utils.data.Dataset):
         if lm_path is not None:
             labelmap = read_labelmap(lm_path, len(self.manifest.classes))
             if labelmap.shape != (h, w):
-                raise BadInputError(f"labelmap is {labelmap.shape[1]}x{labelmap.shape[0]} but "
-                                    f"its image is {w}x{h}", lm_path)
+                raise BadInputError(size_mismatch(labelmap.shape, self.manifest.image_path(rec),
+                                                  (h, w), name_image=False), lm_path)
         else:
             labelmap = np.full((h, w), IGNORE, dtype=np.uint8)
         return self.make_item(rec.id, index, image, labelmap, self.manifest.tag_vector(rec),

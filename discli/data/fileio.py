@@ -3,17 +3,32 @@
 :func:`atomic_write` is the project's one atomic writer (``discli.checkpoint`` re-exports it as
 ``atomic_write_bytes``); it lives here, free of torch, so that reading and writing datasets never
 pulls in the model code (``dis prepare-idw`` should start without torch).
+
+Reading is defensive because the files are untrusted: only regular files are read (``/dev/zero``
+or a FIFO given as a manifest would never end), text files are capped at
+:data:`MAX_TEXT_BYTES` (a multi-gigabyte archive passed by mistake is refused, not loaded) and
+their lines at :data:`MAX_LINE_BYTES`, and :func:`json_loads` turns the RecursionError of a
+deeply nested line (``[[[[...``) into an ordinary JSON error.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from discli.errors import BadInputError
+from discli.errors import BadInputError, system_error
+
+# A text input (manifest, captions, lexicon, tag file) larger than this is refused: 256 MiB is
+# several times the largest real one (COCO's train captions are ~90 MB).
+MAX_TEXT_BYTES = int(os.environ.get("DIS_MAX_TEXT_BYTES", 256 << 20))
+# One line of a line-based text input (a manifest record, a caption line, a path): a real one
+# is a few hundred bytes.
+MAX_LINE_BYTES = 1 << 20
 
 
 def atomic_write(path: str | Path, writer: Callable[[IO[bytes]], object],
@@ -26,17 +41,27 @@ def atomic_write(path: str | Path, writer: Callable[[IO[bytes]], object],
     the synthetic benchmark) turn it off, as one fsync per file costs more than the write.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             writer(f)
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        # A full disk or a read-only folder: name the file being written (a failed write()
+        # names none), so the user knows where; the old file, if any, is untouched.
+        refused = system_error(exc, path)
+        if refused is None:
+            raise
+        raise refused from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # e.g. a read-only folder: there is no temporary file to remove
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -58,20 +83,76 @@ def decode_utf8(data: bytes, path: str | Path, line: int | None = None) -> str:
                             f"{exc.start}); re-save the file as UTF-8", path) from None
 
 
-def read_bytes(path: str | Path, what: str = "file") -> bytes:
-    path = Path(path)
-    if path.is_dir():
-        raise BadInputError(f"expected a {what}, found a folder", path)
+def check_regular(path: Path, what: str) -> os.stat_result:
+    """The stat of ``path``, refusing folders and anything that is not a regular file (a device
+    such as /dev/zero, a FIFO, a socket: reading one may never end)."""
     try:
-        return path.read_bytes()
+        st = path.stat()
     except FileNotFoundError:
         raise BadInputError(f"{what} not found", path) from None
     except OSError as exc:
         raise BadInputError(f"cannot read {what}: {exc.strerror or exc}", path) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise BadInputError(f"expected a {what}, found a folder", path)
+    if not stat.S_ISREG(st.st_mode):
+        raise BadInputError(f"expected a {what}, found a device, pipe or socket (not a regular "
+                            f"file)", path)
+    return st
+
+
+def _too_big(size: int, what: str, limit: int) -> str:
+    return (f"{size / 2**20:.0f} MiB is more than the {limit / 2**20:.0f} MiB a {what} may have "
+            f"(is it the right file? raise DIS_MAX_TEXT_BYTES if it is)")
+
+
+def read_bytes(path: str | Path, what: str = "file", limit: int | None = None) -> bytes:
+    """A whole regular file of at most ``limit`` bytes (default :data:`MAX_TEXT_BYTES`)."""
+    path = Path(path)
+    limit = MAX_TEXT_BYTES if limit is None else limit
+    st = check_regular(path, what)
+    if st.st_size > limit:
+        raise BadInputError(_too_big(st.st_size, what, limit), path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)  # the file may have grown since the stat
+    except FileNotFoundError:
+        raise BadInputError(f"{what} not found", path) from None
+    except OSError as exc:
+        raise BadInputError(f"cannot read {what}: {exc.strerror or exc}", path) from None
+    if len(data) > limit:
+        raise BadInputError(_too_big(len(data), what, limit), path)
+    return data
+
+
+def read_stdin_bytes(what: str = "input", limit: int | None = None) -> bytes:
+    """All of stdin, refusing more than ``limit`` bytes (``dis infer - < /dev/zero``)."""
+    limit = MAX_TEXT_BYTES if limit is None else limit
+    stream = getattr(sys.stdin, "buffer", None)
+    data = stream.read(limit + 1) if stream is not None else sys.stdin.read(limit + 1).encode()
+    if len(data) > limit:
+        raise BadInputError(f"more than {limit / 2**20:.0f} MiB on stdin for a {what} (raise "
+                            f"DIS_MAX_TEXT_BYTES if that is right)", "<stdin>")
+    return data
+
+
+def check_line(raw: bytes | str, path: str | Path, line: int, what: str) -> None:
+    """Refuse a line longer than :data:`MAX_LINE_BYTES` (a binary file read as text)."""
+    if len(raw) > MAX_LINE_BYTES:
+        raise BadInputError(f"line {line}: longer than {MAX_LINE_BYTES >> 20} MiB ({len(raw)} "
+                            f"bytes): not a {what}", path)
 
 
 def read_text(path: str | Path, what: str = "text file") -> str:
     """Read a whole UTF-8 text file; ``"-"`` reads stdin."""
     if str(path) == "-":
-        return decode_utf8(sys.stdin.buffer.read(), "<stdin>")
+        return decode_utf8(read_stdin_bytes(what), "<stdin>")
     return decode_utf8(read_bytes(path, what), path)
+
+
+def json_loads(text: str | bytes) -> object:
+    """:func:`json.loads`, with nesting too deep for the parser (``[[[[...``, a RecursionError)
+    reported as the :class:`json.JSONDecodeError` every caller already handles."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", "", 0) from None

@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from discli.data.captions import parse_captions
-from discli.data.fileio import decode_utf8, read_bytes, read_text
+from discli.data.fileio import check_line, decode_utf8, json_loads, read_bytes, read_text
 from discli.data.images import read_image
 from discli.data.manifest import (FORMAT as MANIFEST_FORMAT, Manifest, Record, check_id,
                                   check_relpath, read_manifest, write_manifest)
@@ -37,6 +37,7 @@ from discli.data.voc import VOC_CLASSES
 from discli.errors import BadInputError, UsageError
 from discli.progress import NullReporter, Reporter
 from discli.registry import Registry
+from discli.safety import refuse_overlap
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -87,11 +88,12 @@ def read_jsonl(path: Path, problems: Problems) -> CaptionSource:
     items = []
     for n, raw in enumerate(read_bytes(path, "caption file").split(b"\n"), start=1):
         with problems.guard():
+            check_line(raw, path, n, "caption line")
             line = decode_utf8(raw, path, n).strip()
             if not line:
                 continue
             try:
-                obj = json.loads(line)
+                obj = json_loads(line)
                 if not isinstance(obj, dict) or not isinstance(obj.get("image"), str):
                     raise ValueError('needs "image": a path string')
                 item = CaptionItem(obj["image"], _captions_of(obj), f"{path}:{n}", obj.get("id"))
@@ -105,7 +107,7 @@ def read_jsonl(path: Path, problems: Problems) -> CaptionSource:
 
 def read_coco(path: Path, problems: Problems) -> CaptionSource:
     try:
-        data = json.loads(read_text(path, "caption file"))
+        data = json_loads(read_text(path, "caption file"))
     except json.JSONDecodeError as exc:
         raise BadInputError(f"malformed JSON ({exc.msg} at line {exc.lineno})", path) from None
     if not (isinstance(data, dict) and isinstance(data.get("images"), list)
@@ -216,6 +218,12 @@ def prepare_idw(source: str | Path, out: str | Path, root: str | Path | None = N
     src = CAPTION_FORMATS.get(fmt).read(source, problems)
     image_root = Path(root) if root is not None else src.root
     items = _merge(src.items)
+    # The manifest written must not replace what it is made from (`-o caps.jsonl`).
+    refuse_overlap([(out, "output manifest")],
+                   [(source, f"caption source ({fmt})")]
+                   + [(image_root / it.image, "image") for it in items]
+                   + [(Path(it.where), "caption file") for it in items if fmt == "folder"]
+                   + [(lexicon, "lexicon")], advice="choose another --out")
     ids = make_ids([it.image for it in items])
     records: list[Record] = []
     taken: set[str] = set()

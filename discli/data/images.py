@@ -54,6 +54,8 @@ def open_checked(path: str | Path, max_pixels: int | None = None,
         raise BadInputError(f"{what} not found", path)
     if path.is_dir():
         raise BadInputError(f"expected a file ({what}), found a folder", path)
+    if not path.is_file():  # /dev/zero, a FIFO: opening or reading one may never end
+        raise BadInputError(f"expected a {what} file, found a device, pipe or socket", path)
     if path.stat().st_size == 0:
         raise BadInputError(f"empty {what} file (0 bytes)", path)
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
@@ -83,6 +85,26 @@ def _orientation(im: Image.Image) -> int:
         return int(im.getexif().get(0x0112, 1))
     except Exception:  # a broken EXIF block must not make a good image unreadable
         return 1
+
+
+def size_mismatch(labelmap_hw: tuple[int, ...], image: str | Path,
+                  image_hw: tuple[int, ...], name_image: bool = True) -> str:
+    """The message for a labelmap whose size is not its image's, saying so when the image's
+    EXIF orientation explains it (dis shows images as a viewer does, rotated; a labelmap drawn
+    on the stored, unrotated pixels then has width and height swapped)."""
+    (lh, lw), (h, w) = labelmap_hw[:2], image_hw[:2]
+    named = f" {Path(image).name}" if name_image else ""
+    message = f"labelmap is {lw}x{lh} but its image{named} is {w}x{h}"
+    try:
+        with Image.open(image) as im:
+            orientation, (sw, sh) = _orientation(im), im.size
+    except Exception:  # the image was readable a moment ago; the note is only a hint
+        return message
+    if orientation in _SWAPPING_ORIENTATIONS and (lh, lw) == (sh, sw):
+        message += (f" after its EXIF rotation (orientation {orientation}); the labelmap matches "
+                    f"the image as stored ({sw}x{sh}), but dis applies EXIF rotation: rotate the "
+                    f"labelmap the same way, or remove the orientation tag from the image")
+    return message
 
 
 def probe_image(path: str | Path, max_pixels: int | None = None) -> tuple[int, int]:

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from discli.data.fileio import decode_utf8, read_bytes, read_text, write_text
-from discli.errors import BadInputError, UsageError
+from discli.data.fileio import (check_line, decode_utf8, json_loads, read_bytes, read_text,
+                                write_text)
+from discli.errors import BadInputError, UsageError, quote
 
 if TYPE_CHECKING:  # torch is only needed by tag_vector; keep `import manifest` light
     import torch
@@ -37,6 +38,8 @@ TAG_SOURCES = ("pixels", "caption", "manual")
 # A file-name-safe id: ids become file names of predictions and cache keys.
 ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,199}")
 _RECORD_KEYS = {"id", "image", "labelmap", "tags", "tag_source", "split", "caption"}
+# Labelmaps are 8-bit and 255 means void: class indices 0..254, so at most 255 classes.
+MAX_CLASSES = 255
 
 
 @dataclass
@@ -85,8 +88,8 @@ class Manifest:
 
 def check_id(value: object) -> str:
     if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
-        raise ValueError(f"id {value!r} is not a safe file name (letters, digits, '_', '-', '+', "
-                         "'.', not starting with '.', at most 200 characters)")
+        raise ValueError(f"id {quote(value)} is not a safe file name (letters, digits, '_', '-', "
+                         "'+', '.', not starting with '.', at most 200 characters)")
     return value
 
 
@@ -99,7 +102,8 @@ def check_relpath(value: object, key: str) -> str:
     if os.path.isabs(value):
         return value
     if ".." in PurePosixPath(value.replace("\\", "/")).parts:
-        raise ValueError(f"{key!r} path {value!r} escapes the manifest root ('..' is not allowed)")
+        raise ValueError(f"{key!r} path {quote(value)} escapes the manifest root ('..' is not "
+                         f"allowed)")
     return value
 
 
@@ -110,9 +114,10 @@ def normalize_tags(tags: object, classes: Sequence[str]) -> list[str]:
     index = {name: i for i, name in enumerate(classes)}
     for tag in tags:
         if tag not in index:
-            raise ValueError(f"unknown class {tag!r} in tags (classes: {', '.join(classes[1:])})")
+            raise ValueError(f"unknown class {quote(tag)} in tags (classes: "
+                             f"{', '.join(classes[1:])})")
         if index[tag] == 0:
-            raise ValueError(f"{tag!r} is the background class, which is never a tag")
+            raise ValueError(f"{quote(tag)} is the background class, which is never a tag")
     return sorted(set(tags), key=index.__getitem__)
 
 
@@ -122,6 +127,9 @@ def check_classes(classes: object) -> list[str]:
         raise ValueError("'classes' must list at least two non-empty names, background first")
     if len(set(classes)) != len(classes):
         raise ValueError("'classes' has duplicate names")
+    if len(classes) > MAX_CLASSES:
+        raise ValueError(f"'classes' lists {len(classes)} names; at most {MAX_CLASSES} are "
+                         f"possible (labelmaps are 8-bit and 255 means void)")
     return list(classes)
 
 
@@ -130,7 +138,8 @@ def record_from_dict(obj: object, classes: Sequence[str]) -> Record:
         raise ValueError("a record must be a JSON object")
     unknown = set(obj) - _RECORD_KEYS
     if unknown:
-        raise ValueError(f"unknown key(s) {sorted(unknown)} (known: {sorted(_RECORD_KEYS)})")
+        raise ValueError(f"unknown key(s) {quote(sorted(unknown))} (known: "
+                         f"{sorted(_RECORD_KEYS)})")
     for key in ("id", "image"):
         if key not in obj:
             raise ValueError(f"missing key {key!r}")
@@ -140,7 +149,7 @@ def record_from_dict(obj: object, classes: Sequence[str]) -> Record:
     split = obj.get("split", "train")
     if tag_source not in TAG_SOURCES:
         raise ValueError(f"'tag_source' must be one of {', '.join(TAG_SOURCES)}, "
-                         f"not {tag_source!r}")
+                         f"not {quote(tag_source)}")
     if not isinstance(split, str) or not split:
         raise ValueError("'split' must be a non-empty string")
     if caption is not None and not isinstance(caption, str):
@@ -163,7 +172,7 @@ def record_to_dict(rec: Record) -> dict[str, Any]:
 
 def _parse_header(line: str, path: object) -> dict[str, Any]:
     try:
-        header = json.loads(line)
+        header = json_loads(line)
     except json.JSONDecodeError:
         header = None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
@@ -200,8 +209,9 @@ def parse_manifest(text: str, path: str | Path = "<manifest>",
     for n, line in enumerate(lines[1:], start=2):
         if not line.strip():
             raise BadInputError(f"line {n}: empty line", path)
+        check_line(line, path, n, "manifest line")
         try:
-            obj = json.loads(line)
+            obj = json_loads(line)
         except json.JSONDecodeError as exc:
             raise BadInputError(f"line {n}: malformed JSON ({exc.msg} at column {exc.colno})",
                                 path) from None
@@ -210,7 +220,7 @@ def parse_manifest(text: str, path: str | Path = "<manifest>",
         except ValueError as exc:
             raise BadInputError(f"line {n}: {exc}", path) from None
         if rec.id in seen:
-            raise BadInputError(f"line {n}: duplicate id {rec.id!r} (first on line "
+            raise BadInputError(f"line {n}: duplicate id {quote(rec.id)} (first on line "
                                 f"{seen[rec.id]})", path)
         seen[rec.id] = n
         records.append(rec)
@@ -230,7 +240,10 @@ def read_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
     path = Path(path)
     data = read_bytes(path, "manifest")
     # Decode per line so a stray non-UTF-8 byte is reported with its line number.
-    lines = [decode_utf8(raw, path, n) for n, raw in enumerate(data.split(b"\n"), start=1)]
+    lines = []
+    for n, raw in enumerate(data.split(b"\n"), start=1):
+        check_line(raw, path, n, "manifest line")
+        lines.append(decode_utf8(raw, path, n))
     return parse_manifest("\n".join(lines), path, root=root, base=path.absolute().parent)
 
 

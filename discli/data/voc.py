@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from discli.data.fileio import atomic_write, read_text
-from discli.data.images import open_checked, probe_image, read_image
+from discli.data.images import open_checked, probe_image, read_image, size_mismatch
 from discli.data.manifest import ID_PATTERN, Record
 from discli.data.problems import Problems
 from discli.errors import BadInputError, UsageError
@@ -130,8 +130,7 @@ def check_pair(image: str | Path, labelmap: str | Path, num_classes: int,
     h, w = read_image(image).shape[:2] if decode else probe_image(image)
     values = read_labelmap(labelmap, num_classes)
     if values.shape != (h, w):
-        raise BadInputError(f"labelmap is {values.shape[1]}x{values.shape[0]} but its image "
-                            f"{Path(image).name} is {w}x{h}", labelmap)
+        raise BadInputError(size_mismatch(values.shape, image, (h, w)), labelmap)
     return values
 
 

@@ -25,11 +25,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from discli.checkpoint import atomic_write_bytes, save_checkpoint
-from discli.distributed import DistInfo
+from discli.distributed import DistInfo, all_reduce_sum
+from discli.errors import TrainingDivergedError
 from discli.losses import map_loss, recon_loss, recon_target, tag_loss
 from discli.model import DISNet
 from discli.progress import NullReporter, Reporter
 from discli.train.config import TrainConfig
+from discli.train.runlog import TensorBoardMirror, append
 
 
 @dataclass(frozen=True)
@@ -220,6 +222,7 @@ class PhaseRun:
     stage: str
     extra: dict[str, Any]
     classes: list[str]
+    mirror: TensorBoardMirror | None = None  # log records also go to TensorBoard
 
 
 def _trim_log(path: Path, run: PhaseRun, phase: str, upto: int) -> None:
@@ -242,6 +245,25 @@ def _trim_log(path: Path, run: PhaseRun, phase: str, upto: int) -> None:
                                                .encode()))
 
 
+def check_finite(values: dict[str, float], iteration: int, run: PhaseRun, phase: Phase,
+                 cfg: TrainConfig, dist: DistInfo) -> None:
+    """Stop on a NaN or infinite loss of any rank (every rank stops at the same iteration)."""
+    bad = not all(math.isfinite(v) for v in values.values())
+    if dist.enabled:
+        bad = bool(all_reduce_sum(torch.tensor([float(bad)])).item())
+    if not bad:
+        return
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+    hints = [] if cfg.clip_grad_norm > 0 else ["clip_grad_norm = 1"]
+    if run.stage == "pretrain" and cfg.warmup_iters == 0:
+        hints.append("warmup_iters = 100")
+    hints.append("a lower lr")
+    raise TrainingDivergedError(
+        f"{run.stage} {phase.name}: the loss is not finite at iteration {iteration} ({shown}; "
+        f"on this rank); nothing of that iteration was saved, the checkpoint before it is "
+        f"intact. Try {', '.join(hints)}", run.checkpoint)
+
+
 def run_phase(model: DISNet, phase: Phase, sources: Sequence[Source], cfg: TrainConfig,
               total_iters: int, run: PhaseRun, device: torch.device,
               resume: dict[str, Any] | None = None, dist: DistInfo = DistInfo(),
@@ -255,6 +277,10 @@ def run_phase(model: DISNet, phase: Phase, sources: Sequence[Source], cfg: Train
     for group in groups:
         group["lr"] = group["base_lr"] = group["lr"] * lr_scale
     net: nn.Module = model
+    if dist.enabled and cfg.sync_bn and device.type == "cuda":
+        # BatchNorm statistics of the global batch rather than of each rank's few images (in
+        # place: the checkpoint keeps the same keys; in eval mode SyncBatchNorm is BatchNorm)
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if dist.enabled:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -303,31 +329,29 @@ def run_phase(model: DISNet, phase: Phase, sources: Sequence[Source], cfg: Train
     for iteration, batch in enumerate(loader, start=start + 1):
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             losses = compute_losses(net, batch, phase, cfg, device)
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        check_finite(values, iteration, run, phase, cfg, dist)  # before any weight changes
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["loss"]).backward()
+        if cfg.clip_grad_norm > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the AMP-scaled ones
+            nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        values = {k: float(v.detach()) for k, v in losses.items()}
-        if not all(math.isfinite(v) for v in values.values()):
-            raise FloatingPointError(f"{run.stage} {phase.name}: loss is {values} at iteration "
-                                     f"{iteration}; lower the learning rate")
         lr = optimizer.param_groups[-1]["lr"]
         reporter.advance(1, loss=values["loss"], lr=lr)
         if dist.is_main and (iteration % cfg.log_every == 0 or iteration == total_iters):
             record = {"stage": run.stage, "phase": phase.name, "iter": iteration, "lr": lr,
                       "time": round(time.perf_counter() - tic, 3), **values, **run.extra}
-            with open(run.log, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append(run.log, record, run.mirror)
         if cfg.val and (iteration == total_iters
                         or (cfg.val_every and iteration % cfg.val_every == 0)):
             val_miou = validate(model, cfg, device)
             set_train_modes(model, phase, cfg.freeze_bn)
             if dist.is_main:
-                record = {"stage": run.stage, "phase": phase.name, "iter": iteration,
-                          "val_miou": val_miou, **run.extra}
-                with open(run.log, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                append(run.log, {"stage": run.stage, "phase": phase.name, "iter": iteration,
+                                 "val_miou": val_miou, **run.extra}, run.mirror)
             reporter.log(f"{run.stage} {phase.name} iteration {iteration}: validation mIoU "
                          f"{100 * val_miou:.1f}")
         if iteration < total_iters and iteration % cfg.ckpt_every == 0 and dist.is_main:

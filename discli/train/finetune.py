@@ -13,7 +13,8 @@ Everything a round has finished is a file, so the state of the loop is read off 
 ``model.pth`` present = round done; ``cache.h5`` present = E-step done; ``last.pth`` = M-step in
 progress; ``cache.parts/`` = E-step in progress. Each step can be run alone
 (``only="estep"|"mstep"``, ``round_=N``), and re-running continues where it stopped, also after
-a SIGKILL at any moment. ``<out>/finetune`` is locked while a run writes it (:mod:`discli.lock`).
+a SIGKILL at any moment; other settings are refused (:mod:`discli.train.settings`), except more
+``rounds``. ``<out>/finetune`` is locked while a run writes it (:mod:`discli.lock`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from discli.progress import NullReporter, Reporter
 from discli.train.config import TrainConfig, dump_toml
 from discli.train.engine import PHASES, PhaseRun, Source, run_phase
 from discli.train.estep import run_estep
-from discli.train.pretrain import check_same_architecture, labelled_dataset
+from discli.train.pretrain import check_same_architecture, labelled_dataset, step_results
+from discli.train.runlog import append, latest, open_mirror, read_log, require_tensorboard
+from discli.train.settings import check_same_run, held_settings
 
 
 def init_checkpoint(cfg: TrainConfig) -> Path:
@@ -62,10 +65,9 @@ def mstep_records(tagged: Any, cfg: TrainConfig) -> Any:
     return dataclasses.replace(tagged, records=kept)
 
 
-def log_estep(log: Path, cache_path: Path, cfg: TrainConfig, r: int) -> dict[str, Any]:
+def log_estep(log: Path, cache_path: Path, cfg: TrainConfig, r: int,
+              mirror: Any = None) -> dict[str, Any]:
     """Append the statistics of a finished E-step's cache to the run's log.jsonl."""
-    import json
-
     from discli.pseudo_stats import cache_stats
 
     cache = PseudoCache(cache_path)
@@ -74,8 +76,7 @@ def log_estep(log: Path, cache_path: Path, cfg: TrainConfig, r: int) -> dict[str
     finally:
         cache.close()
     record = {"stage": "finetune", "phase": "estep", "round": r, "t_tr": cfg.t_tr, **stats}
-    with open(log, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append(log, record, mirror)
     return record
 
 
@@ -93,9 +94,18 @@ def round_status(cfg: TrainConfig, r: int) -> str:
 
 
 def finetune(cfg: TrainConfig, only: str | None = None, round_: int | None = None,
-             reporter: Reporter | None = None, force: bool = False) -> dict[str, Any]:
+             reporter: Reporter | None = None, force: bool = False,
+             tensorboard: bool = False) -> dict[str, Any]:
+    """Run (or continue) the rounds; returns a summary: ``rounds`` (round -> "trained",
+    "estep done" or "already done"), ``results`` (round -> its E-step statistics under
+    ``estep`` and its M-step's last logged losses and validation mIoU, from ``log.jsonl``),
+    ``checkpoint`` (``final.pth`` once the last round is done). ``tensorboard``: mirror the log
+    to ``<out>/finetune/tensorboard/``."""
     from discli.data.manifest import read_manifest
 
+    if not cfg.out:
+        raise UsageError("no run folder given (--out)")
+    require_tensorboard(tensorboard)
     if only not in (None, "estep", "mstep"):
         raise UsageError(f"--only must be estep or mstep, got {only!r}")
     if round_ is not None and not 1 <= round_ <= cfg.rounds:
@@ -114,7 +124,7 @@ def finetune(cfg: TrainConfig, only: str | None = None, round_: int | None = Non
     make_folder(out)
     with lock_folder(out):
         return _finetune(cfg, only, round_, reporter, force, out, tagged, labelled_manifest,
-                         labelled, device, dist)
+                         labelled, device, dist, tensorboard)
 
 
 def _tidy_round(rdir: Path) -> None:
@@ -126,16 +136,57 @@ def _tidy_round(rdir: Path) -> None:
         (rdir / "last.pth").unlink(missing_ok=True)  # killed after model.pth was written
 
 
+def _holds_work(out: Path) -> bool:
+    """Whether the folder holds anything a round made (finished or not)."""
+    return (out / "final.pth").exists() or any(
+        d.is_dir() and any(d.iterdir()) for d in out.glob("round-*"))
+
+
+def _todo(cfg: TrainConfig, r: int, only: str | None) -> bool:
+    status = round_status(cfg, r)
+    if only == "estep":
+        return status in ("todo", "estep-running")
+    return status != "done"
+
+
 def _finetune(cfg: TrainConfig, only: str | None, round_: int | None, reporter: Reporter,
               force: bool, out: Path, tagged: Any, labelled_manifest: Any, labelled: Any,
-              device: Any, dist: Any) -> dict[str, Any]:
-    from discli.train.pseudo import PseudoLabelled
-
+              device: Any, dist: Any, tensorboard: bool) -> dict[str, Any]:
     if dist.is_main:
         remove_stale_temps(out)
-        atomic_write_bytes(out / "config.toml", lambda f: f.write(dump_toml(cfg).encode()))
-    summary: dict[str, Any] = {"out": str(out), "rounds": {}}
+    if _holds_work(out):  # continue the run the folder holds only with its own settings
+        check_same_run(out, held_settings(out), cfg, "finetune")
     rounds = [round_] if round_ is not None else list(range(1, cfg.rounds + 1))
+    final = round_dir(cfg, cfg.rounds) / "model.pth"
+    todo = any(_todo(cfg, r, only) for r in rounds)
+    if dist.is_main and todo:  # a run with nothing left to do rewrites nothing
+        atomic_write_bytes(out / "config.toml", lambda f: f.write(dump_toml(cfg).encode()))
+    mirror = open_mirror(out / "tensorboard", tensorboard and dist.is_main and todo)
+    summary: dict[str, Any] = {"out": str(out), "rounds": {}, "results": {}}
+    try:
+        _rounds(cfg, only, rounds, reporter, force, out, tagged, labelled, device, dist, mirror,
+                summary)
+    finally:
+        if mirror is not None:
+            mirror.close()
+    records = read_log(out / "log.jsonl")
+    for r in rounds:
+        result = step_results(records, "finetune", cfg.mstep_iters, phase="mstep", round=r)
+        estep = {k: v for k, v in latest(records, phase="estep", round=r).items()
+                 if k not in ("stage", "phase", "round")}
+        summary["results"][r] = {**result, "estep": estep}
+    if cfg.rounds and final.exists():
+        if dist.is_main and (todo or not (out / "final.pth").exists()):  # new, or repaired
+            atomic_write_bytes(out / "final.pth", lambda f: f.write(final.read_bytes()))
+        summary["checkpoint"] = str(out / "final.pth")
+    return summary
+
+
+def _rounds(cfg: TrainConfig, only: str | None, rounds: list[int], reporter: Reporter,
+            force: bool, out: Path, tagged: Any, labelled: Any, device: Any, dist: Any,
+            mirror: Any, summary: dict[str, Any]) -> None:
+    from discli.train.pseudo import PseudoLabelled
+
     for r in rounds:
         rdir = round_dir(cfg, r)
         if dist.is_main:
@@ -162,7 +213,7 @@ def _finetune(cfg: TrainConfig, only: str | None, round_: int | None, reporter: 
                       part_images=cfg.estep_part_images,
                       ignore_suppressed=cfg.ignore_suppressed, pseudo_map=cfg.pseudo_map)
             if dist.is_main:
-                log_estep(out / "log.jsonl", cache_path, cfg, r)
+                log_estep(out / "log.jsonl", cache_path, cfg, r, mirror)
         if only == "estep":
             summary["rounds"][r] = "estep done"
             continue
@@ -187,7 +238,7 @@ def _finetune(cfg: TrainConfig, only: str | None, round_: int | None, reporter: 
         sources = [Source(labelled, cfg.batch_size - n_tagged), Source(pseudo, n_tagged)]
         run = PhaseRun(checkpoint=last, log=out / "log.jsonl", stage="finetune",
                        extra={"round": r, "source_hash": source_hash},
-                       classes=tagged.classes)
+                       classes=tagged.classes, mirror=mirror)
         run_phase(model, PHASES["mstep"], [s for s in sources if s.per_batch > 0], cfg,
                   cfg.mstep_iters, run, device, resume=resume, dist=dist, reporter=reporter,
                   lr_scale=cfg.mstep_lr_mult, warmup=cfg.mstep_warmup)
@@ -196,9 +247,3 @@ def _finetune(cfg: TrainConfig, only: str | None, round_: int | None, reporter: 
             last.unlink()
         barrier()
         summary["rounds"][r] = "trained"
-    final = round_dir(cfg, cfg.rounds) / "model.pth"
-    if cfg.rounds and final.exists():
-        if dist.is_main:
-            atomic_write_bytes(out / "final.pth", lambda f: f.write(final.read_bytes()))
-        summary["checkpoint"] = str(out / "final.pth")
-    return summary

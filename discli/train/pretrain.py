@@ -2,9 +2,11 @@
 
 Files in ``<out>/pretrain/``: ``last.pth`` (rolling checkpoint: resume point), ``step1.pth``,
 ``step2.pth``, ``final.pth`` (after step 3, the input of finetune), ``config.toml`` (the
-effective configuration) and ``log.jsonl`` (metrics). Re-running the same command on the same
-folder continues where it stopped; a finished step is never redone. The folder is locked while
-a run writes it (:mod:`discli.lock`): a second run on it stops with exit code 5.
+effective configuration) and ``log.jsonl`` (metrics; with ``tensorboard``, mirrored to
+``tensorboard/``). Re-running the same command on the same folder continues where it stopped; a
+finished step is never redone, and other settings are refused (:mod:`discli.train.settings`).
+The folder is locked while a run writes it (:mod:`discli.lock`): a second run on it stops with
+exit code 5.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from discli.model import DISNet, ModelConfig
 from discli.progress import Reporter
 from discli.train.config import TrainConfig, dump_toml
 from discli.train.engine import PHASES, PhaseRun, Source, run_phase
+from discli.train.runlog import latest, open_mirror, read_log, require_tensorboard
+from discli.train.settings import check_same_run, held_settings
 
 ARCH_KEYS = ("backbone", "num_classes", "backbone_kwargs")
 
@@ -64,10 +68,16 @@ def labelled_dataset(cfg: TrainConfig):  # noqa: ANN201
 
 
 def pretrain(cfg: TrainConfig, steps: Sequence[int] = (1, 2, 3),
-             reporter: Reporter | None = None) -> dict[str, Any]:
-    """Run (or continue) the requested pretraining steps; returns a summary."""
+             reporter: Reporter | None = None, tensorboard: bool = False) -> dict[str, Any]:
+    """Run (or continue) the requested pretraining steps; returns a summary: ``steps`` (step ->
+    "trained" or "already done"), ``results`` (step -> its iterations, last logged losses and
+    validation mIoU, from ``log.jsonl``), ``checkpoint`` (``final.pth`` once step 3 is done).
+    ``tensorboard``: mirror the log to ``<out>/pretrain/tensorboard/``."""
     if any(s not in (1, 2, 3) for s in steps):
         raise UsageError(f"--step must be 1, 2 or 3, got {list(steps)}")
+    if not cfg.out:
+        raise UsageError("no run folder given (--out)")
+    require_tensorboard(tensorboard)
     device = resolve_device(cfg.device)
     dist = init_distributed(device)
     if cfg.batch_size % dist.world_size:
@@ -76,20 +86,27 @@ def pretrain(cfg: TrainConfig, steps: Sequence[int] = (1, 2, 3),
     out = Path(cfg.out) / "pretrain"
     make_folder(out)
     with lock_folder(out):
-        return _pretrain(cfg, steps, reporter, out, device, dist)
+        return _pretrain(cfg, steps, reporter, out, device, dist, tensorboard)
 
 
 def step_file(out: Path, step: int) -> Path:
     return out / ("final.pth" if step == 3 else f"step{step}.pth")
 
 
+def _done_step(state: dict[str, Any] | None) -> int:
+    """The last step a checkpoint state has finished (0: none)."""
+    return 0 if state is None else int(state["step"]) - (0 if state["done"] else 1)
+
+
 def _pretrain(cfg: TrainConfig, steps: Sequence[int], reporter: Reporter | None, out: Path,
-              device: torch.device, dist: Any) -> dict[str, Any]:
+              device: torch.device, dist: Any, tensorboard: bool) -> dict[str, Any]:
     if dist.is_main:
         remove_stale_temps(out)  # checkpoint writes torn by a kill
-    manifest, dataset = labelled_dataset(cfg)
     last = out / "last.pth"
     state = load_checkpoint(last) if last.exists() else None
+    if state is not None:  # the folder holds a run: continue it only with its own settings
+        check_same_run(out, held_settings(out, state), cfg, "pretrain")
+    manifest, dataset = labelled_dataset(cfg)
     if state is not None:
         check_same_architecture(state, cfg, manifest.classes, last)
         model = model_from_checkpoint(state, last)
@@ -100,28 +117,46 @@ def _pretrain(cfg: TrainConfig, steps: Sequence[int], reporter: Reporter | None,
     else:
         model = new_model(cfg, manifest.classes)
     model.to(device)
-    if dist.is_main:
-        atomic_write_bytes(out / "config.toml", lambda f: f.write(dump_toml(cfg).encode()))
-    run = PhaseRun(checkpoint=last, log=out / "log.jsonl", stage="pretrain", extra={},
-                   classes=manifest.classes)
-    iters = {1: cfg.iters_step1, 2: cfg.iters_step2, 3: cfg.iters_step3}
-    summary: dict[str, Any] = {"out": str(out), "steps": {}}
-    for step in sorted(steps):
-        done_step = 0 if state is None else int(state["step"]) - (0 if state["done"] else 1)
-        if done_step >= step:
-            summary["steps"][step] = "already done"
-            continue
-        if done_step < step - 1:
+    todo = [step for step in sorted(set(steps)) if _done_step(state) < step]
+    for step, expected in zip(todo, range(_done_step(state) + 1, 4)):
+        if step != expected:  # steps run in order: refuse before any work
             raise UsageError(f"pretrain step {step - 1} has not finished in {out} "
                              f"(run --step {step - 1} first)")
-        resume = state if state is not None and int(state["step"]) == step else None
-        run.extra = {"step": step}
-        state = run_phase(model, PHASES[f"step{step}"], [Source(dataset, cfg.batch_size)], cfg,
-                          iters[step], run, device, resume=resume, dist=dist, reporter=reporter)
-        if dist.is_main:
-            atomic_write_bytes(step_file(out, step), lambda f: f.write(last.read_bytes()))
-        barrier()
-        summary["steps"][step] = "trained"
+    if todo and dist.is_main:  # a run with nothing left to do rewrites nothing
+        atomic_write_bytes(out / "config.toml", lambda f: f.write(dump_toml(cfg).encode()))
+    run = PhaseRun(checkpoint=last, log=out / "log.jsonl", stage="pretrain", extra={},
+                   classes=manifest.classes,
+                   mirror=open_mirror(out / "tensorboard", tensorboard and dist.is_main))
+    iters = {1: cfg.iters_step1, 2: cfg.iters_step2, 3: cfg.iters_step3}
+    summary: dict[str, Any] = {"out": str(out), "steps": {}, "results": {}}
+    try:
+        for step in sorted(set(steps)):
+            if step not in todo:
+                summary["steps"][step] = "already done"
+                continue
+            resume = state if state is not None and int(state["step"]) == step else None
+            run.extra = {"step": step}
+            state = run_phase(model, PHASES[f"step{step}"], [Source(dataset, cfg.batch_size)],
+                              cfg, iters[step], run, device, resume=resume, dist=dist,
+                              reporter=reporter, warmup=cfg.warmup_iters)
+            if dist.is_main:
+                atomic_write_bytes(step_file(out, step), lambda f: f.write(last.read_bytes()))
+            barrier()
+            summary["steps"][step] = "trained"
+    finally:
+        if run.mirror is not None:
+            run.mirror.close()
+    records = read_log(out / "log.jsonl")
+    for step in sorted(set(steps)):
+        summary["results"][step] = step_results(records, "pretrain", iters[step], step=step)
     if (out / "final.pth").exists():
         summary["checkpoint"] = str(out / "final.pth")
     return summary
+
+
+def step_results(records: list[dict[str, Any]], stage: str, iterations: int, **match: Any
+                 ) -> dict[str, Any]:
+    """A finished phase's iterations and its last logged losses and validation mIoU."""
+    values = latest(records, stage=stage, **match)
+    keys = ("loss", "map", "img", "tag", "val_miou")
+    return {"iterations": iterations, **{k: values[k] for k in keys if k in values}}

@@ -1,0 +1,23 @@
+"""The settings of feature-space inference (:mod:`discli.inference`), importable without torch
+(the CLI shows their defaults in ``--help`` before any command runs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+METHODS = ("auto", "autograd", "lowrank")
+
+
+@dataclass
+class InferenceConfig:
+    steps: int = 0  # t
+    lr: float = 0.003  # the only step measured to help (README, "Test-time inference")
+    momentum: float = 0.9
+    tag_weight: float = 1.0  # only used when noisy tags are given (training-time inference)
+    proximity: float = 0.0
+    method: str = "auto"  # "auto" | "autograd" | "lowrank" (same iterations, see module doc)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"inference method must be one of {', '.join(METHODS)}, "
+                             f"got {self.method!r}")

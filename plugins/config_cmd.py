@@ -1,0 +1,77 @@
+"""`dis config`: the training configuration keys, and presets or config files resolved."""
+
+from __future__ import annotations
+
+import sys
+import tomllib
+from dataclasses import asdict
+from typing import Optional
+
+import typer
+
+from discli.cli.output import print_json
+from discli.errors import UsageError
+from discli.train.config import (SECTIONS, config_keys, dump_toml, load_config,
+                                 resolve_config_path)
+
+app = typer.Typer(help="Training configuration: every --set/--config key, presets resolved.",
+                  no_args_is_help=True)
+
+StageOpt = typer.Option(None, "--stage", help="Only the keys of this command: pretrain or "
+                        "finetune.", show_default="both")
+JsonOpt = typer.Option(False, "--json", help="JSON on stdout.")
+
+
+def _stage(stage: Optional[str]) -> Optional[str]:
+    if stage is not None and stage not in SECTIONS:
+        raise UsageError(f"--stage must be pretrain or finetune, got {stage!r}")
+    return stage
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return '""' if value == "" else str(value)
+
+
+@app.command("keys")
+def keys(stage: Optional[str] = StageOpt, json_out: bool = JsonOpt) -> None:
+    """Every key of --set KEY=VALUE and of --config files: default, stage, one line of help.
+
+    Keys marked 'any' in the 'rerun' column change no result: a run may be continued with
+    other values of them.
+    """
+    stage = _stage(stage)
+    rows = [k for k in config_keys() if stage is None or k.stage in (None, stage)]
+    if json_out:
+        print_json([asdict(k) for k in rows])
+        return
+    table = [("key", "type", "default", "used by", "rerun", "help")]
+    table += [(k.name, k.type, _shown(k.default), k.stage or "both",
+               "any" if k.neutral else "same", k.help) for k in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:  # plain aligned columns: never cut, easy to grep
+        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1]
+                         + "\n")
+
+
+@app.command("show")
+def show(name: str = typer.Argument(..., metavar="NAME_OR_PATH",
+                                    help="A shipped preset (demo, quick, ...) or a TOML file."),
+         stage: Optional[str] = StageOpt, json_out: bool = JsonOpt) -> None:
+    """A preset or config file resolved: every key with the value a run would get.
+
+    Without --stage, one full table per command ([pretrain], [finetune]): the output is itself a
+    config file.
+    """
+    stage = _stage(stage)
+    path = resolve_config_path(name)
+    stages = [stage] if stage else list(SECTIONS)
+    configs = {s: load_config(path, section=s) for s in stages}
+    if json_out:
+        print_json({s: asdict(cfg) for s, cfg in configs.items()})
+        return
+    text = f"# {name} ({path}), resolved: every key\n"
+    text += "\n".join(dump_toml(cfg, table=s) for s, cfg in configs.items())
+    tomllib.loads(text)  # what we print must read back
+    sys.stdout.write(text)

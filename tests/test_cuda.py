@@ -1,0 +1,86 @@
+"""CUDA checks (marker ``cuda``): skipped where no GPU is present, run by
+``benchmarks/gpu_check.sh`` on a CUDA machine. CI never depends on them."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from datagen import make_split
+from discli.checkpoint import load_checkpoint
+from discli.inference import InferenceConfig, infer
+from discli.model import ModelConfig, build_model
+from discli.train.config import TrainConfig
+from discli.train.finetune import finetune
+from discli.train.pretrain import pretrain
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cuda-data")
+    return {"labelled": make_split(root, "train", 6, 0, True),
+            "tagged": make_split(root, "web", 5, 1, False, tag_source="caption")}
+
+
+def _config(data, out, **kw):
+    base = dict(labelled=str(data["labelled"]), tagged=str(data["tagged"]), out=str(out),
+                backbone="tiny", channels=16, batch_size=4, crop_size=32, lr=0.01,
+                iters_step1=4, iters_step2=2, iters_step3=4, mstep_iters=4, rounds=1, t_tr=3,
+                estep_batch_size=2, device="cuda", amp=True)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_amp_pretrain_and_finetune_on_cuda(data, tmp_path):
+    cfg = _config(data, tmp_path)
+    pretrain(cfg)
+    finetune(cfg)
+    state = load_checkpoint(tmp_path / "finetune/final.pth")
+    assert all(torch.isfinite(v.float()).all() for v in state["model"].values())
+
+
+@pytest.mark.parametrize("method", ["lowrank", "autograd"])
+def test_inference_under_autocast_is_finite_and_close(method):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="tiny", num_classes=6,
+                                    backbone_kwargs={"channels": 32})).cuda().eval()
+    images = torch.randn(4, 3, 64, 64, device="cuda")
+    cfg = InferenceConfig(lr=0.003, method=method)
+    full = infer(model, images, 30, cfg)
+    with torch.autocast("cuda", dtype=torch.float16):
+        half = infer(model, images, 30, cfg)
+    assert torch.isfinite(half.probs).all()
+    assert (half.probs.float().argmax(1) == full.probs.argmax(1)).float().mean() > 0.98
+
+
+def test_lowrank_equals_autograd_on_cuda():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="tiny", num_classes=6,
+                                    backbone_kwargs={"channels": 24})).double().cuda().eval()
+    images = torch.randn(2, 3, 40, 56, dtype=torch.float64, device="cuda")
+    tags = (torch.rand(2, 6, device="cuda") > 0.5).double()
+    a = infer(model, images, 30, InferenceConfig(lr=0.5, method="autograd"), tags=tags)
+    b = infer(model, images, 30, InferenceConfig(lr=0.5, method="lowrank"), tags=tags)
+    assert ((a.u3 - b.u3).norm() / a.u3.norm()) < 1e-9
+
+
+def test_nccl_torchrun_pretrain_one_process(data, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+           "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "discli",
+           "pretrain", "--labelled", str(data["labelled"]), "--out", str(tmp_path / "ddp"),
+           "--backbone", "tiny", "--batch-size", "4", "--crop-size", "32", "--device", "cuda",
+           "--quiet", "--set", "channels=16", "--set", "iters_step1=3", "--set",
+           "iters_step2=2", "--set", "iters_step3=3"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "ddp/pretrain/final.pth").exists()
