@@ -24,7 +24,7 @@ from dis_plugins.train_options import parse_sets
 from discli.cache import PseudoCache
 from discli.checkpoint import inference_config, inference_settings, load_model
 from discli.data.manifest import read_manifest
-from discli.data.synthetic import generate_benchmark
+from discli.synth import generate_benchmark
 from discli.evaluate import evaluate, parse_steps
 from discli.pseudo_stats import score_cache
 from discli.train.config import load_config

@@ -195,5 +195,16 @@ def small(weights: str | None = None, channels: int = 128, **_: object) -> nn.Mo
     return SmallBackbone(channels, shipped_weights("small", channels, weights))
 
 
+def backbone_options(name: str) -> tuple[str, ...]:
+    """The keyword options the backbone ``name`` takes besides ``weights`` (``("channels",)``
+    for tiny and small, ``()`` for the ResNets), from its factory's signature: what a training
+    configuration passes it (:func:`discli.train.pretrain.new_model`)."""
+    import inspect
+
+    params = inspect.signature(BACKBONES.get(name)).parameters.values()
+    return tuple(p.name for p in params if p.name != "weights" and p.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
+
+
 def build_backbone(name: str, weights: str | None = None, **kwargs: object) -> nn.Module:
     return BACKBONES.get(name)(weights=weights, **kwargs)

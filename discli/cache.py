@@ -12,21 +12,19 @@ Layout of a finished cache (``round-N/cache.h5``), readable with plain h5py::
         noisy_tags         uint8 (K,)     the tags the image came with (multi-hot, background 1)
         attrs: id (the original id)
 
-Crash safety. HDF5 files are not journaled: a kill during a write can corrupt the whole file. So
-while a round is in progress, entries go to small *part files* (``cache.parts/part-r<rank>-
-<seq>.h5``), each written to a temporary name and renamed when complete: a part is either fully
-there or absent. A re-run lists the ids of the finished parts and skips them. When every image is
-done the parts are merged into ``cache.h5`` (again temp + rename) and removed. Under DDP each rank
-writes parts with its own rank number and rank 0 merges.
+Crash safety (:mod:`discli.storage.parts`): while a round is in progress, entries go to small
+*part files* (``cache.parts/part-r<rank>-<seq>.h5``), each written to a temporary name and
+renamed when complete: a part is either fully there or absent. A re-run lists the ids of the
+finished parts and skips them. When every image is done the parts are merged into ``cache.h5``
+(again temp + rename) and removed. Under DDP each rank writes parts with its own rank number and
+rank 0 merges.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ import numpy as np
 
 from discli import __version__
 from discli.errors import BadInputError, DisError, IncompatibleError
+from discli.storage.parts import PartWriter, id_of, key_of  # noqa: F401
 
 FORMAT = "dis-pseudo-cache"
 FORMAT_VERSION = 1
@@ -50,15 +49,6 @@ class CacheEntry:
     noisy_tags: np.ndarray  # uint8 (K,)
 
 
-def key_of(image_id: str) -> str:
-    return image_id.replace("%", "%25").replace("/", "%2F")
-
-
-def id_of(key: str) -> str:
-    """The inverse of :func:`key_of`."""
-    return re.sub(r"%(25|2F)", lambda m: "%" if m.group(1) == "25" else "/", key)
-
-
 def make_attrs(classes: list[str], t_tr: int, checkpoint_hash: str,
                inference: dict[str, Any]) -> dict[str, Any]:
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "classes": json.dumps(classes),
@@ -67,11 +57,8 @@ def make_attrs(classes: list[str], t_tr: int, checkpoint_hash: str,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def _write_entries(h5: h5py.File, entries: Iterable[CacheEntry]) -> None:
-    group = h5.require_group("entries")
-    for entry in entries:
-        g = group.create_group(key_of(entry.id))
-        g.attrs["id"] = entry.id
+def _fill_entry(entry: CacheEntry) -> Callable[[h5py.Group], None]:
+    def fill(g: h5py.Group) -> None:
         g.create_dataset("labelmap", data=entry.labelmap.astype(np.uint8), compression="gzip",
                          compression_opts=1)
         g.create_dataset("confidence", data=entry.confidence.astype(np.float16),
@@ -79,17 +66,7 @@ def _write_entries(h5: h5py.File, entries: Iterable[CacheEntry]) -> None:
         g.create_dataset("tag_probs", data=entry.tag_probs.astype(np.float32))
         g.create_dataset("noisy_tags", data=entry.noisy_tags.astype(np.uint8))
 
-
-def _atomic_h5(path: Path, fill: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as h5:
-            fill(h5)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return fill
 
 
 def check_attrs(attrs: Any, path: Path, checkpoint_hash: str | None = None,
@@ -107,7 +84,12 @@ def check_attrs(attrs: Any, path: Path, checkpoint_hash: str | None = None,
 
 
 class CacheWriter:
-    """Writes a round's cache as atomic part files, then merges them (see module docstring)."""
+    """Writes a round's cache as atomic part files, then merges them (see module docstring): the
+    cache's schema over :class:`discli.storage.parts.PartWriter`.
+
+    Parts are ``cache.parts/part-r<rank>-NNNNNN.h5``; every finished part (every rank's) must
+    have been made by the same checkpoint (:func:`check_attrs`, ``force`` skips the checkpoint
+    check). Rank 0 first removes the temporaries of killed writers."""
 
     def __init__(self, path: str | Path, attrs: dict[str, Any], rank: int = 0,
                  force: bool = False):
@@ -116,32 +98,23 @@ class CacheWriter:
         self.attrs = attrs
         self.rank = rank
         self.parts_dir.mkdir(parents=True, exist_ok=True)
+        self._writer = PartWriter(self.path, attrs, self.parts_dir, prefix=f"part-r{rank}-",
+                                  pattern="part-r*.h5", clean=rank == 0)
         for part in self.parts():
             with h5py.File(part, "r") as h5:
                 check_attrs(h5.attrs, part, attrs["checkpoint_hash"], force)
-        self._seq = len(list(self.parts_dir.glob(f"part-r{rank}-*.h5")))
 
     def parts(self) -> list[Path]:
-        return sorted(self.parts_dir.glob("part-r*.h5"))
+        return self._writer.parts()
 
     def done_ids(self) -> set[str]:
-        ids: set[str] = set()
-        for part in self.parts():
-            with h5py.File(part, "r") as h5:
-                ids.update(str(g.attrs["id"]) for g in h5.get("entries", {}).values())
-        return ids
+        return self._writer.done_ids()
 
     def write(self, entries: list[CacheEntry]) -> None:
-        if not entries:
-            return
-        part = self.parts_dir / f"part-r{self.rank}-{self._seq:06d}.h5"
-        self._seq += 1
-
-        def fill(h5: h5py.File) -> None:
-            h5.attrs.update(self.attrs)
-            _write_entries(h5, entries)
-
-        _atomic_h5(part, fill)
+        """One part file holding ``entries`` (nothing for none)."""
+        for entry in entries:
+            self._writer.add(entry.id, _fill_entry(entry))
+        self._writer.flush()
 
     def merge(self, expected_ids: Iterable[str] | None = None) -> Path:
         """Merge all parts into the final cache file (atomic) and remove the parts."""
@@ -151,23 +124,8 @@ class CacheWriter:
             missing = sorted(expected - self.done_ids())
             raise DisError(f"cannot finish the cache: {len(missing)} images have no entry yet "
                            f"(first: {missing[0]!r}); re-run to complete them", self.path)
-
-        def fill(h5: h5py.File) -> None:
-            h5.attrs.update(self.attrs)
-            entries = h5.require_group("entries")
-            for part in parts:
-                with h5py.File(part, "r") as src:
-                    for key, group in src.get("entries", {}).items():
-                        if key not in entries and (expected is None
-                                                   or group.attrs["id"] in expected):
-                            src.copy(group, entries, name=key)
-
-        _atomic_h5(self.path, fill)
-        for part in parts:
-            part.unlink()
-        for leftover in self.parts_dir.glob(".part-*.tmp*"):  # torn writes of killed runs
-            leftover.unlink()
-        self.parts_dir.rmdir()
+        self._writer.merge(parts, None if expected is None else expected.__contains__,
+                           drop_torn=True)
         return self.path
 
 

@@ -6,8 +6,8 @@ dict), ``model_config`` (:class:`discli.model.ModelConfig` as a dict), ``classes
 order, background first), and for training ``optimizer``, ``scheduler``, ``stage``, ``step``,
 ``iteration``, ``rng`` and ``config``, and ``inference`` (the run's inference settings, which
 the inference commands default to: :func:`inference_settings`; older checkpoints lack it).
-Writes are atomic: a temporary file in the same folder, flushed to disk, then ``os.replace``
-onto the final name, so a kill never leaves a torn file.
+Writes are atomic (:func:`discli.storage.atomic_write`: a temporary file in the same folder,
+flushed to disk, then renamed onto the final name), so a kill never leaves a torn file.
 
 A checkpoint is untrusted input: before anything is allocated, :func:`check_model_config` checks
 its ``model_config`` (types and bounds) and :func:`model_from_checkpoint` builds the network on
@@ -22,12 +22,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from discli.data.fileio import atomic_write as atomic_write_bytes  # one home for atomic writes
+from discli.storage import atomic_write
+
+atomic_write_bytes = atomic_write  # the name earlier releases exported (CHANGELOG 0.x)
 from discli.errors import BadInputError, DisError, IncompatibleError, UsageError, quote
 from discli.inference import METHODS, InferenceConfig
 from discli.model import DISNet, ModelConfig
@@ -40,7 +44,7 @@ MAX_CLASSES = 255
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     state = {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -228,3 +232,47 @@ def file_hash(path: str | Path, length: int = 16) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()[:length]
+
+
+# ------------------------------------------------------------------- models for inference
+
+
+def checkpoint_classes(state: dict[str, Any], num_classes: int) -> list[str]:
+    classes = state.get("classes")
+    if isinstance(classes, (list, tuple)) and len(classes) == num_classes:
+        return [str(c) for c in classes]
+    return ["background"] + [f"class{k}" for k in range(1, num_classes)]
+
+
+@dataclass
+class LoadedModel:
+    model: DISNet
+    classes: list[str]
+    checkpoint_hash: str
+    path: Path
+    # the checkpoint's inference settings (t_tr, t_ts, lr, momentum, tag_weight, proximity,
+    # method): :func:`inference_settings`
+    inference: dict[str, Any] = field(default_factory=default_inference_settings)
+
+    def inference_config(self, steps: int | None = None, **overrides: Any) -> InferenceConfig:
+        """The checkpoint's inference settings, with every override that is not None."""
+        return inference_config(self.inference, steps, **overrides)
+
+
+def load_for_inference(checkpoint: str | Path, device: torch.device | str = "cpu"
+                       ) -> LoadedModel:
+    """The model of a checkpoint (eval mode, on ``device``) with its classes, hash and
+    inference settings."""
+    model, state = load_model(checkpoint, device)
+    return LoadedModel(model, checkpoint_classes(state, model.num_classes), file_hash(checkpoint),
+                       Path(checkpoint), inference_settings(state, checkpoint))
+
+
+def check_classes(model_classes: Sequence[str], other: Sequence[str], what: str,
+                  path: str | Path | None, checkpoint: str | Path | None = None) -> None:
+    """Refuse data or a cache whose class count differs from the checkpoint's."""
+    if len(model_classes) != len(other):
+        model = f"checkpoint {checkpoint}" if checkpoint is not None else "the model"
+        raise IncompatibleError(f"{what} has {len(other)} classes but {model} has "
+                                f"{len(model_classes)}; use a checkpoint trained on these "
+                                f"classes", path)

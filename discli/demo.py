@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from discli.checkpoint import atomic_write_bytes
+from discli.storage import atomic_write
 from discli.errors import UsageError
 from discli.progress import NullReporter, Reporter
 from discli.train.config import TrainConfig
@@ -78,7 +78,7 @@ def _cached_json(path: Path, compute: Any) -> Any:
     if path.exists():
         return json.loads(path.read_text())
     value = compute()
-    atomic_write_bytes(path, lambda f: f.write(json.dumps(value, indent=1).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(value, indent=1).encode()))
     return value
 
 
@@ -113,7 +113,7 @@ def check_settings(results: Path, demo: DemoConfig) -> None:
     if any(results.iterdir()):
         raise UsageError(f"{results.parent} holds a demo run from an older version of dis: "
                          "choose another --out or delete it")
-    atomic_write_bytes(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
 
 
 def _union_manifest(bench: Path, manifests: dict[str, str]) -> Path:
@@ -170,7 +170,7 @@ def _commands(demo: DemoConfig, bench: Path, runs: Path,
 
 def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     from discli.cache import PseudoCache
-    from discli.checkpoint import inference_config, inference_settings, load_model
+    from discli.checkpoint import load_for_inference
     from discli.data.manifest import read_manifest
     from discli.data.synthetic import generate_benchmark
     from discli.evaluate import evaluate
@@ -202,7 +202,7 @@ def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, An
         value = fn()
         before = 0.0 if redone else spent.get(name, 0.0)
         timings[name] = spent[name] = round(before + time.perf_counter() - tic, 1)
-        atomic_write_bytes(timings_path, lambda f: f.write(json.dumps(spent, indent=1).encode()))
+        atomic_write(timings_path, lambda f: f.write(json.dumps(spent, indent=1).encode()))
         return value
 
     reporter.log(f"demo: benchmark in {bench}")
@@ -244,9 +244,9 @@ def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, An
     scores: dict[str, Any] = {}
     for name, ckpt in checkpoints.items():
         reporter.log(f"demo: evaluating {name}")
-        model, state = load_model(ckpt)
+        loaded = load_for_inference(ckpt)
         # test-time inference as the model was trained to run it (its checkpoint's settings)
-        inference = inference_config(inference_settings(state, ckpt))
+        model, inference = loaded.model, loaded.inference_config()
         scores[name] = timed(f"evaluate {name}", lambda model=model, inference=inference:
                              _cached_json(results / f"eval-{name.replace('=', '')}.json",
                                           lambda: evaluate(model, val, steps=demo.t_ts,

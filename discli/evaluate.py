@@ -17,7 +17,7 @@ costs). All setups come from that one pass, so it is the cost of the largest t (
 alone would cost less).
 
 Under torchrun (:func:`discli.distributed.setup_distributed`; gloo on CPU, NCCL on CUDA) the
-batches one process would form (:func:`discli.predict.plan_batches`, from the image headers) are
+batches one process would form (:func:`discli.runtime.shared_plan`, from the image headers) are
 dealt round-robin to the ranks (:func:`discli.distributed.shard`): every image is scored exactly
 once, in the very batch it would have had alone, so the summed confusion matrices and boundary
 counts equal the single-process ones exactly. Every rank returns the summed report. Its
@@ -38,13 +38,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from discli.distributed import DistInfo, on_main, setup_distributed, shard
+from discli.checkpoint import check_classes
+from discli.distributed import DistInfo, setup_distributed
 from discli.errors import BadInputError, UsageError
 from discli.inference import InferenceConfig
 from discli.metrics import BoundaryF, ConfusionMatrix
 from discli.model import DISNet
-from discli.multiscale import infer_views
-from discli.predict import check_classes, plan_batches, size_batches, synchronize
+from discli.runtime import check_scales, infer_views, shared_plan, size_batches, synchronize
 from discli.progress import NullReporter, Reporter
 from discli.visual import DEFAULT_OPACITY
 
@@ -172,14 +172,13 @@ def evaluate(model: DISNet, manifest: Any, steps: Sequence[int] = (0,),
     non-background pixels at ``opacity``; and ``confusion.png``, the confusion matrix of every
     setup.
 
-    ``scales`` / ``flip``: multi-scale and flip testing (:mod:`discli.multiscale`): every t is
+    ``scales`` / ``flip``: multi-scale and flip testing (:mod:`discli.runtime`): every t is
     the average of the probabilities of every scale, and of its mirror image when ``flip``.
 
     Under torchrun each rank scores its share of the batches and every rank returns the report
     of the whole set (see the module docstring).
     """
     from discli.data.dataset import SegDataset
-    from discli.multiscale import check_scales
 
     try:
         scales = check_scales(scales)
@@ -226,15 +225,39 @@ def evaluate(model: DISNet, manifest: Any, steps: Sequence[int] = (0,),
             **report}
 
 
+def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, *,
+                        t_ts: Sequence[int] | None = None, root: str | Path | None = None,
+                        device: str | torch.device | None = None, lr: float | None = None,
+                        momentum: float | None = None, scales: Sequence[float] = (1.0,),
+                        flip: bool = False, **options: Any) -> dict[str, Any]:
+    """``dis evaluate`` as one call: joins the torchrun job if any (``device`` resolved by
+    :func:`discli.distributed.resolve_device`), reads the manifest (``root`` overrides its
+    root), loads the checkpoint and runs :func:`evaluate` with its inference settings (``t_ts``,
+    ``lr``, ``momentum``: the checkpoint's where None). The report also names the checkpoint's
+    hash and the inference settings used. ``options``: those of :func:`evaluate`."""
+    from discli.checkpoint import load_for_inference
+    from discli.data.manifest import read_manifest
+    from discli.distributed import resolve_device
+
+    dev, _ = setup_distributed(resolve_device(device))
+    data = read_manifest(manifest, root=root)
+    loaded = load_for_inference(checkpoint, dev)
+    steps = list(t_ts) if t_ts is not None else [loaded.inference["t_ts"]]
+    cfg = loaded.inference_config(lr=lr, momentum=momentum)
+    report = evaluate(loaded.model, data, steps, cfg, classes=loaded.classes, device=dev,
+                      checkpoint=str(checkpoint), scales=scales, flip=flip, **options)
+    report["checkpoint_hash"] = loaded.checkpoint_hash
+    report["inference"] = {"t_ts": steps, "lr": cfg.lr, "momentum": cfg.momentum,
+                           "proximity": cfg.proximity, "method": cfg.method,
+                           "scales": list(scales), "flip": flip}
+    return report
+
+
 def _sharded_batches(dataset: Any, data: Any, batch_size: int, num_workers: int,
                      info: DistInfo) -> tuple[Any, int]:
     """This rank's batches: the ones a single process would form (planned by rank 0 from the
     image headers), dealt round-robin; returns (batches of items, image count)."""
-    from discli.data.images import probe_image
-
-    planned = on_main(lambda: plan_batches(
-        [probe_image(data.image_path(rec)) for rec in data.records], batch_size))
-    mine = shard(planned, info)
+    mine = shared_plan(lambda: [data.image_path(rec) for rec in data.records], batch_size, info)
     loader = DataLoader(dataset, batch_sampler=mine, collate_fn=list,
                         num_workers=num_workers)
     batches = ([item for item in batch if bool(item["has_labelmap"])] for batch in loader)
@@ -303,7 +326,7 @@ class PredictionSaver:
         from PIL import Image
 
         from discli.data.dataset import denormalize
-        from discli.data.fileio import atomic_write
+        from discli.storage import atomic_write
         from discli.data.voc import write_palette_png
         from discli.visual import overlay
 

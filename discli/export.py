@@ -41,7 +41,9 @@ def run_settings(cache_path: Path) -> dict[str, Any]:
         data = tomllib.loads(config.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BadInputError(f"not a readable run configuration ({exc})", config) from None
-    flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    from discli.train.config import file_values  # every layout of a run's config.toml
+
+    flat = file_values(data, "finetune")
     for table in ("train", "finetune"):
         flat.update(data.get(table, {}))
     return {k: flat[k] for k in ("confidence", "tag_gate") if k in flat}
@@ -51,9 +53,9 @@ def export_cache(cache_path: str | Path, out_dir: str | Path, threshold: float =
                  confidence: float | None = None, gate: str | None = None) -> dict[str, Any]:
     """Write the cache's labelmaps and tags into ``out_dir`` (see the module docstring);
     returns ``{"out", "tags", "images", "confidence", "gate", "ignored_share"}``."""
-    from discli.data.fileio import atomic_write
+    from discli.storage import atomic_write
     from discli.data.voc import IGNORE, write_palette_png
-    from discli.predict import safe_join
+    from discli.inputs import safe_join
     from discli.tags import check_threshold, entry_rows, open_cache, row_dict
     from discli.train.pseudo import gate_labelmap
 

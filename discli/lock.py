@@ -24,13 +24,12 @@ Where ``fcntl`` does not exist (Windows) locking is a no-op.
 from __future__ import annotations
 
 import os
-import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from discli.errors import BusyError, UsageError
+from discli.errors import BusyError
 
 try:
     import fcntl
@@ -112,19 +111,6 @@ def locked(lock_path: str | Path, what: str | Path | None = None) -> Iterator[Pa
         _release(lock_path)
 
 
-def make_folder(folder: str | Path, option: str = "--out") -> Path:
-    """Create an output folder (and its parents), or raise UsageError when a file is in the way."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise UsageError(f"{option}: exists and is not a folder (or a file is in its path)",
-                         folder) from None
-    except PermissionError:
-        raise UsageError(f"{option}: no permission to create the folder", folder) from None
-    return folder
-
-
 def lock_folder(folder: str | Path):  # noqa: ANN201 - a context manager
     """Lock an output folder (created if missing)."""
     return locked(folder_lock_path(folder), folder)
@@ -133,38 +119,3 @@ def lock_folder(folder: str | Path):  # noqa: ANN201 - a context manager
 def lock_file(path: str | Path):  # noqa: ANN201 - a context manager
     """Lock one output file (e.g. a cache) through a hidden lock file beside it."""
     return locked(file_lock_path(path), path)
-
-
-_TEMP = re.compile(r"^\..+\.tmp(\d+)$")
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temps(folder: str | Path, recursive: bool = False) -> int:
-    """Delete ``.<name>.tmp<pid>`` files (atomic writes torn by a kill) whose process is gone.
-
-    Call it while holding the folder's lock; returns how many were removed.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    removed = 0
-    for path in folder.rglob(".*.tmp*") if recursive else folder.glob(".*.tmp*"):
-        match = _TEMP.match(path.name)
-        if match and path.is_file() and not _alive(int(match.group(1))):
-            try:
-                path.unlink()
-                removed += 1
-            except OSError:
-                pass
-    return removed

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = 255
+from discli.labelmap import IGNORE as IGNORE_INDEX  # void: no loss
 
 
 def recon_target(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

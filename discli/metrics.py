@@ -40,8 +40,7 @@ from scipy import ndimage
 from skimage.segmentation import find_boundaries
 
 from discli.distributed import all_reduce_sum
-
-IGNORE_INDEX = 255
+from discli.labelmap import IGNORE as IGNORE_INDEX  # void: not counted
 
 
 def _as_tensor(x: Any) -> torch.Tensor:

@@ -26,7 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from discli.data.fileio import atomic_write, read_text
+from discli.data.fileio import read_text
+from discli.storage import atomic_write
 from discli.errors import BadInputError, UsageError
 
 LOSS_KEYS = ("loss", "map", "img", "tag")

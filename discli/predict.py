@@ -22,16 +22,12 @@ that already holds a file of an output's name is refused (the file was not made 
 No output may be a file the run reads: an input image, a labelmap of an input manifest, the
 manifest, the checkpoint (:func:`discli.safety.refuse_overlap`, exit 2, whatever the flags).
 
-``probs_path`` (HDF5): root attrs ``format="dis-probs"``, ``format_version``, ``classes`` (JSON),
-``steps``, ``checkpoint_hash``; ``/entries/<key>`` per image (key = id with "/" as "%2F") holds
-``probs`` float16 (K, H, W) at the image's resolution, ``tag_probs`` float32 (K,), attrs ``id``
-and ``input`` (hash of the input file: an entry of another image under the same id is redone).
-While a run is in progress, entries go to small part files (``.<name>.parts/part-NNNNNN.h5``),
-each written under a temporary name and renamed when complete (every :data:`PROBS_PART_IMAGES`
-images or :data:`PROBS_PART_SECONDS` seconds); when the run ends (also on an error or ^C) the
-entries of the existing file and of the parts are merged into a new file that replaces it
-(temp + rename). So the file is never torn, and a run killed with SIGKILL loses at most the
-part being written: a re-run takes the finished parts as done.
+``probs_path``: the HDF5 file of final probabilities (:mod:`discli.probs`; crash-safe part
+files merged when the run ends, :mod:`discli.storage.parts`).
+
+Modules: inputs and output paths :mod:`discli.inputs`; the run record and the record of outputs
+:mod:`discli.provenance`; PNG writers :mod:`discli.visual`; batching, normalisation, autocast,
+inference, views and upsampling :mod:`discli.runtime`.
 
 Only one process may write an output folder or probabilities file at a time: :func:`predict`
 locks them (:mod:`discli.lock`); a second one stops with exit code 5.
@@ -40,597 +36,64 @@ Under torchrun (same command line; :func:`discli.distributed.setup_distributed`)
 takes its own per-rank lock (:mod:`discli.lock`), so the ranks of one job never refuse each other
 while a second job still is refused. Rank 0 alone cleans torn temporary files, checks and writes
 ``.dis-infer.json``, decides which images are already done, and plans the batches one process
-would form (from the image headers, :func:`plan_batches`); it broadcasts that plan and the ranks
-take batches round-robin (:func:`discli.distributed.shard`): every image is computed exactly once,
-in the batch it would have had alone. Each rank writes its own images' files and its own
-probability parts (``part-r<rank>-NNNNNN.h5`` beside rank 0's ``part-NNNNNN.h5``); after a
-barrier rank 0 merges all the parts into the one file. A failure while locking or checking on any
+would form (from the image headers, :func:`discli.runtime.plan_batches`); it broadcasts that
+plan and the ranks take batches round-robin (:func:`discli.distributed.shard`): every image is
+computed exactly once, in the batch it would have had alone. Each rank writes its own images'
+files and its own probability parts (``part-r<rank>-NNNNNN.h5`` beside rank 0's
+``part-NNNNNN.h5``); after a barrier rank 0 merges all the parts into the one file. A failure while locking or checking on any
 rank stops every rank (:func:`discli.distributed.together`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
-import io
-import itertools
-import json
-import os
-import re
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import h5py
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
-from discli.cache import key_of
-from discli.checkpoint import (atomic_write_bytes, default_inference_settings, file_hash,
-                               inference_config, inference_settings, load_model)
 from discli.distributed import (DistInfo, barrier, gather_to_main, on_main, setup_distributed,
                                 shard, together)
-from discli.data.fileio import MAX_LINE_BYTES, MAX_TEXT_BYTES
-from discli.errors import BadInputError, IncompatibleError, UsageError, quote, system_error
-from discli.inference import InferenceConfig, InferenceResult, infer_steps
-from discli.lock import lock_file, lock_folder, make_folder, remove_stale_temps
+from discli.errors import BadInputError, UsageError
+from discli.inference import InferenceConfig
+from discli.inputs import InputImage, collect_inputs, input_hash, output_paths
+from discli.lock import lock_file, lock_folder
 from discli.model import DISNet
-from discli.multiscale import check_scales
+from discli.probs import ProbsWriter, probs_attrs
 from discli.progress import NullReporter, Reporter
+from discli.provenance import (OUTPUT_RECORDS, RUN_INFO, OutputRecords, check_run_info,
+                               refuse_foreign, settings_hash, write_run_info)
+from discli.runtime import (check_scales, image_sizes, infer_views, normalize_batch,
+                            plan_batches, size_batches, synchronize)
 from discli.safety import refuse_overlap
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
-PROBS_FORMAT = "dis-probs"
-PROBS_FORMAT_VERSION = 1
-RUN_INFO = ".dis-infer.json"
-OUTPUT_RECORDS = ".dis-infer.outputs.jsonl"
-PROBS_PART_IMAGES = 32  # a kill loses at most this many images' probabilities ...
-PROBS_PART_SECONDS = 60.0  # ... or this much work
-
-
-# ------------------------------------------------------------------------------------- model
-
-
-def checkpoint_classes(state: dict[str, Any], num_classes: int) -> list[str]:
-    classes = state.get("classes")
-    if isinstance(classes, (list, tuple)) and len(classes) == num_classes:
-        return [str(c) for c in classes]
-    return ["background"] + [f"class{k}" for k in range(1, num_classes)]
-
-
-@dataclass
-class LoadedModel:
-    model: DISNet
-    classes: list[str]
-    checkpoint_hash: str
-    path: Path
-    # the checkpoint's inference settings (t_tr, t_ts, lr, momentum, tag_weight, proximity,
-    # method): :func:`discli.checkpoint.inference_settings`
-    inference: dict[str, Any] = field(default_factory=default_inference_settings)
-
-    def inference_config(self, steps: int | None = None, **overrides: Any) -> InferenceConfig:
-        """The checkpoint's inference settings, with every override that is not None."""
-        return inference_config(self.inference, steps, **overrides)
-
-
-def load_for_inference(checkpoint: str | Path, device: torch.device | str = "cpu"
-                       ) -> LoadedModel:
-    model, state = load_model(checkpoint, device)
-    return LoadedModel(model, checkpoint_classes(state, model.num_classes), file_hash(checkpoint),
-                       Path(checkpoint), inference_settings(state, checkpoint))
-
-
-def check_classes(model_classes: Sequence[str], other: Sequence[str], what: str,
-                  path: str | Path | None, checkpoint: str | Path | None = None) -> None:
-    """Refuse data or a cache whose class count differs from the checkpoint's."""
-    if len(model_classes) != len(other):
-        model = f"checkpoint {checkpoint}" if checkpoint is not None else "the model"
-        raise IncompatibleError(f"{what} has {len(other)} classes but {model} has "
-                                f"{len(model_classes)}; use a checkpoint trained on these "
-                                f"classes", path)
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-@dataclass
-class InputImage:
-    id: str
-    path: Path
-    labelmap: Path | None = None  # the manifest's labelmap of the image: never written over
-    source: Path | None = None  # the manifest the image came from: never written over
-
-
-def _inside(path: Path, folder: Path | None) -> bool:
-    return folder is not None and (path.resolve() == folder or folder in path.resolve().parents)
-
-
-def _folder_images(folder: Path, exclude: Path | None = None) -> list[InputImage]:
-    found = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
-                   and p.suffix.lower() in IMAGE_EXTENSIONS and not _inside(p, exclude))
-    return [InputImage(p.relative_to(folder).with_suffix("").as_posix(), p) for p in found]
-
-
-def _manifest_images(path: Path) -> list[InputImage]:
-    from discli.data.manifest import read_manifest
-
-    manifest = read_manifest(path)
-    return [InputImage(rec.id, Path(manifest.image_path(rec)),
-                       None if rec.labelmap is None else Path(manifest.labelmap_path(rec)), path)
-            for rec in manifest.records]
-
-
-def _expand(source: str, exclude: Path | None) -> list[InputImage]:
-    path = Path(source)
-    if path.is_dir():
-        return _folder_images(path, exclude)
-    if not path.exists():
-        raise BadInputError("no such image, folder or manifest", path)
-    if path.suffix.lower() in IMAGE_EXTENSIONS:
-        return [InputImage(path.stem, path)]
-    return _manifest_images(path)
-
-
-def _stdin_lines(stream: TextIO | None) -> Iterator[str]:
-    """The lines of a list of paths on stdin, bounded: ``dis infer - < /dev/zero`` (or an archive
-    piped by mistake) is refused instead of read until memory runs out."""
-    if stream is None:  # sys.stdin is None when fd 0 is closed
-        return
-    total = 0
-    for n in itertools.count(1):
-        line = stream.readline(MAX_LINE_BYTES + 1)
-        if not line:
-            return
-        total += len(line)
-        if len(line) > MAX_LINE_BYTES or total > MAX_TEXT_BYTES:
-            raise BadInputError(f"line {n}: the list of paths has a line longer than "
-                                f"{MAX_LINE_BYTES >> 20} MiB or is larger than "
-                                f"{MAX_TEXT_BYTES >> 20} MiB: not a list of paths", "<stdin>")
-        yield line
-
-
-def collect_inputs(sources: Sequence[str], stdin: TextIO | None = None,
-                   exclude: str | Path | None = None) -> list[InputImage]:
-    """Expand image files, folders (recursively; id = relative path without suffix), manifests
-    (id = record id) and ``-`` (one path per line on stdin) into a list of unique ids.
-
-    Folder scans skip hidden files and anything under ``exclude`` (the output folder, so a
-    re-run does not take its own outputs for inputs).
-    """
-    exclude = Path(exclude).resolve() if exclude is not None else None
-    images: list[InputImage] = []
-    for source in sources:
-        if source == "-":
-            stream = stdin if stdin is not None else sys.stdin
-            try:
-                for line in _stdin_lines(stream):
-                    line = line.strip()
-                    if line and not line.startswith("#"):
-                        images.extend(_expand(line, exclude))
-            except UnicodeDecodeError as exc:
-                raise BadInputError(f"the list of paths is not UTF-8 text ({exc.reason} at byte "
-                                    f"{exc.start} of a line)", "<stdin>") from None
-        else:
-            images.extend(_expand(source, exclude))
-    seen: dict[str, Path] = {}
-    for image in images:
-        if image.id in seen:
-            raise BadInputError(f"two inputs share the id {quote(image.id)}: {seen[image.id]} and "
-                                f"{image.path}; rename one or pass them in separate runs",
-                                image.path)
-        seen[image.id] = image.path
-    if not images:
-        where = ", ".join("<stdin>" if x == "-" else str(x) for x in sources) or "command line"
-        raise BadInputError("no input images (give image files, folders, a manifest, or - for "
-                            "a list of paths on stdin)", where)
-    return images
-
-
-# ----------------------------------------------------------------------------- output paths
-
-
-def safe_join(out_dir: Path, name: str) -> Path:
-    """``out_dir/name`` for an id-derived name, refusing anything that would leave out_dir."""
-    parts = name.replace("\\", "/").split("/")
-    if (not name or "\x00" in name or name.startswith("/") or any(p in ("", ".", "..")
-                                                                    for p in parts)
-            or (len(parts[0]) >= 2 and parts[0][1] == ":")):
-        raise BadInputError(f"image id {quote(name)} would write outside the output folder "
-                            f"(absolute, empty or '..' path component)", out_dir)
-    path = out_dir.joinpath(*parts)
-    root = out_dir.resolve()
-    resolved = path.resolve()
-    if resolved != root and root not in resolved.parents:
-        raise BadInputError(f"image id {quote(name)} would write outside the output folder "
-                            f"(through a symbolic link)", out_dir)
-    return path
-
-
-def output_paths(out_dir: Path, image_id: str, overlay: bool) -> dict[str, Path]:
-    paths = {"labelmap": safe_join(out_dir, f"{image_id}.png"),
-             "color": safe_join(out_dir, f"{image_id}_color.png")}
-    if overlay:
-        paths["overlay"] = safe_join(out_dir, f"{image_id}_overlay.jpg")
-    return paths
-
-
-# ----------------------------------------------------------------------------- writers
-
-
-@functools.lru_cache(maxsize=1)
-def palette() -> np.ndarray:
-    """The VOC colour map, uint8 (256, 3)."""
-    from discli.data.voc import voc_palette
-
-    return np.asarray(voc_palette(), dtype=np.uint8).reshape(256, 3)
-
-
-def _save_image(path: Path, image: Image.Image, fmt: str, **options: Any) -> None:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    atomic_write_bytes(path, lambda f: f.write(buffer.getvalue()))
-
-
-def write_index_png(path: Path, labelmap: np.ndarray) -> None:
-    _save_image(path, Image.fromarray(labelmap.astype(np.uint8), mode="L"), "PNG")
-
-
-def write_color_png(path: Path, labelmap: np.ndarray) -> None:
-    h, w = labelmap.shape
-    image = Image.frombytes("P", (w, h), labelmap.astype(np.uint8).tobytes())
-    image.putpalette(palette().reshape(-1).tolist())
-    _save_image(path, image, "PNG")
-
-
-def overlay_image(image: np.ndarray, labelmap: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """:func:`discli.visual.overlay`: labelled non-background pixels blended, the rest kept."""
-    from discli.visual import overlay
-
-    return overlay(image, labelmap, alpha)
-
-
-def write_overlay(path: Path, image: np.ndarray, labelmap: np.ndarray,
-                  opacity: float = 0.5) -> None:
-    _save_image(path, Image.fromarray(overlay_image(image, labelmap, opacity)), "JPEG",
-                quality=90)
-
-
-class ProbsWriter:
-    """Writes the ``--probs`` HDF5 file (see the module docstring): crash-safe part files while
-    the run goes, merged into the file (temp + rename) by :meth:`close`.
-
-    ``rank``: under torchrun, rank 0 cleans torn temporaries, deletes old parts (``overwrite``),
-    checks the file and the parts and lists the ids already done (:attr:`done`), and merges every
-    rank's parts in the end; the other ranks only write parts of their own name (``rank`` > 0:
-    nothing is read or deleted, :attr:`done` stays empty, close with ``commit=False``).
-    """
-
-    def __init__(self, path: str | Path, attrs: dict[str, Any], overwrite: bool = False,
-                 part_images: int = PROBS_PART_IMAGES,
-                 part_seconds: float = PROBS_PART_SECONDS, rank: int = 0):
-        self.path = Path(path)
-        self.attrs = attrs
-        self.overwrite = overwrite
-        self.part_images, self.part_seconds = part_images, part_seconds
-        self.parts_dir = self.path.with_name(f".{self.path.name}.parts")
-        self.rank = rank
-        self._prefix = "part-" if rank == 0 else f"part-r{rank}-"
-        self.done: set[str] = set()
-        self.inputs: dict[str, str] = {}  # id -> hash of the input its entry was made from
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if rank == 0:
-            remove_stale_temps(self.path.parent)
-            remove_stale_temps(self.parts_dir)
-            if overwrite:
-                for part in self.parts():
-                    part.unlink()
-            else:
-                for source in ([self.path] if self.path.exists() else []) + self.parts():
-                    self._check(source)
-                    entries = self._ids(source)
-                    self.done |= set(entries)
-                    self.inputs.update(entries)
-        own = re.compile(re.escape(self._prefix) + r"(\d+)\.h5")
-        seqs = [int(m.group(1)) for m in (own.fullmatch(p.name) for p in self.parts()) if m]
-        self._seq = max(seqs, default=-1) + 1
-        self._h5: h5py.File | None = None
-        self._tmp: Path | None = None
-        self._count = 0
-        self._opened = 0.0
-
-    def parts(self) -> list[Path]:
-        return sorted(self.parts_dir.glob("part-*.h5")) if self.parts_dir.is_dir() else []
-
-    @staticmethod
-    def _ids(path: Path) -> dict[str, str]:
-        """id -> the input hash of each entry ("" for entries written before dis recorded it)."""
-        with h5py.File(path, "r") as h5:
-            return {str(g.attrs["id"]): str(g.attrs.get("input", ""))
-                    for g in h5.get("entries", {}).values()}
-
-    def _check(self, path: Path) -> None:
-        try:
-            with h5py.File(path, "r") as h5:
-                attrs = dict(h5.attrs)
-        except OSError as exc:
-            raise BadInputError(f"not a readable HDF5 file ({exc}); pass --overwrite to replace "
-                                f"it", path) from None
-        if attrs.get("format") != PROBS_FORMAT:
-            raise IncompatibleError("not a dis probabilities file; pass --overwrite to replace it",
-                                    path)
-        for key in ("classes", "steps", "checkpoint_hash", "inference"):
-            if str(attrs.get(key)) != str(self.attrs.get(key)):
-                raise IncompatibleError(f"made with another {key} ({attrs.get(key)}, now "
-                                        f"{self.attrs.get(key)}); pass --overwrite to replace "
-                                        f"it", path)
-
-    def _part_name(self) -> str:
-        return f"{self._prefix}{self._seq:06d}.h5"
-
-    def _open_part(self) -> h5py.File:
-        if self._h5 is None:
-            self.parts_dir.mkdir(parents=True, exist_ok=True)
-            self._tmp = self.parts_dir / f".{self._part_name()}.tmp{os.getpid()}"
-            self._h5 = h5py.File(self._tmp, "w")
-            self._h5.attrs.update(self.attrs)
-            self._h5.require_group("entries")
-            self._count, self._opened = 0, time.monotonic()
-        return self._h5
-
-    def _finish_part(self) -> None:
-        """Close the part being written and give it its final name (it is now complete)."""
-        if self._h5 is None:
-            return
-        self._h5.close()
-        self._h5 = None
-        tmp, self._tmp = self._tmp, None
-        assert tmp is not None
-        if self._count:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, self.parts_dir / self._part_name())
-            self._seq += 1
-        else:
-            tmp.unlink(missing_ok=True)
-
-    def add(self, image_id: str, probs: np.ndarray, tag_probs: np.ndarray,
-            input_hash: str = "") -> None:
-        try:
-            self._add(image_id, probs, tag_probs, input_hash)
-        except OSError as exc:  # a full disk: name the file, not "Can't write data"
-            refused = system_error(exc, self.path)
-            if refused is None:
-                raise
-            raise refused from exc
-
-    def _add(self, image_id: str, probs: np.ndarray, tag_probs: np.ndarray,
-             input_hash: str) -> None:
-        entries = self._open_part()["entries"]
-        key = key_of(image_id)
-        try:
-            g = entries.create_group(key)
-            g.attrs["id"] = image_id
-            g.attrs["input"] = input_hash
-            g.create_dataset("probs", data=probs.astype(np.float16), compression="gzip",
-                             compression_opts=1, chunks=True)
-            g.create_dataset("tag_probs", data=tag_probs.astype(np.float32))
-        except BaseException:
-            if key in entries:  # never keep a half-written entry
-                del entries[key]
-            raise
-        self._count += 1
-        self.done.add(image_id)
-        self.inputs[image_id] = input_hash
-        if (self._count >= self.part_images
-                or time.monotonic() - self._opened >= self.part_seconds):
-            self._finish_part()
-
-    def close(self, commit: bool = True) -> None:
-        """Finish the current part; with ``commit``, merge everything into the file (every
-        rank's finished parts: under torchrun only rank 0 commits, once the others are done)."""
-        self._finish_part()
-        parts = self.parts()
-        if not commit or (not parts and self.path.exists() and not self.overwrite):
-            return  # nothing new: the file is already what a merge would write
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        try:
-            with h5py.File(tmp, "w") as h5:
-                h5.attrs.update(self.attrs)
-                entries = h5.require_group("entries")
-                sources = parts[::-1]  # the newest copy of an entry wins
-                if self.path.exists() and not self.overwrite:
-                    sources.append(self.path)
-                for source in sources:
-                    with h5py.File(source, "r") as src:
-                        for key, group in src.get("entries", {}).items():
-                            if key not in entries:
-                                src.copy(group, entries, name=key)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        self.overwrite = False
-        for part in parts:
-            part.unlink()
-        try:
-            self.parts_dir.rmdir()
-        except OSError:
-            pass
-
-
-# ----------------------------------------------------------------------------- batching
-
-
-def size_batches(items: Iterable[Any], size_of: Callable[[Any], tuple[int, ...]],
-                 batch_size: int, max_pending: int | None = None) -> Iterator[list[Any]]:
-    """Group a stream into batches of items of equal size, in roughly input order.
-
-    At most ``max_pending`` items (default 4 batches) wait for mates: past that, the fullest
-    bucket goes out even if short, so memory stays bounded on sets with many sizes.
-    """
-    max_pending = max_pending or 4 * batch_size
-    buckets: dict[tuple[int, ...], list[Any]] = {}
-    pending = 0
-    for item in items:
-        bucket = buckets.setdefault(tuple(size_of(item)), [])
-        bucket.append(item)
-        pending += 1
-        if len(bucket) >= batch_size:
-            pending -= len(bucket)
-            yield buckets.pop(tuple(size_of(item)))
-        elif pending > max_pending:
-            key = max(buckets, key=lambda k: len(buckets[k]))
-            pending -= len(buckets[key])
-            yield buckets.pop(key)
-    yield from buckets.values()
-
-
-def plan_batches(sizes: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
-    """The batches :func:`size_batches` forms over a stream of items of these sizes, as lists of
-    indices: what one process streaming the decoded images would do, planned from the headers
-    (:func:`discli.data.images.probe_image`) so that torchrun ranks can share them out."""
-    return list(size_batches(range(len(sizes)), lambda i: tuple(sizes[i]), batch_size))
-
-
-def upsample_probs(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Final probabilities (B,K,h,w) -> (B,K,H,W), bilinear, align_corners=False."""
-    return F.interpolate(probs.float(), size=size, mode="bilinear", align_corners=False)
-
-
-def run_inference(model: DISNet, images: torch.Tensor, steps: Sequence[int],
-                  cfg: InferenceConfig, amp: bool = False) -> dict[int, InferenceResult]:
-    """:func:`infer_steps` with the backbone forward under autocast when ``amp`` on CUDA."""
-    use_amp = amp and images.device.type == "cuda"
-    with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-        return infer_steps(model, images, steps, cfg)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# ----------------------------------------------------------------------------- predict
-
-
-def _normalize(image: np.ndarray) -> torch.Tensor:
-    from discli.data.dataset import normalize
-
-    return torch.as_tensor(normalize(image))
-
-
-def input_hash(path: Path) -> str:
-    """Hash of an input image's bytes ("" when it cannot be read: such an image is never taken
-    as done, and reading it for prediction gives the proper error)."""
-    try:
-        return file_hash(path)
-    except OSError:
-        return ""
-
-
-def settings_hash(settings: dict[str, Any]) -> str:
-    """What made an output besides its input: checkpoint hash, steps, inference settings,
-    classes."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-class OutputRecords:
-    """``out_dir/.dis-infer.outputs.jsonl``: one line per image whose files are written,
-    ``{"id", "input", "made"}`` (module docstring). Appended one line at a time (``O_APPEND``:
-    the ranks of a torchrun job share it); the last line of each id wins, and a line torn by a
-    kill is ignored (its image is redone)."""
-
-    def __init__(self, out_dir: Path, made: str):
-        self.path = out_dir / OUTPUT_RECORDS
-        self.made = made
-        self.records: dict[str, dict[str, Any]] = {}
-
-    def load(self) -> None:
-        """Read the records (rank 0, before anyone appends); rewrite them compacted when older
-        lines were superseded, so that resuming many times does not grow the file."""
-        from discli.data.fileio import read_bytes
-
-        if not self.path.exists():
-            return
-        lines = read_bytes(self.path, "record of outputs").split(b"\n")
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except (ValueError, RecursionError):
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("id"), str):
-                self.records[rec["id"]] = rec
-        if sum(1 for line in lines if line.strip()) > len(self.records):
-            text = "".join(json.dumps(rec) + "\n" for rec in self.records.values())
-            atomic_write_bytes(self.path, lambda f: f.write(text.encode()))
-
-    def matches(self, image_id: str, input_digest: str) -> bool:
-        """Whether the outputs of ``image_id`` were made from this input with these settings."""
-        rec = self.records.get(image_id)
-        return (bool(input_digest) and rec is not None and rec.get("input") == input_digest
-                and rec.get("made") == self.made)
-
-    def add(self, image_id: str, input_digest: str) -> None:
-        line = json.dumps({"id": image_id, "input": input_digest, "made": self.made}) + "\n"
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, line.encode())  # one write: lines of two ranks never interleave
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            refused = system_error(exc, self.path)
-            if refused is None:
-                raise
-            raise refused from exc
-        self.records[image_id] = json.loads(line)
-
-
-def _refuse_foreign(out_dir: Path, plans: list[tuple[InputImage, dict[str, Path]]]) -> None:
-    """A folder dis infer has not written to (no .dis-infer.json) may not already hold a file
-    of an output's name: it is someone else's (ground-truth labelmaps, photos), never replaced,
-    whatever the flags."""
-    if (out_dir / RUN_INFO).exists():
-        return
-    for _, paths in plans:
-        for path in paths.values():
-            if os.path.lexists(path):
-                raise UsageError(f"{path} exists and was not made by dis infer (the folder has no "
-                                 f"{RUN_INFO}); choose another --out, or move the file away "
-                                 f"(nothing was written)", out_dir)
-
-
-def _write_run_info(out_dir: Path, info: dict[str, Any]) -> None:
-    atomic_write_bytes(out_dir / RUN_INFO, lambda f: f.write(json.dumps(info, indent=1).encode()))
-
-
-def _check_run_info(out_dir: Path, info: dict[str, Any], overwrite: bool) -> None:
-    """Refuse to add outputs of other settings to a folder; with ``overwrite``, mark the folder
-    as being replaced until the run finishes (a run killed meanwhile leaves outputs of two
-    settings side by side: only another ``--overwrite`` run may continue there)."""
-    path = out_dir / RUN_INFO
-    if path.exists() and not overwrite:
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, ValueError):
-            old = None
-        if isinstance(old, dict) and old.get("replacing"):
-            raise IncompatibleError(f"an --overwrite run into this folder did not finish, so it "
-                                    f"holds outputs of two settings (see {RUN_INFO}); pass "
-                                    f"--overwrite to finish replacing them", out_dir)
-        if old != info:
-            changed = sorted(k for k in info if not isinstance(old, dict) or old.get(k) != info[k])
-            raise IncompatibleError(f"outputs there were made with another {', '.join(changed)} "
-                                    f"(see {RUN_INFO}); pass --overwrite to replace them, or "
-                                    f"another --out", out_dir)
-    _write_run_info(out_dir, {**info, "replacing": True} if overwrite else info)
+from discli.storage import make_folder, remove_stale_temps
+from discli.visual import write_color_png, write_index_png, write_overlay
+
+
+def infer_checkpoint(inputs: Sequence[str], checkpoint: str | Path, *,
+                     out_dir: str | Path | None = None, t_ts: int | None = None,
+                     lr: float | None = None, momentum: float | None = None,
+                     device: str | torch.device | None = None, stdin: TextIO | None = None,
+                     **options: Any) -> Iterator[dict[str, Any]]:
+    """``dis infer`` as one call: joins the torchrun job if any (:func:`setup_distributed` on
+    ``device``, resolved by :func:`discli.distributed.resolve_device`), collects the inputs on
+    rank 0 (``-`` reads ``stdin``), loads the checkpoint and runs :func:`predict` with its
+    inference settings (``t_ts``, ``lr``, ``momentum``: the checkpoint's where None). The other
+    ``options`` are those of :func:`predict`; the checkpoint is protected from being written."""
+    from discli.checkpoint import load_for_inference
+    from discli.distributed import resolve_device
+
+    dev, _ = setup_distributed(resolve_device(device))
+    images = on_main(lambda: collect_inputs(inputs, stdin, exclude=out_dir))  # rank 0 reads stdin
+    loaded = load_for_inference(checkpoint, dev)
+    steps = int(loaded.inference["t_ts"]) if t_ts is None else t_ts
+    cfg = loaded.inference_config(steps, lr=lr, momentum=momentum)
+    yield from predict(loaded.model, images, classes=loaded.classes, out_dir=out_dir,
+                       steps=steps, cfg=cfg, device=dev, checkpoint_hash=loaded.checkpoint_hash,
+                       protect=[(checkpoint, "checkpoint")], **options)
 
 
 def predict(model: DISNet, inputs: Sequence[InputImage], *, classes: Sequence[str],
@@ -652,7 +115,7 @@ def predict(model: DISNet, inputs: Sequence[InputImage], *, classes: Sequence[st
     summary of every image, the skipped ones first, then its own as they are computed, then
     those of the other ranks once all are done; the other ranks yield their own images' only.
 
-    ``scales`` / ``flip``: multi-scale and flip testing (:mod:`discli.multiscale`).
+    ``scales`` / ``flip``: multi-scale and flip testing (:mod:`discli.runtime`).
 
     No output may be a file the run reads: the inputs, their manifests and labelmaps, and the
     files of ``protect`` (``(path, what)`` pairs: the checkpoint); refused with
@@ -688,7 +151,7 @@ def predict(model: DISNet, inputs: Sequence[InputImage], *, classes: Sequence[st
         + [(m, "input manifest") for m in manifests] + list(protect),
         advice="choose another --out or --probs")
     if out is not None:
-        _refuse_foreign(out, plans)  # again under the lock; here before the lock file exists
+        refuse_foreign(out, plans)  # again under the lock; here before the lock file exists
     with contextlib.ExitStack() as locks:
         def take_locks() -> None:  # per-rank lock names: the ranks of one job share the folder
             if out is not None:
@@ -722,17 +185,14 @@ def _predict_locked(model: DISNet, plans: list[tuple[InputImage, dict[str, Path]
             # image writes torn by a kill: only where this run writes (never a scan of a big tree)
             for folder in {out, *(p.parent for _, paths in plans for p in paths.values())}:
                 remove_stale_temps(folder)
-            _refuse_foreign(out, plans)
-            _check_run_info(out, settings, overwrite)
+            refuse_foreign(out, plans)
+            check_run_info(out, settings, overwrite)
             assert records is not None
             records.load()
         if probs_path is None:
             return None
-        return ProbsWriter(probs_path, {"format": PROBS_FORMAT,
-                                        "format_version": PROBS_FORMAT_VERSION,
-                                        "classes": json.dumps(list(classes)),
-                                        "steps": int(steps), "checkpoint_hash": checkpoint_hash,
-                                        "inference": json.dumps(settings["inference"])},
+        return ProbsWriter(probs_path, probs_attrs(classes, steps, checkpoint_hash,
+                                                   settings["inference"]),
                            overwrite=overwrite, rank=info.rank)
 
     probs = together(prepare)
@@ -751,9 +211,7 @@ def _predict_locked(model: DISNet, plans: list[tuple[InputImage, dict[str, Path]
             (skipped if done else todo).append(i)
         if not info.enabled:
             return skipped, todo, None
-        from discli.data.images import probe_image
-
-        sizes = [probe_image(plans[i][0].path) for i in todo]
+        sizes = image_sizes(plans[i][0].path for i in todo)
         return skipped, todo, [[todo[j] for j in batch]
                                for batch in plan_batches(sizes, batch_size)]
 
@@ -804,7 +262,7 @@ def _finish(probs: ProbsWriter | None, out: Path | None, overwrite: bool,
     if probs is not None:
         probs.close()
     if out is not None and overwrite:
-        _write_run_info(out, settings)  # every output is now of these settings
+        write_run_info(out, settings)  # every output is now of these settings
 
 
 def _loaded(todo: list[tuple[InputImage, dict[str, Path]]]
@@ -824,11 +282,9 @@ def _predict_batches(model: DISNet,
                      reporter: Reporter, opacity: float = 0.5,
                      records: OutputRecords | None = None, scales: Sequence[float] = (1.0,),
                      flip: bool = False) -> Iterator[dict[str, Any]]:
-    from discli.multiscale import infer_views
-
     names = list(classes)
     for batch in batches:
-        images = torch.stack([_normalize(rgb) for _, _, rgb, _ in batch]).to(device)
+        images = normalize_batch([rgb for _, _, rgb, _ in batch], device)
         size = batch[0][2].shape[:2]
         start = time.perf_counter()
         result = infer_views(model, images, [steps], cfg, scales, flip, amp)[steps]

@@ -49,7 +49,7 @@ def score_cache(cache: PseudoCache, truth: Any, confidence: float = 0.0) -> dict
     scores as :func:`discli.metrics.segmentation_scores`. "all" counts every pixel the cache
     gives a class (not those it marks 255), "kept" only those whose confidence is also >=
     ``confidence``: the pixels an M-step with that threshold trains on."""
-    from discli.data.voc import read_labelmap
+    from discli.labelmap import read_labelmap
 
     if list(truth.classes) != list(cache.classes):
         raise BadInputError(f"classes {truth.classes} differ from the cache's {cache.classes}",

@@ -1,12 +1,14 @@
 """A strict name -> factory registry (torchvision's `_api.py` behaviour: duplicates raise).
 
-Factories may also come from installed entry points: `Registry(group=...)` loads that group the
+Built-in factories registered by other modules are imported lazily (``builtins=``). Factories
+may also come from installed entry points: `Registry(group=...)` loads that group the
 first time a name is missing, so a third-party package adds a backbone or a dataset format by
 declaring an entry point, exactly as the built-in ones do.
 """
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -19,9 +21,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Registry(Generic[F]):
-    def __init__(self, kind: str, group: str | None = None):
+    def __init__(self, kind: str, group: str | None = None, builtins: tuple[str, ...] = ()):
         self.kind = kind
         self.group = group
+        # modules that register built-in factories, imported the first time a name is missing
+        # (so they may import the registry's module without an import cycle)
+        self.builtins = builtins
         self._factories: dict[str, F] = {}
         self._entry_points_loaded = False
 
@@ -39,9 +44,13 @@ class Registry(Generic[F]):
         self._factories[name] = fn
 
     def _load_entry_points(self) -> None:
-        if self._entry_points_loaded or self.group is None:
+        if self._entry_points_loaded:
             return
         self._entry_points_loaded = True
+        for module in self.builtins:
+            importlib.import_module(module)
+        if self.group is None:
+            return
         for ep in entry_points(group=self.group):
             if ep.name in self._factories or not allowed(ep.name):
                 continue

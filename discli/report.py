@@ -9,9 +9,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from discli.checkpoint import atomic_write_bytes
+from discli.storage import atomic_write
 from discli.plots import write_curves  # noqa: F401  (the demo's curves.png)
 
 
@@ -78,9 +77,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:
-    atomic_write_bytes(out / "report.json",
+    atomic_write(out / "report.json",
                        lambda f: f.write(json.dumps(report, indent=1).encode()))
-    atomic_write_bytes(out / "report.md", lambda f: f.write(markdown(report).encode()))
+    atomic_write(out / "report.md", lambda f: f.write(markdown(report).encode()))
 
 
 def figure_headings(demo: Any, with_t0: bool) -> list[str]:
@@ -97,20 +96,18 @@ def write_figure(path: Path, checkpoints: dict[str, Path], manifest: Any, demo: 
     """Rows of test images; columns: input, reconstruction target, ground truth, baseline,
     t_tr = 0, and the largest-t_tr DIS model at every t_ts (the layout of the paper's Fig. 5).
     Every image keeps its aspect ratio; a legend of the class colours is drawn below."""
-    from discli.checkpoint import load_model
+    from discli.checkpoint import load_for_inference
     from discli.data.dataset import SegDataset, denormalize
-    from discli.inference import infer_steps
     from discli.losses import recon_target
+    from discli.runtime import infer_views
     from discli.visual import colorize, grid
 
-    from discli.checkpoint import inference_config, inference_settings
-
     dataset = SegDataset(manifest)
-    loaded = {name: load_model(p) for name, p in checkpoints.items()}
-    models = {name: model for name, (model, _) in loaded.items()}
+    loaded = {name: load_for_inference(p) for name, p in checkpoints.items()}
+    models = {name: entry.model for name, entry in loaded.items()}
     dis_name = f"t_tr={max(demo.t_tr)}"
     # the DIS model's test-time inference, as its checkpoint says
-    cfg = inference_config(inference_settings(loaded[dis_name][1]))
+    cfg = loaded[dis_name].inference_config()
     with_t0 = "t_tr=0" in models and dis_name != "t_tr=0"
     rows = []
     for r in range(min(demo.figure_rows, len(dataset))):
@@ -125,8 +122,7 @@ def write_figure(path: Path, checkpoints: dict[str, Path], manifest: Any, demo: 
         tiles = [(pixels, False), (target, False), (colorize(gt), True)]
 
         def predict(model: Any, t: int) -> tuple[np.ndarray, bool]:
-            probs = infer_steps(model, image, [t], cfg)[t].probs
-            full = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+            full = infer_views(model, image, [t], cfg)[t].probs
             return colorize(full.argmax(1)[0].numpy().astype(np.uint8)), True
 
         with torch.no_grad():
@@ -138,4 +134,4 @@ def write_figure(path: Path, checkpoints: dict[str, Path], manifest: Any, demo: 
     canvas = grid(rows, figure_headings(demo, with_t0), tile, list(manifest.classes))
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
-    atomic_write_bytes(path, lambda f: f.write(buffer.getvalue()))
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))

@@ -219,6 +219,27 @@ def tag_stats(cache: PseudoCache, truth: dict[str, set[str]],
             "cleaned": tag_scores(np.stack(cleaned), np.stack(true), classes)}
 
 
+def export_tags(cache_path: str | Path, output: str | Path = "-", fmt: str = "jsonl",
+                threshold: float = DEFAULT_THRESHOLD) -> int:
+    """Write every image's tags (:func:`write_export`) to ``output``: ``"-"`` is stdout, a file
+    is written atomically and may not be the cache itself. Returns the number of rows."""
+    store = open_cache(cache_path)
+    tag_rows = rows(store, threshold)
+    if str(output) == "-":
+        return write_export(tag_rows, store.classes, fmt)
+    import io
+
+    from discli.safety import refuse_overlap
+    from discli.storage import atomic_write
+
+    refuse_overlap([(output, "export")], [(cache_path, "cache")],
+                   advice="choose another --output")
+    buffer = io.StringIO()
+    count = write_export(tag_rows, store.classes, fmt, buffer)
+    atomic_write(output, lambda f: f.write(buffer.getvalue().encode("utf-8")))
+    return count
+
+
 def run_clean(checkpoint: str | Path, manifest_path: str | Path, cache_path: str | Path, *,
               t_tr: int | None = None, cfg: Any = None,
               overrides: dict[str, Any] | None = None, threshold: float = DEFAULT_THRESHOLD,
@@ -227,6 +248,9 @@ def run_clean(checkpoint: str | Path, manifest_path: str | Path, cache_path: str
               reporter: Any = None) -> dict[str, Any]:
     """Cleaned tags of a tagged manifest without a finetune: one E-step with ``checkpoint``.
 
+    ``device``: a device or a name for :func:`discli.distributed.resolve_device` (None or
+    "auto": cuda when there is one). ``cache_path`` may not be the manifest or the checkpoint
+    (refused first).
     ``t_tr`` None and ``cfg`` None (an :class:`discli.inference.InferenceConfig`) take the
     checkpoint's inference settings (:func:`discli.checkpoint.inference_settings`); with ``cfg``
     None, the ``overrides`` that are not None (``lr``, ``momentum``, ``tag_weight``, ...) replace
@@ -237,10 +261,16 @@ def run_clean(checkpoint: str | Path, manifest_path: str | Path, cache_path: str
     existing cache is reused when it was made by the same checkpoint and t_tr and holds every
     image; one of another class count, checkpoint or t_tr is refused unless ``overwrite``.
     """
+    from discli.checkpoint import check_classes, load_for_inference
     from discli.data.manifest import read_manifest
+    from discli.distributed import resolve_device
     from discli.errors import IncompatibleError
-    from discli.predict import check_classes, load_for_inference
+    from discli.safety import refuse_overlap
 
+    refuse_overlap([(cache_path, "cache")], [(manifest_path, "manifest"),
+                                             (checkpoint, "checkpoint")],
+                   advice="choose another --out")
+    device = resolve_device(device)
     check_threshold(threshold)
     if t_tr is not None and t_tr < 0:
         raise UsageError(f"--t-tr must be >= 0, got {t_tr}")

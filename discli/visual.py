@@ -5,6 +5,9 @@
   draw_segmentation_masks`` draws masks: only the pixels of a class other than the background
   (and void) are blended with their class colour at ``opacity``; background and void pixels keep
   the image's own pixels, so the picture is not darkened where nothing was found.
+- :func:`write_index_png`, :func:`write_color_png`, :func:`write_overlay`: ``dis infer``'s
+  outputs (class indices as 8-bit greyscale, the VOC palette PNG, the overlay JPEG), written
+  atomically (:func:`discli.storage.atomic_write`).
 - :func:`legend`: swatches with class names; :func:`grid`: a figure of aspect-preserving
   tiles under column headings, with a legend of the class colours below (the demo's
   ``figure.png``).
@@ -15,14 +18,18 @@ Plots with axes (training curves, the confusion matrix) are in :mod:`discli.plot
 from __future__ import annotations
 
 import functools
+import io
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from discli.errors import UsageError
+from discli.storage import atomic_write
+from discli.labelmap import IGNORE, voc_palette
 
-IGNORE = 255
 BACKGROUND = 0
 DEFAULT_OPACITY = 0.5
 
@@ -30,8 +37,6 @@ DEFAULT_OPACITY = 0.5
 @functools.lru_cache(maxsize=1)
 def palette() -> np.ndarray:
     """The VOC colour map, uint8 (256, 3); 255 (void) is (224, 224, 192)."""
-    from discli.data.voc import voc_palette
-
     return np.asarray(voc_palette(), dtype=np.uint8).reshape(256, 3)
 
 
@@ -60,6 +65,36 @@ def overlay(image: np.ndarray, labelmap: np.ndarray,
     colours = palette()[labelmap[mask].astype(np.uint8)].astype(np.float32)
     out[mask] = (1.0 - opacity) * out[mask] + opacity * colours
     return out.round().clip(0, 255).astype(np.uint8)
+
+
+def overlay_image(image: np.ndarray, labelmap: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """:func:`overlay`: labelled non-background pixels blended, the rest kept."""
+    return overlay(image, labelmap, alpha)
+
+
+def _save_image(path: Path, image: Image.Image, fmt: str, **options: Any) -> None:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def write_index_png(path: Path, labelmap: np.ndarray) -> None:
+    """Class indices as an 8-bit greyscale ('L') PNG."""
+    _save_image(path, Image.fromarray(labelmap.astype(np.uint8), mode="L"), "PNG")
+
+
+def write_color_png(path: Path, labelmap: np.ndarray) -> None:
+    """The labelmap with the VOC palette ('P')."""
+    h, w = labelmap.shape
+    image = Image.frombytes("P", (w, h), labelmap.astype(np.uint8).tobytes())
+    image.putpalette(palette().reshape(-1).tolist())
+    _save_image(path, image, "PNG")
+
+
+def write_overlay(path: Path, image: np.ndarray, labelmap: np.ndarray,
+                  opacity: float = 0.5) -> None:
+    """:func:`overlay` as a JPEG (quality 90)."""
+    _save_image(path, Image.fromarray(overlay(image, labelmap, opacity)), "JPEG", quality=90)
 
 
 def font(size: int = 11) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:

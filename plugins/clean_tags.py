@@ -15,7 +15,7 @@ app = typer.Typer(help="Noisy vs cleaned image tags of a pseudo-label cache (exp
 
 THRESHOLD = typer.Option(0.5, "--threshold", "-t", min=0.0, max=1.0,
                          help="A class is a cleaned tag when its probability is >= this.")
-JSON = typer.Option(False, "--json", help="JSON on stdout.")
+JSON = opt.json_option("JSON on stdout.")
 
 
 def _console() -> Any:
@@ -71,21 +71,7 @@ def export(
         return
     if confidence is not None or gate is not None or json_out:
         raise UsageError("--confidence, --gate and --json go with a folder export (-o DIR)")
-    store = tags.open_cache(cache)
-    rows = tags.rows(store, threshold)
-    if output == "-":
-        tags.write_export(rows, store.classes, fmt)
-        return
-    from discli.safety import refuse_overlap
-
-    refuse_overlap([(output, "export")], [(cache, "cache")], advice="choose another --output")
-    import io
-
-    from discli.checkpoint import atomic_write_bytes
-
-    buffer = io.StringIO()
-    tags.write_export(rows, store.classes, fmt, buffer)
-    atomic_write_bytes(output, lambda f: f.write(buffer.getvalue().encode("utf-8")))
+    tags.export_tags(cache, output, fmt, threshold)
 
 
 @app.command()
@@ -207,17 +193,12 @@ def run(
     The inference settings not given here come from the checkpoint (those it was trained with).
     """
     from discli import tags
-    from discli.distributed import resolve_device
 
-    from discli.safety import refuse_overlap
-
-    refuse_overlap([(out, "cache")], [(manifest, "manifest"), (checkpoint, "checkpoint")],
-                   advice="choose another --out")
     overrides = {"lr": lr, "momentum": momentum, "tag_weight": tag_weight}
     with RichReporter(quiet=quiet) as reporter:
         result = tags.run_clean(checkpoint, manifest, out, t_tr=t_tr, overrides=overrides,
                                 threshold=threshold, split=split, batch_size=batch_size,
-                                device=resolve_device(device), amp=amp, num_workers=num_workers,
+                                device=device, amp=amp, num_workers=num_workers,
                                 overwrite=overwrite, reporter=reporter)
     if json_out:
         print_json(result)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 import tomllib
 from dataclasses import asdict
-from typing import Optional
 
 import typer
 
+from dis_plugins.options import json_option
 from discli.cli.output import print_json
 from discli.errors import UsageError
 from discli.train.config import (SECTIONS, config_keys, dump_toml, load_config,
@@ -19,10 +19,10 @@ app = typer.Typer(help="Training configuration: every --set/--config key, preset
 
 StageOpt = typer.Option(None, "--stage", help="Only the keys of this command: pretrain or "
                         "finetune.", show_default="both")
-JsonOpt = typer.Option(False, "--json", help="JSON on stdout.")
+JsonOpt = json_option("JSON on stdout.")
 
 
-def _stage(stage: Optional[str]) -> Optional[str]:
+def _stage(stage: str | None) -> str | None:
     if stage is not None and stage not in SECTIONS:
         raise UsageError(f"--stage must be pretrain or finetune, got {stage!r}")
     return stage
@@ -35,20 +35,22 @@ def _shown(value: object) -> str:
 
 
 @app.command("keys")
-def keys(stage: Optional[str] = StageOpt, json_out: bool = JsonOpt) -> None:
-    """Every key of --set KEY=VALUE and of --config files: default, stage, one line of help.
+def keys(stage: str | None = StageOpt, json_out: bool = JsonOpt) -> None:
+    """Every key of --set KEY=VALUE and of --config files: default, stage, group, one line of
+    help.
 
     Keys marked 'any' in the 'rerun' column change no result: a run may be continued with
-    other values of them.
+    other values of them. The group is the table a key is written in ([train.<group>], or
+    [<group>]; `--set GROUP.KEY=VALUE`).
     """
     stage = _stage(stage)
     rows = [k for k in config_keys() if stage is None or k.stage in (None, stage)]
     if json_out:
         print_json([asdict(k) for k in rows])
         return
-    table = [("key", "type", "default", "used by", "rerun", "help")]
+    table = [("key", "type", "default", "used by", "rerun", "group", "help")]
     table += [(k.name, k.type, _shown(k.default), k.stage or "both",
-               "any" if k.neutral else "same", k.help) for k in rows]
+               "any" if k.neutral else "same", k.group, k.help) for k in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     for row in table:  # plain aligned columns: never cut, easy to grep
         sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1]
@@ -58,11 +60,12 @@ def keys(stage: Optional[str] = StageOpt, json_out: bool = JsonOpt) -> None:
 @app.command("show")
 def show(name: str = typer.Argument(..., metavar="NAME_OR_PATH",
                                     help="A shipped preset (demo, quick, ...) or a TOML file."),
-         stage: Optional[str] = StageOpt, json_out: bool = JsonOpt) -> None:
+         stage: str | None = StageOpt, json_out: bool = JsonOpt) -> None:
     """A preset or config file resolved: every key with the value a run would get.
 
-    Without --stage, one full table per command ([pretrain], [finetune]): the output is itself a
-    config file.
+    The output is itself a config file: without --stage, the keys both commands get the same
+    value of in shared [train.<group>] tables, the others in [pretrain] and [finetune] tables;
+    with --stage, one [<stage>] table.
     """
     stage = _stage(stage)
     path = resolve_config_path(name)
@@ -72,6 +75,14 @@ def show(name: str = typer.Argument(..., metavar="NAME_OR_PATH",
         print_json({s: asdict(cfg) for s, cfg in configs.items()})
         return
     text = f"# {name} ({path}), resolved: every key\n"
-    text += "\n".join(dump_toml(cfg, table=s) for s, cfg in configs.items())
+    if len(configs) == 1:
+        text += "".join(dump_toml(cfg, table=s) for s, cfg in configs.items())
+    else:
+        pre, fine = asdict(configs["pretrain"]), asdict(configs["finetune"])
+        same = [k for k in pre if pre[k] == fine[k]]
+        differ = [k for k in pre if pre[k] != fine[k]]
+        text += dump_toml(configs["pretrain"], "train", keys=same)
+        for s, cfg in configs.items():
+            text += "\n" + dump_toml(cfg, table=s, keys=differ, grouped=False)
     tomllib.loads(text)  # what we print must read back
     sys.stdout.write(text)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from dis_plugins.options import DEVICE_HELP, json_option
 from discli.cli.output import RichReporter, err_console, print_json
 
 
@@ -20,8 +21,8 @@ def demo(
     seed: int = typer.Option(0, "--seed"),
     difficulty: str = typer.Option("vivid", "--difficulty", help="Benchmark difficulty: vivid, "
                                    "clear, easy, medium or hard (see `dis synth --help`)."),
-    device: str = typer.Option("auto", "--device"),
-    json_out: bool = typer.Option(False, "--json", help="Print report.json on stdout."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    json_out: bool = json_option("Print report.json on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Reproduce the paper's ablation (Table 3, Fig. 5) on the built-in synthetic benchmark."""

@@ -75,14 +75,10 @@ def evaluate(
     from the checkpoint (those it was trained with). Under torchrun the ranks share the images and
     rank 0 alone prints the report of the whole set.
     """
-    from discli.data.manifest import read_manifest
-    from discli.distributed import resolve_device, setup_distributed
-    from discli.evaluate import evaluate as run_evaluate
-    from discli.evaluate import parse_steps
-    from discli.multiscale import parse_scales
-    from discli.predict import load_for_inference
-
+    from discli.distributed import dist_info
     from discli.errors import UsageError
+    from discli.evaluate import evaluate_checkpoint, parse_steps
+    from discli.multiscale import parse_scales
 
     if (manifest is None) == (manifest_opt is None):
         raise UsageError("give the manifest once: as the argument or with --manifest")
@@ -92,25 +88,15 @@ def evaluate(
         view_scales = parse_scales(scales)
     except ValueError as exc:
         raise UsageError(f"--{exc}") from None
-    dev, dist = setup_distributed(resolve_device(device))
-    data = read_manifest(manifest, root=root)
-    loaded = load_for_inference(checkpoint, dev)
-    if steps is None:
-        steps = [loaded.inference["t_ts"]]
-    cfg = loaded.inference_config(lr=lr, momentum=momentum)
-    with RichReporter(quiet=quiet or not dist.is_main) as reporter:
-        report = run_evaluate(loaded.model, data, steps, cfg,
-                              classes=loaded.classes, ensemble=ensemble, batch_size=batch_size,
-                              device=dev, amp=amp, boundary_tolerance=boundary_tol, split=split,
-                              num_workers=num_workers, limit=limit,
-                              checkpoint=str(checkpoint), reporter=reporter,
-                              save_dir=save_dir, opacity=opacity, scales=view_scales,
-                              flip=flip)
-    report["checkpoint_hash"] = loaded.checkpoint_hash
-    report["inference"] = {"t_ts": steps, "lr": cfg.lr, "momentum": cfg.momentum,
-                           "proximity": cfg.proximity, "method": cfg.method,
-                           "scales": list(view_scales), "flip": flip}
-    if not dist.is_main:
+    main = dist_info().is_main  # rank 0 alone prints
+    with RichReporter(quiet=quiet or not main) as reporter:
+        report = evaluate_checkpoint(checkpoint, manifest, t_ts=steps, root=root, device=device,
+                                     lr=lr, momentum=momentum, scales=view_scales, flip=flip,
+                                     ensemble=ensemble, batch_size=batch_size, amp=amp,
+                                     boundary_tolerance=boundary_tol, split=split,
+                                     num_workers=num_workers, limit=limit, reporter=reporter,
+                                     save_dir=save_dir, opacity=opacity)
+    if not main:
         return
     if json_out:
         print_json(report)

@@ -4,41 +4,40 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from dis_plugins import train_options as opt
+from dis_plugins import options as opt
 from discli.cli.output import RichReporter, print_json
 
 
 def finetune(
-    labelled: Optional[Path] = opt.LabelledOpt,
-    tagged: Optional[Path] = opt.key_option("tagged", help="manifest of tagged images (required, "
+    labelled: Path | None = opt.LabelledOpt,
+    tagged: Path | None = opt.key_option("tagged", help="manifest of tagged images (required, "
                                             "unless --config sets tagged)", show_default=False),
     out: Path = opt.OutOpt,
-    init: Optional[Path] = opt.key_option("init", show_default=False),
-    t_tr: Optional[int] = opt.key_option("t_tr", min=0),
-    rounds: Optional[int] = opt.key_option("rounds", min=0),
-    mstep_iters: Optional[int] = opt.key_option("mstep_iters", min=0),
-    tagged_ratio: Optional[float] = opt.key_option("tagged_ratio"),
-    only: Optional[str] = typer.Option(None, "--only", help="Run only 'estep' or 'mstep'.",
+    init: Path | None = opt.key_option("init", show_default=False),
+    t_tr: int | None = opt.key_option("t_tr", min=0),
+    rounds: int | None = opt.key_option("rounds", min=0),
+    mstep_iters: int | None = opt.key_option("mstep_iters", min=0),
+    tagged_ratio: float | None = opt.key_option("tagged_ratio"),
+    only: str | None = typer.Option(None, "--only", help="Run only 'estep' or 'mstep'.",
                                        show_default="both"),
-    round_: Optional[int] = typer.Option(None, "--round", help="Run only this round.",
+    round_: int | None = typer.Option(None, "--round", help="Run only this round.",
                                          show_default="every round"),
     force: bool = typer.Option(False, "--force", help="Use a cache made by another checkpoint."),
-    backbone: Optional[str] = opt.BackboneOpt,
-    batch_size: Optional[int] = opt.BatchOpt,
-    crop_size: Optional[int] = opt.CropOpt,
-    lr: Optional[float] = opt.LrOpt,
-    seed: Optional[int] = opt.SeedOpt,
-    device: Optional[str] = opt.DeviceOpt,
-    num_workers: Optional[int] = opt.WorkersOpt,
-    amp: Optional[bool] = opt.AmpOpt,
-    root: Optional[Path] = opt.RootOpt,
-    val: Optional[Path] = opt.ValOpt,
-    val_every: Optional[int] = opt.ValEveryOpt,
-    config: Optional[Path] = opt.ConfigOpt,
+    backbone: str | None = opt.BackboneOpt,
+    batch_size: int | None = opt.BatchOpt,
+    crop_size: int | None = opt.CropOpt,
+    lr: float | None = opt.LrOpt,
+    seed: int | None = opt.SeedOpt,
+    device: str | None = opt.DeviceOpt,
+    num_workers: int | None = opt.WorkersOpt,
+    amp: bool | None = opt.AmpOpt,
+    root: Path | None = opt.RootOpt,
+    val: Path | None = opt.ValOpt,
+    val_every: int | None = opt.ValEveryOpt,
+    config: Path | None = opt.ConfigOpt,
     sets: list[str] = opt.SetOpt,
     tensorboard: bool = opt.TensorBoardOpt,
     json_out: bool = opt.JsonOpt,
@@ -61,7 +60,7 @@ def finetune(
     from discli.train.finetune import finetune as run_finetune
 
     main_rank = dist_info().is_main  # under torchrun only rank 0 talks
-    with RichReporter(quiet=quiet or not main_rank) as reporter:
+    with opt.as_flags(), RichReporter(quiet=quiet or not main_rank) as reporter:
         summary = run_finetune(cfg, only=only, round_=round_, reporter=reporter, force=force,
                                tensorboard=tensorboard)
     if not main_rank:

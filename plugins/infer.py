@@ -43,10 +43,10 @@ def infer(
     The inference settings not given here come from the checkpoint (those it was trained
     with). Under torchrun the ranks share the images; rank 0 alone prints (every image's summary).
     """
-    from discli.distributed import on_main, resolve_device, setup_distributed
+    from discli.distributed import dist_info
     from discli.errors import UsageError
     from discli.multiscale import parse_scales
-    from discli.predict import collect_inputs, load_for_inference, predict
+    from discli.predict import infer_checkpoint
 
     if out is None and probs is None and not json_out:
         raise UsageError("nothing to write: pass --out DIR, --probs FILE and/or --json")
@@ -54,22 +54,17 @@ def infer(
         view_scales = parse_scales(scales)
     except ValueError as exc:
         raise UsageError(f"--{exc}") from None
-    dev, dist = setup_distributed(resolve_device(device))
-    images = on_main(lambda: collect_inputs(inputs, exclude=out))  # stdin is read by rank 0 only
-    loaded = load_for_inference(checkpoint, dev)
-    if t_ts is None:
-        t_ts = int(loaded.inference["t_ts"])
-    cfg = loaded.inference_config(t_ts, lr=lr, momentum=momentum)
+    main = dist_info().is_main  # rank 0 reports every image
     written = skipped = 0
-    with RichReporter(quiet=quiet or not dist.is_main) as reporter:
-        for summary in predict(loaded.model, images, classes=loaded.classes, out_dir=out,
-                               steps=t_ts, cfg=cfg, batch_size=batch_size, device=dev, amp=amp,
-                               overlay=overlay, probs_path=probs, overwrite=overwrite,
-                               checkpoint_hash=loaded.checkpoint_hash, reporter=reporter,
-                               opacity=opacity, protect=[(checkpoint, "checkpoint")],
-                               scales=view_scales, flip=flip):
-            if not dist.is_main:
-                continue  # rank 0 reports every image
+    with RichReporter(quiet=quiet or not main) as reporter:
+        for summary in infer_checkpoint(inputs, checkpoint, out_dir=out, t_ts=t_ts, lr=lr,
+                                        momentum=momentum, device=device,
+                                        batch_size=batch_size, amp=amp, overlay=overlay,
+                                        probs_path=probs, overwrite=overwrite,
+                                        reporter=reporter, opacity=opacity,
+                                        scales=view_scales, flip=flip):
+            if not main:
+                continue
             skipped += summary["skipped"]
             written += not summary["skipped"]
             if json_out:

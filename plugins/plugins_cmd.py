@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import typer
-
+from dis_plugins.options import json_option
 from discli.cli.output import print_json
 from discli.entrypoints import BACKBONES_GROUP, load_group
 
 
-def plugins(json_out: bool = typer.Option(False, "--json", help="One JSON object per line.")
-            ) -> None:
+def plugins(json_out: bool = json_option("One JSON object per line.")) -> None:
     """List installed plugins (commands and backbones) with distribution and version."""
     from discli.cli.app import LOADED
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from dis_plugins.options import json_option
 from discli.cli.output import err_console, print_json
 
 
@@ -26,7 +27,7 @@ def prepare_folder(
                                 "truncated files; slower). Default: headers only."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave bad images out and list "
                                   "them, instead of stopping at the first."),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    json_out: bool = json_option("Print the report as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Your own data: write a manifest (tags from the masks) that dis pretrain, finetune and

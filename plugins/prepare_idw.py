@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from dis_plugins.options import json_option
 from discli.cli.output import err_console, print_json
 
 
@@ -24,7 +25,7 @@ def prepare_idw(
                                         "shipped one (class -> words)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave bad images and lines out "
                                   "and list them, instead of stopping at the first."),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    json_out: bool = json_option("Print the report as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Validate every image, parse captions into tags and write a manifest (tag_source caption).

@@ -4,38 +4,37 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from dis_plugins import train_options as opt
+from dis_plugins import options as opt
 from discli.cli.output import RichReporter, print_json
 
 _ITERS = ",".join(opt.shown_default(f"iters_step{s}") for s in (1, 2, 3))
 
 
 def pretrain(
-    labelled: Optional[Path] = opt.LabelledOpt,
+    labelled: Path | None = opt.LabelledOpt,
     out: Path = opt.OutOpt,
     step: list[str] = typer.Option([], "--step", metavar="1,2,3", help="Run only these steps "
                                    "(1, 2, 3), e.g. --step 2,3.", show_default="all remaining"),
-    iters: Optional[list[str]] = typer.Option(None, "--iters", metavar="N1,N2,N3",
+    iters: list[str] | None = typer.Option(None, "--iters", metavar="N1,N2,N3",
                                               help="Iterations of steps 1, 2 and 3, e.g. "
                                               "--iters 1000,300,500 (keys iters_step1..3).",
                                               show_default=_ITERS),
-    backbone: Optional[str] = opt.BackboneOpt,
-    backbone_weights: Optional[str] = opt.WeightsOpt,
-    batch_size: Optional[int] = opt.BatchOpt,
-    crop_size: Optional[int] = opt.CropOpt,
-    lr: Optional[float] = opt.LrOpt,
-    seed: Optional[int] = opt.SeedOpt,
-    device: Optional[str] = opt.DeviceOpt,
-    num_workers: Optional[int] = opt.WorkersOpt,
-    amp: Optional[bool] = opt.AmpOpt,
-    root: Optional[Path] = opt.RootOpt,
-    val: Optional[Path] = opt.ValOpt,
-    val_every: Optional[int] = opt.ValEveryOpt,
-    config: Optional[Path] = opt.ConfigOpt,
+    backbone: str | None = opt.BackboneOpt,
+    backbone_weights: str | None = opt.WeightsOpt,
+    batch_size: int | None = opt.BatchOpt,
+    crop_size: int | None = opt.CropOpt,
+    lr: float | None = opt.LrOpt,
+    seed: int | None = opt.SeedOpt,
+    device: str | None = opt.DeviceOpt,
+    num_workers: int | None = opt.WorkersOpt,
+    amp: bool | None = opt.AmpOpt,
+    root: Path | None = opt.RootOpt,
+    val: Path | None = opt.ValOpt,
+    val_every: int | None = opt.ValEveryOpt,
+    config: Path | None = opt.ConfigOpt,
     sets: list[str] = opt.SetOpt,
     tensorboard: bool = opt.TensorBoardOpt,
     json_out: bool = opt.JsonOpt,
@@ -63,7 +62,7 @@ def pretrain(
     from discli.train.pretrain import pretrain as run_pretrain
 
     main_rank = dist_info().is_main  # under torchrun only rank 0 talks
-    with RichReporter(quiet=quiet or not main_rank) as reporter:
+    with opt.as_flags(), RichReporter(quiet=quiet or not main_rank) as reporter:
         summary = run_pretrain(cfg, steps=opt.parse_ints(step, "--step") or (1, 2, 3),
                                reporter=reporter, tensorboard=tensorboard)
     if not main_rank:

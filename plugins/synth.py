@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from dis_plugins.options import json_option
 from discli.cli.output import err_console, print_json
 
 
@@ -30,13 +31,13 @@ def synth(
     manifests: bool = typer.Option(True, "--manifests/--no-manifests", help="Also run "
                                    "prepare-voc and prepare-idw into OUT/manifests/."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier benchmark in OUT."),
-    json_out: bool = typer.Option(False, "--json", help="Print paths and statistics as JSON."),
+    json_out: bool = json_option("Print paths and statistics as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Generate the synthetic benchmark: a fair miniature of VOC + IDW, in their formats."""
     from dis_plugins._render import reporter
     from discli.data.manifest import parse_classes
-    from discli.data.synthetic import generate_benchmark
+    from discli.synth import generate_benchmark
 
     names = parse_classes(classes) if classes else None
     with reporter(quiet) as rep:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from discli.model import ModelConfig, build_model
+import factories
 
 
 @pytest.fixture(autouse=True)
@@ -11,6 +11,4 @@ def _seed():
 
 @pytest.fixture
 def tiny_model():
-    torch.manual_seed(0)
-    return build_model(ModelConfig(backbone="tiny", num_classes=6,
-                                   backbone_kwargs={"channels": 32})).eval()
+    return factories.tiny_model(num_classes=6, channels=32)

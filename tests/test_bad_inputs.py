@@ -29,13 +29,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from discli.cache import CacheEntry, CacheWriter, make_attrs
+from discli.cache import CacheEntry
 from discli.checkpoint import file_hash, save_checkpoint
 from discli.data.manifest import Manifest, Record, write_manifest
 from discli.data.voc import write_palette_png
-from discli.model import ModelConfig, build_model
+from factories import CLASSES, bomb_png, save_model, tiny_model, write_cache  # noqa: F401
+from factories import noise_png as png
 
-CLASSES = ["background", "cat", "dog"]
 DIS = shutil.which("dis") or str(Path(sys.executable).with_name("dis"))
 
 
@@ -48,36 +48,6 @@ def one_thread():
 
 
 # ----------------------------------------------------------------------------- file makers
-
-
-def png(path: Path, size=(40, 32), mode="RGB") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    w, h = size
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).convert(mode).save(path)
-    return path
-
-
-def bomb_png(path: Path) -> Path:
-    """A valid 8x8 PNG whose header claims 20000 x 20000 pixels (CRC fixed)."""
-    Image.new("L", (8, 8)).save(path)
-    data = bytearray(path.read_bytes())
-    data[16:24] = struct.pack(">II", 20000, 20000)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
-    path.write_bytes(bytes(data))
-    return path
-
-
-def tiny_model(num_classes: int = len(CLASSES), channels: int = 8) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_model(ModelConfig(backbone="tiny", num_classes=num_classes,
-                                   backbone_kwargs={"channels": channels})).eval()
-
-
-def save_model(path: Path, model: torch.nn.Module, classes=CLASSES) -> Path:
-    save_checkpoint(path, {"model": model.state_dict(), "model_config": model.config.to_dict(),
-                           "classes": list(classes)})
-    return path
 
 
 def manifest(path: Path, records: list[dict], classes=CLASSES, root: str = ".") -> Path:
@@ -103,11 +73,11 @@ def labelled_set(root: Path, n: int = 3, classes=CLASSES, size=(40, 32)) -> Path
 
 def cache_file(path: Path, checkpoint_hash: str = "h", classes=CLASSES,
                ids=("i0", "i1", "i2")) -> Path:
-    writer = CacheWriter(path, make_attrs(list(classes), 2, checkpoint_hash, {}))
     k = len(classes)
-    writer.write([CacheEntry(i, np.zeros((32, 40), np.uint8), np.ones((32, 40), np.float16),
-                             np.full(k, 0.9, np.float32), np.ones(k, np.uint8)) for i in ids])
-    return writer.merge()
+    return write_cache(path, [CacheEntry(i, np.zeros((32, 40), np.uint8),
+                                         np.ones((32, 40), np.float16),
+                                         np.full(k, 0.9, np.float32), np.ones(k, np.uint8))
+                              for i in ids], classes, t_tr=2, checkpoint_hash=checkpoint_hash)
 
 
 class Exploit:

@@ -27,7 +27,9 @@ from PIL import Image
 
 from discli.checkpoint import load_checkpoint, save_checkpoint
 from discli.data.voc import write_palette_png
-from test_bad_inputs import CLASSES, labelled_set, manifest, png, run_main, save_model, tiny_model
+from factories import CLASSES, save_model, tiny_model
+from factories import noise_png as png
+from test_bad_inputs import labelled_set, manifest, run_main
 
 DIS = shutil.which("dis") or str(Path(sys.executable).with_name("dis"))
 

@@ -5,7 +5,7 @@ import json
 import math
 
 import pytest
-from datagen import make_split
+from factories import make_split
 from test_infer_cli import cli, one_thread  # noqa: F401
 
 from discli.cache import PseudoCache
@@ -13,7 +13,8 @@ from discli.checkpoint import (default_inference_settings, inference_settings, l
                                save_checkpoint)
 from discli.errors import BadInputError, IncompatibleError
 from discli.inference import InferenceConfig
-from discli.predict import RUN_INFO, load_for_inference
+from discli.checkpoint import load_for_inference
+from discli.provenance import RUN_INFO
 from discli.train.config import TrainConfig, load_config
 from discli.train.pretrain import pretrain
 

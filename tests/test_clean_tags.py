@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pytest
-from test_infer_cli import (CLASSES, cli, dis, one_thread, save_tiny,  # noqa: F401
-                            tiny_checkpoint, write_dataset)
+from factories import CLASSES, save_tiny, write_cache, write_dataset
+from test_infer_cli import cli, dis, one_thread, tiny_checkpoint  # noqa: F401
 
 from discli.cache import CacheEntry, CacheWriter, PseudoCache, make_attrs
 from discli.tags import diff, read_export, rows, tag_stats
@@ -21,11 +21,11 @@ TRUTH = {"a": ["cat", "dog"], "b": ["dog"], "c": ["dog"], "d/e": []}
 
 
 def make_cache(path, entries=ENTRIES, classes=CLASSES, checkpoint_hash="h"):
-    writer = CacheWriter(path, make_attrs(list(classes), 5, checkpoint_hash, {"lr": 0.1}))
-    writer.write([CacheEntry(i, np.zeros((8, 8), np.uint8), np.ones((8, 8), np.float16),
-                             np.array(p, np.float32), np.array(n, np.uint8))
-                  for i, (n, p) in entries.items()])
-    return writer.merge()
+    return write_cache(path, [CacheEntry(i, np.zeros((8, 8), np.uint8),
+                                         np.ones((8, 8), np.float16), np.array(p, np.float32),
+                                         np.array(n, np.uint8))
+                              for i, (n, p) in entries.items()],
+                       classes, t_tr=5, checkpoint_hash=checkpoint_hash, inference={"lr": 0.1})
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from datagen import make_split
+from factories import make_split
 from discli.checkpoint import load_checkpoint
 from discli.inference import InferenceConfig, infer
 from discli.model import ModelConfig, build_model

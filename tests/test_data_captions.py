@@ -14,6 +14,7 @@ from discli.data.idw import CAPTION_FORMATS, detect_format, make_ids, prepare_id
 from discli.data.manifest import read_manifest
 from discli.data.voc import VOC_CLASSES
 from discli.errors import BadInputError
+from factories import solid_image
 
 CAPTIONS = [
     ("A cat sitting on a sofa.", ["cat", "sofa"]),
@@ -122,8 +123,7 @@ def test_unrelated_words_add_no_tags(base, before, after):
 # --- caption input formats -----------------------------------------------------------------
 
 def image(path: Path, size=(24, 16), colour=(10, 120, 200)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, colour).save(path)
+    solid_image(path, size, colour)
 
 
 def test_jsonl_format(tmp_path):

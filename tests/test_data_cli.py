@@ -7,16 +7,15 @@ and checks the contract; with ``--skip-bad`` the same input succeeds and lists w
 import json
 import os
 import shutil
-import struct
 import subprocess
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from discli.data.voc import write_palette_png
+from discli.labelmap import write_palette_png
+from factories import bomb_png, solid_image
 
 DIS = shutil.which("dis")
 pytestmark = pytest.mark.skipif(DIS is None, reason="the dis console script is not installed")
@@ -39,9 +38,7 @@ def assert_bad_input(result: subprocess.CompletedProcess, filename: str, needle:
 
 
 def rgb(path: Path, size=(20, 16)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, (200, 30, 30)).save(path)
-    return path
+    return solid_image(path, size, (200, 30, 30))
 
 
 def captions(folder: Path, *images: str) -> Path:
@@ -56,20 +53,13 @@ def truncated(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:400])
 
 
-def bomb(path: Path) -> None:
-    Image.new("L", (8, 8)).save(path)
-    data = bytearray(path.read_bytes())
-    data[16:24] = struct.pack(">II", 20000, 20000)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
-    path.write_bytes(bytes(data))
-
 
 IMAGE_CASES = {
     "missing": (lambda p: None, "image not found"),
     "zero-byte": (lambda p: p.write_bytes(b""), "0 bytes"),
     "undecodable": (lambda p: p.write_bytes(b"GIF89a garbage garbage"), "not a decodable image"),
     "truncated": (truncated, "truncated or corrupt"),
-    "bomb": (bomb, "decompression bomb"),
+    "bomb": (bomb_png, "decompression bomb"),
 }
 
 

@@ -17,6 +17,7 @@ from discli.data.sbd import read_sbd_mat
 from discli.data.voc import (VOC_CLASSES, check_pair, labelmap_tags, read_labelmap, voc_palette,
                              write_palette_png)
 from discli.errors import BadInputError
+from factories import bomb_png
 
 
 def voc_sample() -> Path:
@@ -43,16 +44,6 @@ def png_16bit_rgb(path: Path, rgb16: np.ndarray) -> None:
                                                                         0, 0))
                      + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
-
-def bomb_png(path: Path, side: int = 20000) -> None:
-    """A small PNG written with PIL whose IHDR then claims side x side pixels."""
-    Image.new("L", (8, 8)).save(path)
-    data = bytearray(path.read_bytes())
-    ihdr = 8 + 8  # signature, then length + type of the IHDR chunk
-    data[ihdr:ihdr + 8] = struct.pack(">II", side, side)
-    crc = zlib.crc32(bytes(data[12:ihdr + 13])) & 0xFFFFFFFF
-    data[ihdr + 13:ihdr + 17] = struct.pack(">I", crc)
-    path.write_bytes(bytes(data))
 
 
 def test_rgb_jpeg_and_png(tmp_path):

@@ -10,7 +10,7 @@ from discli.data.captions import parse_caption
 from discli.data.dataset import SegDataset, collate
 from discli.data.images import read_image
 from discli.data.manifest import read_manifest
-from discli.data.synthetic import DEFAULT_CLASSES, generate_benchmark, render_scene
+from discli.synth import DEFAULT_CLASSES, generate_benchmark, render_scene
 from discli.data.voc import labelmap_tags, read_labelmap
 from discli.errors import UsageError
 

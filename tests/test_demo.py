@@ -104,7 +104,7 @@ def test_figure_keeps_aspect_ratio_labels_columns_and_has_a_legend(tmp_path):
     tile with its image's aspect ratio, a heading naming t_tr and t_ts over every prediction
     column, and the class colours in a legend below."""
     import numpy as np
-    from test_infer_cli import CLASSES, _trained, save_tiny, write_dataset
+    from factories import CLASSES, save_tiny, trained_tiny, write_dataset
 
     from discli.data.manifest import read_manifest
     from discli.demo import DemoConfig
@@ -112,7 +112,7 @@ def test_figure_keeps_aspect_ratio_labels_columns_and_has_a_legend(tmp_path):
     from discli.visual import palette
 
     manifest = read_manifest(write_dataset(tmp_path / "data", [(32, 64), (64, 32)], seed=4))
-    model = _trained()
+    model = trained_tiny()
     checkpoints = {name: save_tiny(tmp_path / f"{name}.pt", model)
                    for name in ("baseline", "t_tr=0", "t_tr=2")}
     demo = DemoConfig(t_tr=[0, 2], t_ts=[0, 1], figure_rows=2)

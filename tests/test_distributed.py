@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from datagen import make_split
-from test_infer_cli import cli, one_thread, tiny_checkpoint, write_dataset  # noqa: F401
+from factories import make_split, write_dataset
+from test_infer_cli import cli, one_thread, tiny_checkpoint  # noqa: F401
 from discli.cache import PseudoCache
 from discli.checkpoint import load_checkpoint
 from discli.distributed import DistInfo, resolve_device, shard
 from discli.errors import UsageError
-from discli.predict import ProbsWriter, plan_batches, size_batches
+from discli.probs import ProbsWriter
+from discli.runtime import plan_batches, size_batches
 
 
 def _free_port():

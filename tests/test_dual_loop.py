@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from datagen import make_split
-from discli.cache import CacheEntry, CacheWriter, PseudoCache, make_attrs
+from factories import make_split, write_cache
+from discli.cache import CacheEntry, PseudoCache
 from discli.data.manifest import read_manifest
 from discli.data.voc import write_palette_png
 from discli.errors import BadInputError, UsageError
@@ -42,9 +42,7 @@ def test_gate_ignores_absent_classes_never_background():
 
 
 def _write_cache(path, entries, classes=CLASSES):
-    writer = CacheWriter(path, make_attrs(classes, 0, "h", {}))
-    writer.write(entries)
-    return PseudoCache(writer.merge())
+    return PseudoCache(write_cache(path, entries, classes))
 
 
 def _entry(image_id, labelmap, confidence, probs, noisy):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_infer_cli import (CLASSES, cli, dis, one_thread, save_tiny,  # noqa: F401
-                            tiny_checkpoint, write_dataset)
+from factories import CLASSES, save_tiny, write_dataset
+from test_infer_cli import cli, dis, one_thread, tiny_checkpoint  # noqa: F401
 
 from discli.checkpoint import load_model
 from discli.data.dataset import normalize

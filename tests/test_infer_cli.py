@@ -1,10 +1,10 @@
 """`dis infer` through the installed console script, on a tiny trained checkpoint.
 
-The helpers here (a synthetic labelled set and a checkpoint trained on it for a few seconds) are
-shared with test_evaluate.py and test_clean_tags.py.
+The checkpoint trained for a few seconds on a synthetic labelled set comes from factories.py; the
+fixtures and runners here (``tiny_checkpoint``, ``one_thread``, ``cli``, ``dis``) are shared with
+test_evaluate.py, test_clean_tags.py and others.
 """
 
-import functools
 import io
 import json
 import os
@@ -18,76 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from discli.checkpoint import save_checkpoint
 from discli.data.dataset import normalize
-from discli.data.manifest import Manifest, Record, write_manifest
-from discli.data.voc import voc_palette, write_palette_png
-from discli.losses import map_loss, tag_loss
-from discli.model import ModelConfig, build_model
-
-CLASSES = ["background", "cat", "dog"]
-COLORS = {1: (230, 40, 40), 2: (40, 200, 60)}
-
-
-def make_sample(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """A grey noisy image with up to two coloured rectangles; labelmap = their classes."""
-    image = rng.integers(90, 150, (h, w, 3)).astype(np.uint8)
-    labelmap = np.zeros((h, w), np.uint8)
-    for cls in (1, 2):
-        if rng.random() < 0.6:
-            y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
-            dy, dx = rng.integers(h // 4, h // 2 + 1), rng.integers(w // 4, w // 2 + 1)
-            image[y:y + dy, x:x + dx] = np.clip(np.array(COLORS[cls]) + rng.integers(
-                -20, 20, (min(dy, h - y), min(dx, w - x), 3)), 0, 255)
-            labelmap[y:y + dy, x:x + dx] = cls
-    return image, labelmap
-
-
-def train_tiny(steps: int = 30, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    model = build_model(ModelConfig(backbone="tiny", num_classes=len(CLASSES),
-                                    backbone_kwargs={"channels": 16}))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    model.train()
-    for _ in range(steps):
-        samples = [make_sample(rng, 32, 32) for _ in range(4)]
-        x = torch.stack([normalize(img) for img, _ in samples])
-        y = torch.stack([torch.from_numpy(lm).long() for _, lm in samples])
-        tags = torch.stack([torch.tensor([1.0] + [float((lm == c).any()) for c in (1, 2)])
-                            for _, lm in samples])
-        out = model(x)
-        loss = (map_loss(out["u3"], y) + tag_loss(out["v3"], tags)).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
-def save_tiny(path: Path, model: torch.nn.Module, classes=CLASSES) -> Path:
-    save_checkpoint(path, {"model": model.state_dict(), "model_config": model.config.to_dict(),
-                           "classes": list(classes)})
-    return path
-
-
-def write_dataset(root: Path, sizes: list[tuple[int, int]], seed: int = 1,
-                  split: str = "val") -> Path:
-    """Images, labelmaps and a manifest under ``root``; returns the manifest path."""
-    rng = np.random.default_rng(seed)
-    records = []
-    for i, (h, w) in enumerate(sizes):
-        image, labelmap = make_sample(rng, h, w)
-        rid = f"img{i:03d}"
-        (root / "images").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(root / "images" / f"{rid}.png")
-        write_palette_png(root / "labels" / f"{rid}.png", labelmap)
-        tags = [CLASSES[c] for c in (1, 2) if (labelmap == c).any()]
-        records.append(Record(id=rid, image=f"images/{rid}.png", labelmap=f"labels/{rid}.png",
-                              tags=tags, split=split))
-    path = root / "manifest.jsonl"
-    write_manifest(path, Manifest(classes=list(CLASSES), records=records, root=root))
-    return path
-
+from discli.data.voc import voc_palette
+from factories import (CLASSES, make_sample, save_tiny, trained_tiny,  # noqa: F401
+                       write_dataset)
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -99,14 +33,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@functools.lru_cache(maxsize=None)
-def _trained() -> torch.nn.Module:  # trained once per test session, whichever file asks first
-    return train_tiny()
-
-
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    return save_tiny(tmp_path_factory.mktemp("ckpt") / "tiny.pt", _trained())
+    return save_tiny(tmp_path_factory.mktemp("ckpt") / "tiny.pt", trained_tiny())
 
 
 def dis(*args: str, stdin: str | None = None, shell: bool = False,
@@ -260,7 +189,7 @@ def test_manifest_input(tiny_checkpoint, tmp_path, capsys):
 
 def test_ids_cannot_escape_the_output_folder(tmp_path):
     from discli.errors import BadInputError
-    from discli.predict import safe_join
+    from discli.inputs import safe_join
 
     out = tmp_path / "out"
     out.mkdir()
@@ -289,7 +218,7 @@ def test_errors_are_one_line(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_size_batches_groups_equal_sizes():
-    from discli.predict import size_batches
+    from discli.runtime import size_batches
 
     items = [(1, "a"), (2, "b"), (1, "c"), (1, "d"), (3, "e"), (2, "f")]
     batches = list(size_batches(items, lambda x: (x[0],), 2))

@@ -19,16 +19,15 @@ from discli.inference_lowrank import (
     gram_operators,
     supports_lowrank,
 )
-from discli.model import DISNet, ModelConfig, build_model
+from discli.model import DISNet
+import factories
 
 K = 6
 METHODS = ["autograd", "lowrank"]
 
 
 def _model(channels: int = 24, bias: bool = True) -> DISNet:
-    torch.manual_seed(1)
-    model = build_model(ModelConfig(backbone="tiny", num_classes=K,
-                                    backbone_kwargs={"channels": channels})).double().eval()
+    model = factories.tiny_model(K, channels, seed=1).double()
     with torch.no_grad():
         model.subnet1.weight.normal_(std=0.2)
         model.subnet3.weight.normal_(std=0.2)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from discli.inference import InferenceConfig
-from discli.multiscale import check_scales, infer_views, views
-from discli.predict import run_inference, upsample_probs
+from discli.runtime import check_scales, infer_views, views
+from discli.runtime import run_inference, upsample_probs
 
 CFG = InferenceConfig(lr=0.003)
 

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from test_infer_cli import (CLASSES, cli, dis, make_sample, one_thread,  # noqa: F401
-                            tiny_checkpoint)
+from factories import CLASSES, make_sample
+from test_infer_cli import cli, dis, one_thread, tiny_checkpoint  # noqa: F401
 
 from discli.checkpoint import load_model
 from discli.data.manifest import Manifest, Record, read_manifest

@@ -216,3 +216,75 @@ def test_help_shows_every_default_and_out_is_required(capsys, monkeypatch, tmp_p
     assert "[default: (30)]" in text and "[default: (2)]" in text  # --t-tr, --rounds
     code, out, _ = cli(capsys, "pretrain", "--help")
     assert "(1000,300,500)" in " ".join(out.split())
+
+
+# ----------------------------------------------------------------------------- groups and tables
+def test_written_config_has_a_table_per_group(tmp_path):
+    from discli.train.config import GROUPS, config_keys, key_group
+
+    cfg = load_config("demo", section="finetune")
+    text = dump_toml(cfg)
+    data = tomllib.loads(text)
+    assert set(data) == {"train"} and set(data["train"]) == set(GROUPS)
+    assert data["train"]["inference"]["t_tr"] == 30 and data["train"]["model"]["backbone"] == "tiny"
+    assert key_group("t_tr") == key_group("inf_lr") == key_group("t_ts") == "inference"
+    assert {k.group for k in config_keys()} == set(GROUPS)
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    assert load_config(path) == cfg  # no command tables: either command, or none, reads it
+
+
+def test_group_tables_are_shared_and_command_tables_override(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[optim]\nlr = 0.5\nloss_img = 0.3\n[inference]\nt_tr = 7\n"
+                    "[train.pretrain]\niters_step1 = 11\n"
+                    "[pretrain]\nloss_img = 1.0\n"
+                    "[finetune.inference]\nt_tr = 30\n")
+    pre, fine = (load_config(path, section=s) for s in ("pretrain", "finetune"))
+    assert (pre.lr, pre.loss_img, pre.t_tr, pre.iters_step1) == (0.5, 1.0, 7, 11)
+    assert (fine.lr, fine.loss_img, fine.t_tr, fine.iters_step1) == (0.5, 0.3, 30, 11)
+    path.write_text("[model]\nlr = 0.5\n")
+    with pytest.raises(BadInputError, match=r"run.toml \[model\]: key 'lr' belongs in \[optim\]"):
+        load_config(path, section="pretrain")
+    path.write_text("[train.inference]\nbatch_size = 2\n")
+    with pytest.raises(BadInputError, match=r"\[train.inference\]: key 'batch_size' belongs in"):
+        load_config(path, section="pretrain")
+
+
+def test_set_takes_a_group_or_command_prefix(monkeypatch, capsys, tmp_path):
+    seen = _capture(monkeypatch, "discli.train.finetune", "finetune")
+    code, _, err = cli(capsys, "finetune", "--config", "quick", "--out", str(tmp_path),
+                       "--set", "finetune.t_tr=12", "--set", "inference.t_ts=3",
+                       "--set", "pretrain.lr=0.9", "--json", "-q")
+    assert code == 0, err
+    assert (seen[-1].t_tr, seen[-1].t_ts, seen[-1].lr) == (12, 3, 0.002)  # pretrain.* ignored
+    seen = _capture(monkeypatch, "discli.train.pretrain", "pretrain")
+    code, _, err = cli(capsys, "pretrain", "--config", "quick", "--out", str(tmp_path),
+                       "--set", "finetune.t_tr=12", "--set", "t_ts=4", "--json", "-q")
+    assert code == 0, err
+    assert (seen[-1].t_tr, seen[-1].t_ts) == (load_config("quick", section="pretrain").t_tr, 4)
+    code, _, err = cli(capsys, "pretrain", "--out", str(tmp_path), "--set", "model.t_tr=3")
+    assert code == 2 and "key 't_tr' belongs in [inference], not [model]" in err
+    code, _, err = cli(capsys, "pretrain", "--out", str(tmp_path), "--set", "nosuch.t_tr=3")
+    assert code == 2 and "unknown table 'nosuch'" in err
+
+
+def test_config_keys_shows_the_group(capsys):
+    import json
+
+    code, out, _ = cli(capsys, "config", "keys")
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.startswith("t_tr "))
+    assert row.split()[5] == "inference"
+    code, out, _ = cli(capsys, "config", "keys", "--json")
+    assert {k["name"]: k["group"] for k in json.loads(out)}["backbone"] == "model"
+
+
+def test_held_settings_read_every_layout(tmp_path):
+    from discli.train.settings import held_settings
+
+    cfg = load_config("demo", section="pretrain")
+    (tmp_path / "config.toml").write_text(dump_toml(cfg))
+    assert held_settings(tmp_path) == cfg.to_dict()
+    (tmp_path / "config.toml").write_text("[train]\nlr = 0.5\nbatch_size = 3\n")  # older runs
+    assert held_settings(tmp_path) == {"lr": 0.5, "batch_size": 3}

@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from datagen import make_split
+from factories import make_split
 from PIL import Image
 
 from discli.checkpoint import load_checkpoint

@@ -22,9 +22,8 @@ from discli.lock import (
     folder_lock_path,
     lock_file,
     lock_folder,
-    make_folder,
-    remove_stale_temps,
 )
+from discli.storage import make_folder, remove_stale_temps
 
 HOLD = ("import sys, time\nfrom discli.lock import lock_folder\n"
         "with lock_folder(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n")
@@ -112,7 +111,7 @@ def test_train_log_trim_keeps_other_rounds(tmp_path):
 
 
 def test_probs_parts_survive_a_kill(tmp_path):
-    from discli.predict import ProbsWriter
+    from discli.probs import ProbsWriter
 
     attrs = {"format": "dis-probs", "format_version": 1, "classes": '["bg", "a"]', "steps": 0,
              "checkpoint_hash": "h", "inference": "{}"}
@@ -140,7 +139,8 @@ def test_probs_parts_survive_a_kill(tmp_path):
 
 def test_interrupted_overwrite_is_finished_only_by_overwrite(tmp_path):
     from discli.model import ModelConfig, build_model
-    from discli.predict import InputImage, predict
+    from discli.inputs import InputImage
+    from discli.predict import predict
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="tiny", num_classes=3,

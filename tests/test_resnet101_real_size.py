@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datagen import make_split
+from factories import make_split
 
 pytestmark = pytest.mark.slow
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from discli.checkpoint import load_checkpoint, save_checkpoint
+from discli.checkpoint import load_checkpoint
 from discli.errors import IncompatibleError
-from discli.model import ModelConfig, build_model
+from factories import save_tiny, tiny_model
 
 DIS = shutil.which("dis") or str(Path(sys.executable).with_name("dis"))
 CLASSES = ["background", "cat", "dog"]
@@ -42,13 +42,7 @@ class Payload:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone="tiny", num_classes=3,
-                                    backbone_kwargs={"channels": 8}))
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    save_checkpoint(path, {"model": model.state_dict(), "model_config": model.config.to_dict(),
-                           "classes": CLASSES})
-    return path
+    return save_tiny(tmp_path_factory.mktemp("ckpt") / "tiny.pth", tiny_model(3, 8), CLASSES)
 
 
 @pytest.fixture(scope="module")

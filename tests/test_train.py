@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from datagen import make_split
+from factories import make_split
 from discli.cache import PseudoCache
 from discli.checkpoint import file_hash, load_checkpoint, save_checkpoint
 from discli.errors import BadInputError, IncompatibleError, UsageError

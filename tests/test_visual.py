@@ -63,9 +63,10 @@ def test_infer_overlay_opacity(tmp_path, capsys):
     """`dis infer --overlay --opacity`: background pixels keep the image, predicted objects
     take ``opacity`` of their class colour."""
     from PIL import Image
-    from test_infer_cli import _trained, cli, make_sample, save_tiny
+    from factories import make_sample, save_tiny, trained_tiny
+    from test_infer_cli import cli
 
-    ckpt = save_tiny(tmp_path / "tiny.pt", _trained())
+    ckpt = save_tiny(tmp_path / "tiny.pt", trained_tiny())
     rng = np.random.default_rng(3)
     Image.fromarray(make_sample(rng, 48, 64)[0]).save(tmp_path / "a.png")
     shown = {}

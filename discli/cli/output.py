@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from typing import Any
 
 from rich.console import Console
@@ -104,6 +103,3 @@ class RichReporter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def elapsed(since: float) -> str:
-    return f"{time.perf_counter() - since:.1f}s"

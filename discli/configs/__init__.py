@@ -1,9 +1,10 @@
 """Shipped training presets: ``dis pretrain --config NAME`` / ``dis finetune --config NAME``.
 
-Each preset is a TOML file beside this module (``NAME.toml``) in the format
-:func:`discli.train.config.dump_toml` writes, with up to three tables: a shared ``[train]`` table,
-then ``[pretrain]`` and ``[finetune]`` for the keys that differ between the two stages (e.g.
-``loss_img``). :func:`discli.train.config.load_config` takes a preset name wherever it takes a
+Each preset is a TOML file beside this module (``NAME.toml``) in a layout
+:func:`discli.train.config.load_config` reads (its module docstring describes them all), with
+three tables: a shared ``[train]`` table (read by both commands), then ``[pretrain]`` and
+``[finetune]`` command tables for the keys that differ between the two stages (e.g.
+``loss_img``) or that only one stage uses. :func:`discli.train.config.load_config` takes a preset name wherever it takes a
 config file path (a file of that name, when one exists, wins), applies ``[train]`` and then the
 stage's table; the command line still overrides every key.
 

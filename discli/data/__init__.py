@@ -4,7 +4,8 @@ Modules (no CLI code here; ``plugins/prepare_*.py`` and ``plugins/synth.py`` are
 
 - :mod:`~discli.data.manifest`   the JSON Lines manifest format (Record, Manifest, read/write)
 - :mod:`~discli.data.images`     defensive image decoding (read_image, probe_image)
-- :mod:`~discli.data.voc`        VOC classes, colour map, labelmap PNGs, the VOCdevkit layout
+- :mod:`~discli.data.voc`        VOC classes and the VOCdevkit layout (labelmap I/O, void = 255
+                                 and the colour map are :mod:`discli.labelmap`)
 - :mod:`~discli.data.sbd`        SBD "VOC augment" ``cls/*.mat`` labelmaps
 - :mod:`~discli.data.prepare`    ``dis prepare-voc``: VOCdevkit (+ SBD) -> manifests
 - :mod:`~discli.data.captions`   caption -> tags with the shipped lexicon

@@ -30,7 +30,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from discli.data.images import read_image, size_mismatch
 from discli.data.manifest import Manifest
-from discli.data.voc import IGNORE, read_labelmap
+from discli.labelmap import IGNORE, read_labelmap
 from discli.errors import BadInputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -1,8 +1,8 @@
 """Small file helpers shared by the data modules: atomic writes and strict UTF-8 reading.
 
-:func:`atomic_write` is the project's one atomic writer (``discli.checkpoint`` re-exports it as
-``atomic_write_bytes``); it lives here, free of torch, so that reading and writing datasets never
-pulls in the model code (``dis prepare-idw`` should start without torch).
+:func:`atomic_write` is the project's one atomic writer, :func:`discli.storage.atomic_write`
+(re-exported here for the data modules); it is free of torch, so that reading and writing
+datasets never pulls in the model code (``dis prepare-idw`` should start without torch).
 
 Reading is defensive because the files are untrusted: only regular files are read (``/dev/zero``
 or a FIFO given as a manifest would never end), text files are capped at
@@ -17,11 +17,10 @@ import json
 import os
 import stat
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
-from discli.errors import BadInputError, system_error
+from discli.errors import BadInputError
+from discli.storage.atomic import atomic_write  # noqa: F401  (the data modules' writer)
 
 # A text input (manifest, captions, lexicon, tag file) larger than this is refused: 256 MiB is
 # several times the largest real one (COCO's train captions are ~90 MB).
@@ -29,39 +28,6 @@ MAX_TEXT_BYTES = int(os.environ.get("DIS_MAX_TEXT_BYTES", 256 << 20))
 # One line of a line-based text input (a manifest record, a caption line, a path): a real one
 # is a few hundred bytes.
 MAX_LINE_BYTES = 1 << 20
-
-
-def atomic_write(path: str | Path, writer: Callable[[IO[bytes]], object],
-                 durable: bool = True) -> None:
-    """Call ``writer(binary_file)`` on a temporary file beside ``path``, then rename it in place.
-
-    A killed process leaves either the old file or the new one, never a torn one; the temporary
-    name starts with a dot so globbing ``*.png`` never picks it up. ``durable`` also fsyncs
-    before the rename (survives a power cut); writers of thousands of small files (labelmaps,
-    the synthetic benchmark) turn it off, as one fsync per file costs more than the write.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            writer(f)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        # A full disk or a read-only folder: name the file being written (a failed write()
-        # names none), so the user knows where; the old file, if any, is untouched.
-        refused = system_error(exc, path)
-        if refused is None:
-            raise
-        raise refused from exc
-    finally:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # e.g. a read-only folder: there is no temporary file to remove
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -6,7 +6,7 @@ Layout (``benchmark_RELEASE/dataset``)::
     img/<id>.jpg     the images (the same files as VOC2012/JPEGImages/<id>.jpg)
     train.txt, val.txt
 
-The ``.mat`` labelmaps are read directly (registered in :data:`discli.data.voc.LABELMAP_FORMATS`
+The ``.mat`` labelmaps are read directly (registered in :data:`discli.labelmap.LABELMAP_FORMATS`
 under ``.mat``), so preparing SBD writes nothing but manifests: no converted PNG copies.
 """
 
@@ -19,10 +19,12 @@ import numpy as np
 
 from discli.data.manifest import Record
 from discli.data.problems import Problems
-from discli.data.voc import VOC_CLASSES, check_pair, labelmap_tags, read_id_list
+from discli.data.voc import VOC_CLASSES, read_id_list
 from discli.errors import BadInputError
+from discli.labelmap import IGNORE, LABELMAP_FORMATS, check_pair, labelmap_tags
 
 
+@LABELMAP_FORMATS.register(".mat")
 def read_sbd_mat(path: str | Path) -> np.ndarray:
     """The ``GTcls.Segmentation`` array of an SBD ``cls/*.mat`` file as uint8 (H, W)."""
     import scipy.io
@@ -43,7 +45,7 @@ def read_sbd_mat(path: str | Path) -> np.ndarray:
     if seg.ndim != 2 or not np.issubdtype(seg.dtype, np.integer):
         raise BadInputError(f"GTcls.Segmentation is not a 2-D integer array "
                             f"({seg.dtype}, shape {seg.shape})", path)
-    if seg.size and (seg.min() < 0 or seg.max() > 255):
+    if seg.size and (seg.min() < 0 or seg.max() > IGNORE):
         raise BadInputError("GTcls.Segmentation has values outside 0..255", path)
     return seg.astype(np.uint8)
 

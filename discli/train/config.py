@@ -1,14 +1,42 @@
-"""One flat training configuration, read from a TOML file (or a shipped preset,
-:mod:`discli.configs`) and overridden by the command line.
+"""The training configuration: one flat :class:`TrainConfig` (``cfg.lr``), read from a TOML
+file (or a shipped preset, :mod:`discli.configs`) and overridden by the command line.
 
 The effective configuration is stored in every checkpoint and written beside it
 (``config.toml``), so a run can be rebuilt and resumed from its folder alone.
+
+Every key belongs to one *group* (:data:`GROUPS`, ``dis config keys`` shows it): ``data``
+(manifests, crops), ``model`` (backbone), ``optim`` (optimiser, losses, schedule), ``pretrain``
+(the keys only pretraining uses), ``finetune`` (only fine-tuning), ``inference`` (``t_tr``,
+``t_ts``, ``inf_*``) and ``run`` (seed, device, checkpointing, logging).
+
+A config file has two kinds of tables, and the difference matters for a key such as
+``loss_img`` that differs between the two commands:
+
+- *shared* tables, read by both ``dis pretrain`` and ``dis finetune``: top-level keys (a flat
+  file), ``[train]`` and its group sub-tables ``[train.model]``, ``[train.optim]``,
+  ``[train.pretrain]``, ... and the top-level group tables ``[data]``, ``[model]``, ``[optim]``,
+  ``[inference]``, ``[run]`` (the same as ``[train.<group>]``);
+- *command* tables ``[pretrain]`` and ``[finetune]``, read only by that command, after the
+  shared ones (overrides: ``[pretrain] loss_img = 1.0``, ``[finetune] loss_img = 0.0``); they
+  may hold flat keys or group sub-tables (``[finetune.inference]``). The other command's table
+  is checked, not used.
+
+A key in a group table must belong to that group; where a key is given twice, the later
+table wins (in the order above: top-level keys, [train], its sub-tables, the top-level group
+tables, then the command's table and its sub-tables). What :func:`dump_toml` writes (a run's
+``config.toml``) is every key in its ``[train.<group>]`` table: it reads back the same for
+either command. The older layouts (a flat file; one ``[train]`` table; ``[train]`` +
+``[pretrain]`` + ``[finetune]``, as the shipped presets) read as before. On the command line
+``--set KEY=VALUE`` sets a key, ``--set GROUP.KEY=VALUE`` too (``--set inference.t_tr=30``:
+the key must be in that group), and ``--set COMMAND.KEY=VALUE`` only for that command
+(``--set finetune.t_tr=30``: :func:`split_set_key`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import tomllib
 import types
@@ -26,114 +54,127 @@ from discli.inference_config import InferenceConfig
 # lists and the --help of `dis pretrain`/`dis finetune` shows), the stage that uses it ("pretrain"
 # or "finetune"; None: both) and whether it changes no result (`neutral`: where and how a run
 # executes, which a re-run on the same folder may change; see discli.train.settings).
-def _key(default: Any, help: str, stage: str | None = None, neutral: bool = False) -> Any:
-    return dataclasses.field(default=default,
-                             metadata={"help": help, "stage": stage, "neutral": neutral})
+def _key(default: Any, help: str, stage: str | None = None, neutral: bool = False,
+         group: str = "run") -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, "stage": stage,
+                                                        "neutral": neutral, "group": group})
+
+
+# The groups of keys: the tables of a written config file (module docstring), in order.
+GROUPS = ("data", "model", "optim", "pretrain", "finetune", "inference", "run")
+
+
+def _in_group(group: str) -> Any:
+    return functools.partial(_key, group=group)
+
+
+_data, _model, _optim, _pretrain, _finetune, _inference, _run = (_in_group(g) for g in GROUPS)
 
 
 @dataclass
 class TrainConfig:
     # data
-    labelled: str = _key("", "manifest of pixel-labelled images (required)")
-    tagged: str = _key("", "manifest of tagged images (required by finetune)", "finetune")
-    root: str = _key("", "folder the manifests' paths are relative to (default: their own root)",
-                     neutral=True)
-    out: str = _key("", "run folder: checkpoints, logs, caches (required)", neutral=True)
+    labelled: str = _data("", "manifest of pixel-labelled images (required)")
+    tagged: str = _data("", "manifest of tagged images (required by finetune)", "finetune")
+    root: str = _data("", "folder the manifests' paths are relative to (default: their own root)",
+                      neutral=True)
+    out: str = _run("", "run folder: checkpoints, logs, caches (required)", neutral=True)
     # model
-    backbone: str = _key("tiny", "backbone name (`dis plugins` lists them)")
-    backbone_weights: str = _key("", "initial backbone weights: '' (none), 'imagenet', 'shapes' "
-                                 "or a local state-dict path", "pretrain")
-    channels: int = _key(64, "width of the tiny/small backbones (ignored by the ResNets)",
-                         "pretrain")
-    freeze_bn: bool = _key(False, "keep BatchNorm statistics fixed (DeepLab practice for small "
-                           "batches)")
+    backbone: str = _model("tiny", "backbone name (`dis plugins` lists them)")
+    backbone_weights: str = _model("", "initial backbone weights: '' (none), 'imagenet', 'shapes' "
+                                   "or a local state-dict path", "pretrain")
+    channels: int = _model(64, "width of the tiny/small backbones (ignored by the ResNets)",
+                           "pretrain")
+    freeze_bn: bool = _model(False, "keep BatchNorm statistics fixed (DeepLab practice for small "
+                             "batches)")
     # optimisation (poly schedule; new layers get head_lr_mult x lr). The paper (and DeepLab)
     # use SGD with momentum on an ImageNet-initialised ResNet; a backbone trained from scratch
     # on a few images (the demo's) learns far faster with AdamW.
-    optimizer: str = _key("sgd", "'sgd' (with momentum) or 'adamw'")
-    batch_size: int = _key(8, "global batch size (images per iteration)")
-    crop_size: int = _key(321, "training crop size in pixels")
-    scale_min: float = _key(0.5, "smallest random rescale of a training image")
-    scale_max: float = _key(2.0, "largest random rescale of a training image")
-    lr: float = _key(0.01, "backbone learning rate (new layers: x head_lr_mult)")
-    head_lr_mult: float = _key(10.0, "learning-rate multiplier of the new layers (subnets, image "
-                               "branch)")
-    momentum: float = _key(0.9, "SGD momentum")
-    weight_decay: float = _key(5e-4, "weight decay")
-    poly_power: float = _key(0.9, "power of the poly learning-rate decay")
-    loss_map: float = _key(1.0, "weight of the labelmap loss")
-    loss_img: float = _key(1.0, "weight of the image reconstruction loss")
-    loss_tag: float = _key(1.0, "weight of the tag loss")
+    optimizer: str = _optim("sgd", "'sgd' (with momentum) or 'adamw'")
+    batch_size: int = _optim(8, "global batch size (images per iteration)")
+    crop_size: int = _data(321, "training crop size in pixels")
+    scale_min: float = _data(0.5, "smallest random rescale of a training image")
+    scale_max: float = _data(2.0, "largest random rescale of a training image")
+    lr: float = _optim(0.01, "backbone learning rate (new layers: x head_lr_mult)")
+    head_lr_mult: float = _optim(10.0, "learning-rate multiplier of the new layers (subnets, image "
+                                 "branch)")
+    momentum: float = _optim(0.9, "SGD momentum")
+    weight_decay: float = _optim(5e-4, "weight decay")
+    poly_power: float = _optim(0.9, "power of the poly learning-rate decay")
+    loss_map: float = _optim(1.0, "weight of the labelmap loss")
+    loss_img: float = _optim(1.0, "weight of the image reconstruction loss")
+    loss_tag: float = _optim(1.0, "weight of the tag loss")
     # pretrain: iterations of the three steps (section 3)
-    iters_step1: int = _key(1000, "pretrain step 1 iterations (backbone + subnets 1, 3)",
-                            "pretrain")
-    iters_step2: int = _key(300, "pretrain step 2 iterations (subnet 2 alone)", "pretrain")
-    iters_step3: int = _key(500, "pretrain step 3 iterations (everything)", "pretrain")
+    iters_step1: int = _pretrain(1000, "pretrain step 1 iterations (backbone + subnets 1, 3)",
+                                 "pretrain")
+    iters_step2: int = _pretrain(300, "pretrain step 2 iterations (subnet 2 alone)", "pretrain")
+    iters_step3: int = _pretrain(500, "pretrain step 3 iterations (everything)", "pretrain")
     # finetune (section 3.1)
-    init: str = _key("", "checkpoint fine-tuning starts from (default: <out>/pretrain/final.pth)",
-                     "finetune")
-    rounds: int = _key(2, "E-step + M-step rounds (a finished run may be extended)", "finetune")
-    mstep_iters: int = _key(500, "iterations of each M-step", "finetune")
-    t_tr: int = _key(30, "inference iterations in training (E-step; 0 = none: the ablation)")
-    tagged_ratio: float = _key(0.5, "share of every M-step batch drawn from the tagged images",
-                               "finetune")
-    confidence: float = _key(0.0, "pseudo-label pixels below this probability are ignored",
-                             "finetune")
-    class_keep: float = _key(0.0, "> 0: each class keeps at least this share of its most "
-                             "confident pseudo-label pixels", "finetune")
-    tag_threshold: float = _key(0.5, "cleaned tag = tag probability >= this", "finetune")
+    init: str = _finetune("", "checkpoint fine-tuning starts from (default: "
+                          "<out>/pretrain/final.pth)", "finetune")
+    rounds: int = _finetune(2, "E-step + M-step rounds (a finished run may be extended)",
+                            "finetune")
+    mstep_iters: int = _finetune(500, "iterations of each M-step", "finetune")
+    t_tr: int = _inference(30, "inference iterations in training (E-step; 0 = none: the ablation)")
+    tagged_ratio: float = _finetune(0.5, "share of every M-step batch drawn from the tagged images",
+                                    "finetune")
+    confidence: float = _finetune(0.0, "pseudo-label pixels below this probability are ignored",
+                                  "finetune")
+    class_keep: float = _finetune(0.0, "> 0: each class keeps at least this share of its most "
+                                  "confident pseudo-label pixels", "finetune")
+    tag_threshold: float = _finetune(0.5, "cleaned tag = tag probability >= this", "finetune")
     # The M-step (Eq. 1). Tag target of a tagged image: its caption tags ("noisy"), its cleaned
     # tags ("cleaned") or their average ("mix"); tag_gate ignores pseudo-label pixels of classes
     # its caption ("noisy") or cleaned tags ("cleaned") call absent; drop_untagged leaves out
     # images whose caption names no class.
-    mstep_tags: str = _key("noisy", "M-step tag target: 'noisy' (caption), 'cleaned' or 'mix'",
-                           "finetune")
-    tag_gate: str = _key("noisy", "ignore pseudo-label pixels of classes these tags call absent: "
-                         "'none', 'noisy' or 'cleaned'", "finetune")
-    ignore_suppressed: bool = _key(True, "ignore pseudo-label pixels whose class the tag "
-                                   "re-weighting changed", "finetune")
+    mstep_tags: str = _finetune("noisy", "M-step tag target: 'noisy' (caption), 'cleaned' or 'mix'",
+                                "finetune")
+    tag_gate: str = _finetune("noisy", "ignore pseudo-label pixels of classes these tags call "
+                              "absent: 'none', 'noisy' or 'cleaned'", "finetune")
+    ignore_suppressed: bool = _finetune(True, "ignore pseudo-label pixels whose class the tag "
+                                        "re-weighting changed", "finetune")
     # E-step labelmap: the "final" map (u3 re-weighted by v3, the paper's) or the labelmap head's
     # softmax(u3) alone ("labelmap"), leaving the tags to tag_gate
-    pseudo_map: str = _key("labelmap", "E-step labelmap: 'labelmap' (softmax u3) or 'final' "
-                           "(re-weighted by the tags)", "finetune")
-    drop_untagged: bool = _key(True, "leave out tagged images whose caption names no class",
-                               "finetune")
-    warmup_iters: int = _key(0, "linear learning-rate warm-up iterations of every pretraining "
-                             "step (robust starts from random weights)", "pretrain")
-    clip_grad_norm: float = _key(10.0, "clip the gradients' global L2 norm to this (0: off); "
-                                 "kept a ResNet-101 from random weights from exploding")
-    mstep_lr_mult: float = _key(1.0, "M-step learning rates = this x the pretraining ones",
-                                "finetune")
-    mstep_warmup: int = _key(0, "linear learning-rate warm-up iterations of each M-step",
-                             "finetune")
-    mstep_from: str = _key("previous", "each M-step starts from the 'previous' round's model or "
-                           "'init'", "finetune")
-    strong_aug: bool = _key(False, "photometric strong view of the pseudo-labelled images",
-                            "finetune")
-    inf_lr: float = _key(InferenceConfig.lr, "feature-space inference step size")
-    inf_momentum: float = _key(InferenceConfig.momentum, "feature-space inference momentum")
-    inf_tag_weight: float = _key(InferenceConfig.tag_weight, "weight of the tag loss in "
-                                 "training-time inference")
-    inf_proximity: float = _key(InferenceConfig.proximity, "weight of a term keeping u1, v1 near "
-                                "their start in inference")
-    t_ts: int = _key(0, "test-time inference iterations that dis infer/evaluate default to")
-    estep_batch_size: int = _key(8, "E-step images per batch (same result at any size)",
-                                 "finetune", neutral=True)
-    estep_part_images: int = _key(64, "E-step images per crash-safe cache part (a kill loses < "
-                                  "this)", "finetune", neutral=True)
+    pseudo_map: str = _finetune("labelmap", "E-step labelmap: 'labelmap' (softmax u3) or 'final' "
+                                "(re-weighted by the tags)", "finetune")
+    drop_untagged: bool = _finetune(True, "leave out tagged images whose caption names no class",
+                                    "finetune")
+    warmup_iters: int = _optim(0, "linear learning-rate warm-up iterations of every pretraining "
+                               "step (robust starts from random weights)", "pretrain")
+    clip_grad_norm: float = _optim(10.0, "clip the gradients' global L2 norm to this (0: off); "
+                                   "kept a ResNet-101 from random weights from exploding")
+    mstep_lr_mult: float = _finetune(1.0, "M-step learning rates = this x the pretraining ones",
+                                     "finetune")
+    mstep_warmup: int = _finetune(0, "linear learning-rate warm-up iterations of each M-step",
+                                  "finetune")
+    mstep_from: str = _finetune("previous", "each M-step starts from the 'previous' round's "
+                                "model or 'init'", "finetune")
+    strong_aug: bool = _finetune(False, "photometric strong view of the pseudo-labelled images",
+                                 "finetune")
+    inf_lr: float = _inference(InferenceConfig.lr, "feature-space inference step size")
+    inf_momentum: float = _inference(InferenceConfig.momentum, "feature-space inference momentum")
+    inf_tag_weight: float = _inference(InferenceConfig.tag_weight, "weight of the tag loss in "
+                                       "training-time inference")
+    inf_proximity: float = _inference(InferenceConfig.proximity, "weight of a term keeping u1, "
+                                      "v1 near their start in inference")
+    t_ts: int = _inference(0, "test-time inference iterations that dis infer/evaluate default to")
+    estep_batch_size: int = _finetune(8, "E-step images per batch (same result at any size)",
+                                      "finetune", neutral=True)
+    estep_part_images: int = _finetune(64, "E-step images per crash-safe cache part (a kill "
+                                       "loses < this)", "finetune", neutral=True)
     # validation during training
-    val: str = _key("", "manifest with labelmaps: log validation mIoU (t = 0) while training",
-                    neutral=True)
-    val_every: int = _key(0, "validate every N iterations (0: only at the end of each step)",
+    val: str = _data("", "manifest with labelmaps: log validation mIoU (t = 0) while training",
+                     neutral=True)
+    val_every: int = _run(0, "validate every N iterations (0: only at the end of each step)",
                           neutral=True)
     # run
-    seed: int = _key(0, "random seed (initialisation, data order, augmentation)")
-    device: str = _key("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'", neutral=True)
-    amp: bool = _key(True, "mixed precision on CUDA (ignored on CPU)")
-    num_workers: int = _key(0, "DataLoader worker processes", neutral=True)
-    ckpt_every: int = _key(100, "checkpoint every N iterations (the resume points)", neutral=True)
-    log_every: int = _key(10, "log.jsonl record every N iterations", neutral=True)
-    sync_bn: bool = _key(False, "synchronised BatchNorm under torchrun on CUDA")
+    seed: int = _run(0, "random seed (initialisation, data order, augmentation)")
+    device: str = _run("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'", neutral=True)
+    amp: bool = _run(True, "mixed precision on CUDA (ignored on CPU)")
+    num_workers: int = _run(0, "DataLoader worker processes", neutral=True)
+    ckpt_every: int = _run(100, "checkpoint every N iterations (the resume points)", neutral=True)
+    log_every: int = _run(10, "log.jsonl record every N iterations", neutral=True)
+    sync_bn: bool = _model(False, "synchronised BatchNorm under torchrun on CUDA")
 
     def inference(self) -> InferenceConfig:
         return InferenceConfig(steps=self.t_tr, lr=self.inf_lr, momentum=self.inf_momentum,
@@ -166,13 +207,20 @@ class KeyInfo:
     stage: str | None  # "pretrain", "finetune" or None (both)
     neutral: bool  # changes no result: a re-run on the same folder may change it
     help: str
+    group: str  # the table it is written in (GROUPS)
 
 
 def config_keys() -> list[KeyInfo]:
     """Every key of :class:`TrainConfig` (``--set``, ``--config``), in declaration order."""
     types_ = _field_types()
     return [KeyInfo(f.name, types_[f.name].__name__, f.default, f.metadata["stage"],
-                    f.metadata["neutral"], f.metadata["help"]) for f in fields(TrainConfig)]
+                    f.metadata["neutral"], f.metadata["help"], f.metadata["group"])
+            for f in fields(TrainConfig)]
+
+
+def key_group(name: str) -> str:
+    """The group of a key (:data:`GROUPS`); KeyError for an unknown key."""
+    return {f.name: f.metadata["group"] for f in fields(TrainConfig)}[name]
 
 
 def unknown_key_message(name: str) -> str:
@@ -260,13 +308,62 @@ def resolve_config_path(path: str | Path) -> Path:
     raise BadInputError(f"config file not found (presets: {', '.join(PRESETS)})", path)
 
 
-def _config_tables(data: dict[str, Any], section: str | None, source: str
+SHARED_TABLES = tuple(g for g in GROUPS if g not in SECTIONS)  # top-level shared group tables
+
+
+def split_set_key(key: str) -> tuple[str | None, str]:
+    """``"finetune.t_tr"`` -> ``("finetune", "t_tr")``; ``"t_tr"`` -> ``(None, "t_tr")``. The
+    prefix is a group (the key must be in it), a command ("pretrain"/"finetune": only that
+    command applies it) or "train"; BadInputError for anything else."""
+    if "." not in key:
+        return None, key
+    table, name = key.split(".", 1)
+    if table not in (*GROUPS, "train"):
+        raise BadInputError(f"unknown table {table!r} in {key!r} (tables: "
+                            f"{', '.join(GROUPS)})")
+    if table not in (*SECTIONS, "train"):
+        _check_group(table, name, None)
+    return table, name
+
+
+def _check_group(group: str, name: str, where: str | None) -> None:
+    try:
+        actual = key_group(name)
+    except KeyError:
+        raise BadInputError(unknown_key_message(name), where) from None
+    if actual != group:
+        raise BadInputError(f"key {name!r} belongs in [{actual}], not [{group}]", where)
+
+
+def _flatten(table: dict[str, Any], where: str, group_tables: tuple[str, ...], check: bool
+             ) -> list[tuple[str, dict[str, Any]]]:
+    """A table's own keys, then those of its group sub-tables (``[train.model]``), each as
+    ``(where, keys)``; with ``check``, a key of a group sub-table must be in that group."""
+    own = {k: v for k, v in table.items() if not (k in group_tables and isinstance(v, dict))}
+    out = [(where, own)]
+    for group in group_tables:
+        sub = table.get(group)
+        if not isinstance(sub, dict):
+            continue
+        sub_where = f"{where[:-1]}.{group}]"  # "file [train]" -> "file [train.model]"
+        if check:
+            for key in sub:
+                _check_group(group, key, sub_where)
+        out.append((sub_where, sub))
+    return out
+
+
+def _config_tables(data: dict[str, Any], section: str | None, source: str, check: bool = True
                    ) -> list[tuple[str, dict[str, Any]]]:
-    """The tables of a config file that apply to ``section``, in order: top-level keys, then
-    [train], then [pretrain] or [finetune]. A flat file is one table of top-level keys."""
-    flat = {k: v for k, v in data.items() if k not in ("train", *SECTIONS)}
-    tables: list[tuple[str, dict[str, Any]]] = [(source, flat)]
-    for name in ("train", *SECTIONS):
+    """The tables of a config file that apply to ``section``, in order: the shared ones
+    (top-level keys, [train] and its group sub-tables, the top-level group tables), then
+    [pretrain] or [finetune] (and their group sub-tables). A flat file is one table of top-level
+    keys. ``check=False`` (reading a run's own record) skips the checks of keys and values."""
+    tables_ = ("train", *SECTIONS, *SHARED_TABLES)
+    flat = {k: v for k, v in data.items() if k not in tables_}
+    shared: list[tuple[str, dict[str, Any]]] = [(source, flat)]
+    command: list[tuple[str, dict[str, Any]]] = []
+    for name in tables_:
         if name not in data:
             continue
         table = data[name]
@@ -274,14 +371,35 @@ def _config_tables(data: dict[str, Any], section: str | None, source: str
         if not isinstance(table, dict):
             raise BadInputError(f"{name!r} must be a table ([{name}]) of training options",
                                 source)
-        for key, value in table.items():
-            coerce(key, value, where)  # a typo in the other section is caught too
-        if name == "train" or name == section:
-            tables.append((where, table))
+        if name in SHARED_TABLES:
+            parts = [(where, table)]
+            if check:
+                for key in table:
+                    _check_group(name, key, where)
+        else:
+            parts = _flatten(table, where, GROUPS, check)
+        if check:
+            for part_where, part in parts:
+                for key, value in part.items():
+                    coerce(key, value, part_where)  # a typo in the other section is caught too
+        if name in SECTIONS:
+            if name == section:
+                command += parts
+        else:
+            shared += parts
     if section is None and any(name in data for name in SECTIONS):
         raise BadInputError("the file has [pretrain]/[finetune] tables: say which one applies "
                             "(load_config(..., section=...))", source)
-    return tables
+    return shared + command
+
+
+def file_values(data: dict[str, Any], section: str | None = None) -> dict[str, Any]:
+    """The keys of a parsed config file as one flat dict (as ``section`` reads them), unchecked:
+    how a run's own ``config.toml`` (any layout this or an older version wrote) is read back."""
+    values: dict[str, Any] = {}
+    for _, table in _config_tables(data, section or "pretrain", "config", check=False):
+        values.update(table)
+    return values
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
@@ -289,9 +407,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """Defaults (or ``base``) < TOML file < command-line overrides (None = not given).
 
     ``path`` is a TOML file or the name of a shipped preset (:mod:`discli.configs`, used when no
-    file of that name exists). The file holds flat keys, or tables: the keys of an optional
-    shared [train] table apply first, then those of the ``section`` table ("pretrain" or
-    "finetune": the command being configured); the other section's table is checked, not used.
+    file of that name exists). The file holds flat keys, or tables (module docstring): the
+    shared ones apply first, then those of the ``section`` table ("pretrain" or "finetune": the
+    command being configured); the other section's table is checked, not used.
     """
     if section is not None and section not in SECTIONS:
         raise ValueError(f"section must be one of {', '.join(SECTIONS)} or None, got {section!r}")
@@ -320,16 +438,30 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return validate(TrainConfig(**values), str(path or "command line"), origins)
 
 
-def dump_toml(cfg: TrainConfig, table: str = "train") -> str:
-    """Every key of ``cfg`` as a TOML table (``[train]``: what a run folder's config.toml
-    holds, read back by :func:`load_config` for either stage)."""
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def dump_toml(cfg: TrainConfig, table: str = "train",
+              keys: typing.Collection[str] | None = None, grouped: bool = True) -> str:
+    """The keys of ``cfg`` (all, or ``keys``) as TOML, one sub-table per group under
+    ``[table]``: ``[train.data]``, ``[train.model]``, ... (what a run folder's config.toml
+    holds, read back by :func:`load_config` for either command), or ``[pretrain.optim]``, ... for
+    a command table; ``grouped=False``: flat keys in ``[table]``."""
+    values = cfg.to_dict()
+    groups = {f.name: f.metadata["group"] for f in fields(TrainConfig)}
     lines = [f"[{table}]"]
-    for key, value in cfg.to_dict().items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, str):
-            text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        else:
-            text = repr(value)
-        lines.append(f"{key} = {text}")
+    if not grouped:
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()
+                  if keys is None or key in keys]
+        return "\n".join(lines) + "\n"
+    for group in GROUPS:
+        names = [k for k in values if groups[k] == group and (keys is None or k in keys)]
+        if names:
+            lines += ["", f"[{table}.{group}]"]
+            lines += [f"{key} = {_toml_value(values[key])}" for key in names]
     return "\n".join(lines) + "\n"

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from discli.checkpoint import atomic_write_bytes, save_checkpoint
+from discli.storage import atomic_write
+from discli.checkpoint import save_checkpoint
 from discli.distributed import DistInfo, all_reduce_sum
 from discli.errors import TrainingDivergedError
 from discli.losses import map_loss, recon_loss, recon_target, tag_loss
@@ -241,7 +242,7 @@ def _trim_log(path: Path, run: PhaseRun, phase: str, upto: int) -> None:
             continue  # a line torn by a kill
         if any(rec.get(k) != v for k, v in this.items()) or rec.get("iter", 0) <= upto:
             kept.append(line)
-    atomic_write_bytes(path, lambda f: f.write(("\n".join(kept) + "\n" if kept else "")
+    atomic_write(path, lambda f: f.write(("\n".join(kept) + "\n" if kept else "")
                                                .encode()))
 
 

@@ -6,9 +6,10 @@ final labelmap (u3 re-weighted by v3, upsampled to the image size), the probabil
 class per pixel, and the cleaned tag probabilities sigmoid(v3) go to an HDF5 cache
 (:mod:`discli.cache`). ``t_tr = 0`` is the no-inference ablation (setup 1 of Table 3).
 
-Images are batched by size (never padded: padding would change avgpool(u1) and the borders, so an
-image's pseudo-label would depend on its batch mates). Under torchrun the size buckets are dealt
-round-robin to the ranks, each writes its own part files, and rank 0 merges them.
+Inference runs through the runtime (:mod:`discli.runtime`): images batched by size (never
+padded), in the resumable plan that rank 0 makes from the image headers; under torchrun the
+batches are dealt round-robin to the ranks, each writes its own part files, and rank 0 merges
+them.
 
 Resuming after a kill gives the cache an uninterrupted run would have written, bit for bit: a
 part file holds whole batches only, and a size bucket's batches are consecutive slices of its
@@ -21,63 +22,46 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from discli.cache import CacheEntry, CacheWriter, make_attrs
 from discli.distributed import DistInfo, barrier, dist_info
-from discli.inference import InferenceConfig, infer
-from discli.lock import lock_file, remove_stale_temps
+from discli.inference import InferenceConfig
+from discli.lock import lock_file
 from discli.losses import IGNORE_INDEX
 from discli.model import DISNet
 from discli.progress import NullReporter, Reporter
+from discli.runtime import infer_views, shared_plan, upsample_probs
 
 PART_IMAGES = 64  # images per crash-safe part file: a kill loses at most this much work
 
 
-def size_buckets(sizes: list[tuple[int, int]], indices: list[int], batch_size: int
-                 ) -> list[list[int]]:
-    """Batches of dataset indices whose images share one size, in a deterministic order."""
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for i in indices:
-        by_size.setdefault(sizes[i], []).append(i)
-    batches = []
-    for size in sorted(by_size):
-        members = by_size[size]
-        batches += [members[k:k + batch_size] for k in range(0, len(members), batch_size)]
-    return batches
-
-
-def image_sizes(manifest: Any) -> list[tuple[int, int]]:
-    """(H, W) of every image as it will be decoded (EXIF rotation applied), from the headers;
-    a missing, empty or unreadable file is a BadInputError naming it."""
-    from discli.data.images import probe_image
-
-    return [probe_image(manifest.image_path(rec)) for rec in manifest.records]
-
-
-def pseudo_entries(result_probs: torch.Tensor, v3: torch.Tensor, batch: dict[str, Any],
-                   u3: torch.Tensor | None = None) -> list[CacheEntry]:
-    """Cache entries of a batch: the final labelmap (u3 re-weighted by v3) at image size, its
-    per-pixel confidence and the cleaned tag probabilities. With ``u3`` given, pixels whose class
-    the tag re-weighting changed (a class the tags call absent, taken over by another or by the
-    background) are marked 255: the tags say what they are not, not what they are."""
-    size = batch["image"].shape[-2:]
-    probs = F.interpolate(result_probs, size=size, mode="bilinear", align_corners=False)
+def cache_entries(probs: torch.Tensor, tag_probs: torch.Tensor, batch: dict[str, Any],
+                  plain: torch.Tensor | None = None) -> list[CacheEntry]:
+    """Cache entries of a batch from image-size probabilities (B,K,H,W): the pseudo-labelmap
+    (their argmax), its per-pixel confidence and the cleaned tag probabilities. With ``plain``
+    (the labelmap head's image-size softmax(u3)), pixels whose class the tag re-weighting changed
+    (a class the tags call absent, taken over by another or by the background) are marked 255:
+    the tags say what they are not, not what they are."""
     confidence, labelmap = probs.max(dim=1)
     labelmap = labelmap.to(torch.uint8)
-    if u3 is not None:
-        plain = F.interpolate(u3.float().softmax(dim=1), size=size, mode="bilinear",
-                              align_corners=False).argmax(dim=1)
-        labelmap[plain != labelmap] = IGNORE_INDEX
-    tag_probs = torch.sigmoid(v3)
+    if plain is not None:
+        labelmap[plain.argmax(dim=1) != labelmap] = IGNORE_INDEX
     return [CacheEntry(id=batch["id"][i], labelmap=labelmap[i].cpu().numpy(),
                        confidence=confidence[i].half().cpu().numpy(),
                        tag_probs=tag_probs[i].float().cpu().numpy(),
                        noisy_tags=(batch["tags"][i] > 0.5).to(torch.uint8).numpy())
             for i in range(len(batch["id"]))]
+
+
+def pseudo_entries(result_probs: torch.Tensor, v3: torch.Tensor, batch: dict[str, Any],
+                   u3: torch.Tensor | None = None) -> list[CacheEntry]:
+    """:func:`cache_entries` from stride-8 results: ``result_probs`` and, with ``u3``, its
+    softmax upsampled to the image size (:func:`discli.runtime.upsample_probs`)."""
+    size = tuple(batch["image"].shape[-2:])
+    plain = None if u3 is None else upsample_probs(u3.float().softmax(dim=1), size)
+    return cache_entries(upsample_probs(result_probs, size), torch.sigmoid(v3), batch, plain)
 
 
 def run_estep(model: DISNet, manifest: Any, cache_path: str | Path, *, t_tr: int,
@@ -112,49 +96,39 @@ def _run_estep(model: DISNet, manifest: Any, cache_path: Path, *, t_tr: int,
 
     reporter = reporter or NullReporter()
     device = torch.device(device)
-    if dist.is_main:
-        remove_stale_temps(cache_path.parent)
-        remove_stale_temps(cache_path.with_name(cache_path.name.removesuffix(".h5") + ".parts"))
     cfg = InferenceConfig(**{**inference.__dict__, "steps": t_tr})
     attrs = make_attrs(manifest.classes, t_tr, checkpoint_hash,
                        {**cfg.__dict__, "ignore_suppressed": ignore_suppressed,
                         "pseudo_map": pseudo_map})
-    writer = CacheWriter(cache_path, attrs, rank=dist.rank, force=force)
+    writer = CacheWriter(cache_path, attrs, rank=dist.rank, force=force)  # rank 0 cleans up
     done = writer.done_ids()
     barrier()  # every rank must see the same finished set before anyone writes a new part
-    todo = [i for i, rec in enumerate(manifest.records) if rec.id not in done]
-    sizes = image_sizes(manifest)
-    batches = size_buckets(sizes, todo, batch_size)[dist.rank::dist.world_size]
+    batches = shared_plan(lambda: [manifest.image_path(rec) for rec in manifest.records],
+                          batch_size, dist, resumable=True,
+                          indices=lambda: [i for i, rec in enumerate(manifest.records)
+                                           if rec.id not in done])
     dataset = SegDataset(manifest, transform=eval_transform(), use_labelmaps=False)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                         num_workers=num_workers)
     model.to(device).eval()
     reporter.start(f"E-step t_tr={t_tr}", sum(len(b) for b in batches))
     pending: list[CacheEntry] = []
+    labelmap_probs = pseudo_map != "final" or ignore_suppressed
     for batch in loader:
         images = batch["image"].to(device)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp and
-                            device.type == "cuda"):
-            result = infer(model, images, t_tr, cfg, tags=batch["tags"].to(device))
-        probs = result.probs if pseudo_map == "final" else result.u3.float().softmax(dim=1)
-        pending += pseudo_entries(probs.float(), result.v3, batch,
-                                  result.u3 if ignore_suppressed else None)
+        full = infer_views(model, images, [t_tr], cfg, amp=amp, tags=batch["tags"].to(device),
+                           labelmap_probs=labelmap_probs)[t_tr]
+        probs = full.probs if pseudo_map == "final" else full.labelmap_probs
+        assert probs is not None
+        pending += cache_entries(probs, full.tag_probs, batch,
+                                 full.labelmap_probs if ignore_suppressed else None)
         if len(pending) >= part_images:
             writer.write(pending)
             pending = []
-        reporter.advance(len(batch["id"]), loss=float(result.losses[:, -1].mean()))
+        reporter.advance(len(batch["id"]), loss=float(full.loss.mean()))
     writer.write(pending)
     barrier()
     if dist.is_main:
         writer.merge(expected_ids=[rec.id for rec in manifest.records])
     barrier()
     return cache_path
-
-
-def cache_summary(cache_path: str | Path) -> dict[str, Any]:
-    from discli.cache import PseudoCache
-
-    cache = PseudoCache(cache_path)
-    confidences = [float(np.mean(e.confidence)) for e in cache]
-    return {"cache": str(cache_path), "images": len(cache),
-            "mean_confidence": float(np.mean(confidences)) if confidences else 0.0}

@@ -26,10 +26,12 @@ from typing import Any
 
 from discli.cache import PseudoCache
 from discli.data.dataset import train_transform
-from discli.checkpoint import atomic_write_bytes, file_hash, load_checkpoint, model_from_checkpoint
+from discli.storage import atomic_write
+from discli.checkpoint import file_hash, load_checkpoint, model_from_checkpoint
 from discli.distributed import barrier, init_distributed, resolve_device
 from discli.errors import BadInputError, UsageError
-from discli.lock import lock_folder, make_folder, remove_stale_temps
+from discli.lock import lock_folder
+from discli.storage import make_folder, remove_stale_temps
 from discli.progress import NullReporter, Reporter
 from discli.train.config import TrainConfig, dump_toml
 from discli.train.engine import PHASES, PhaseRun, Source, run_phase
@@ -104,17 +106,17 @@ def finetune(cfg: TrainConfig, only: str | None = None, round_: int | None = Non
     from discli.data.manifest import read_manifest
 
     if not cfg.out:
-        raise UsageError("no run folder given (--out)")
+        raise UsageError("no run folder given (out)")
     require_tensorboard(tensorboard)
     if only not in (None, "estep", "mstep"):
-        raise UsageError(f"--only must be estep or mstep, got {only!r}")
+        raise UsageError(f"only must be estep or mstep, got {only!r}")
     if round_ is not None and not 1 <= round_ <= cfg.rounds:
-        raise UsageError(f"--round must be in 1..{cfg.rounds}, got {round_}")
+        raise UsageError(f"round must be in 1..{cfg.rounds}, got {round_}")
     reporter = reporter or NullReporter()
     device = resolve_device(cfg.device)
     dist = init_distributed(device)
     if not cfg.tagged:
-        raise UsageError("no tagged manifest given (--tagged)")
+        raise UsageError("no tagged manifest given (tagged)")
     tagged = read_manifest(cfg.tagged, root=cfg.root or None)
     labelled_manifest, labelled = labelled_dataset(cfg)
     if tagged.classes != labelled_manifest.classes:
@@ -160,7 +162,7 @@ def _finetune(cfg: TrainConfig, only: str | None, round_: int | None, reporter: 
     final = round_dir(cfg, cfg.rounds) / "model.pth"
     todo = any(_todo(cfg, r, only) for r in rounds)
     if dist.is_main and todo:  # a run with nothing left to do rewrites nothing
-        atomic_write_bytes(out / "config.toml", lambda f: f.write(dump_toml(cfg).encode()))
+        atomic_write(out / "config.toml", lambda f: f.write(dump_toml(cfg).encode()))
     mirror = open_mirror(out / "tensorboard", tensorboard and dist.is_main and todo)
     summary: dict[str, Any] = {"out": str(out), "rounds": {}, "results": {}}
     try:
@@ -177,7 +179,7 @@ def _finetune(cfg: TrainConfig, only: str | None, round_: int | None, reporter: 
         summary["results"][r] = {**result, "estep": estep}
     if cfg.rounds and final.exists():
         if dist.is_main and (todo or not (out / "final.pth").exists()):  # new, or repaired
-            atomic_write_bytes(out / "final.pth", lambda f: f.write(final.read_bytes()))
+            atomic_write(out / "final.pth", lambda f: f.write(final.read_bytes()))
         summary["checkpoint"] = str(out / "final.pth")
     return summary
 
@@ -243,7 +245,7 @@ def _rounds(cfg: TrainConfig, only: str | None, rounds: list[int], reporter: Rep
                   cfg.mstep_iters, run, device, resume=resume, dist=dist, reporter=reporter,
                   lr_scale=cfg.mstep_lr_mult, warmup=cfg.mstep_warmup)
         if dist.is_main:
-            atomic_write_bytes(rdir / "model.pth", lambda f: f.write(last.read_bytes()))
+            atomic_write(rdir / "model.pth", lambda f: f.write(last.read_bytes()))
             last.unlink()
         barrier()
         summary["rounds"][r] = "trained"

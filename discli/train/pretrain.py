@@ -17,23 +17,31 @@ from typing import Any
 
 import torch
 
-from discli.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
+from discli.storage import atomic_write
+from discli.backbones import backbone_options
+from discli.checkpoint import load_checkpoint, model_from_checkpoint
 from discli.distributed import barrier, init_distributed, resolve_device
 from discli.errors import BadInputError, IncompatibleError, UsageError
-from discli.lock import lock_folder, make_folder, remove_stale_temps
+from discli.lock import lock_folder
+from discli.storage import make_folder, remove_stale_temps
 from discli.model import DISNet, ModelConfig
 from discli.progress import Reporter
-from discli.train.config import TrainConfig, dump_toml
+from discli.train.config import TrainConfig, config_keys, dump_toml
 from discli.train.engine import PHASES, PhaseRun, Source, run_phase
 from discli.train.runlog import latest, open_mirror, read_log, require_tensorboard
 from discli.train.settings import check_same_run, held_settings
 
 ARCH_KEYS = ("backbone", "num_classes", "backbone_kwargs")
+# keys of the configuration a backbone factory may take (by name, see backbone_options)
+MODEL_KEYS = tuple(k.name for k in config_keys()
+                   if k.group == "model" and k.name not in ("backbone", "backbone_weights"))
 
 
 def new_model(cfg: TrainConfig, classes: list[str]) -> DISNet:
     torch.manual_seed(cfg.seed)
-    kwargs = {"channels": cfg.channels} if cfg.backbone in ("tiny", "small") else {}
+    # the model keys of the configuration that the backbone takes (tiny/small: channels)
+    kwargs = {name: getattr(cfg, name) for name in backbone_options(cfg.backbone)
+              if name in MODEL_KEYS}
     return DISNet(ModelConfig(backbone=cfg.backbone, num_classes=len(classes),
                               backbone_weights=cfg.backbone_weights or None,
                               backbone_kwargs=kwargs))
@@ -58,7 +66,7 @@ def labelled_dataset(cfg: TrainConfig):  # noqa: ANN201
     from discli.data.manifest import read_manifest
 
     if not cfg.labelled:
-        raise UsageError("no pixel-labelled manifest given (--labelled)")
+        raise UsageError("no pixel-labelled manifest given (labelled)")
     manifest = read_manifest(cfg.labelled, root=cfg.root or None)
     manifest.records = [r for r in manifest.records if r.labelmap]
     if not manifest.records:
@@ -74,14 +82,14 @@ def pretrain(cfg: TrainConfig, steps: Sequence[int] = (1, 2, 3),
     validation mIoU, from ``log.jsonl``), ``checkpoint`` (``final.pth`` once step 3 is done).
     ``tensorboard``: mirror the log to ``<out>/pretrain/tensorboard/``."""
     if any(s not in (1, 2, 3) for s in steps):
-        raise UsageError(f"--step must be 1, 2 or 3, got {list(steps)}")
+        raise UsageError(f"steps must be 1, 2 or 3, got {list(steps)}")
     if not cfg.out:
-        raise UsageError("no run folder given (--out)")
+        raise UsageError("no run folder given (out)")
     require_tensorboard(tensorboard)
     device = resolve_device(cfg.device)
     dist = init_distributed(device)
     if cfg.batch_size % dist.world_size:
-        raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by the "
+        raise UsageError(f"batch_size {cfg.batch_size} is not divisible by the "
                          f"{dist.world_size} processes")
     out = Path(cfg.out) / "pretrain"
     make_folder(out)
@@ -113,7 +121,7 @@ def _pretrain(cfg: TrainConfig, steps: Sequence[int], reporter: Reporter | None,
         finished = step_file(out, int(state["step"]))
         if state["done"] and dist.is_main and not finished.exists():
             # killed between the step's last checkpoint and its copy: finish the copy now
-            atomic_write_bytes(finished, lambda f: f.write(last.read_bytes()))
+            atomic_write(finished, lambda f: f.write(last.read_bytes()))
     else:
         model = new_model(cfg, manifest.classes)
     model.to(device)
@@ -123,7 +131,7 @@ def _pretrain(cfg: TrainConfig, steps: Sequence[int], reporter: Reporter | None,
             raise UsageError(f"pretrain step {step - 1} has not finished in {out} "
                              f"(run --step {step - 1} first)")
     if todo and dist.is_main:  # a run with nothing left to do rewrites nothing
-        atomic_write_bytes(out / "config.toml", lambda f: f.write(dump_toml(cfg).encode()))
+        atomic_write(out / "config.toml", lambda f: f.write(dump_toml(cfg).encode()))
     run = PhaseRun(checkpoint=last, log=out / "log.jsonl", stage="pretrain", extra={},
                    classes=manifest.classes,
                    mirror=open_mirror(out / "tensorboard", tensorboard and dist.is_main))
@@ -140,7 +148,7 @@ def _pretrain(cfg: TrainConfig, steps: Sequence[int], reporter: Reporter | None,
                               cfg, iters[step], run, device, resume=resume, dist=dist,
                               reporter=reporter, warmup=cfg.warmup_iters)
             if dist.is_main:
-                atomic_write_bytes(step_file(out, step), lambda f: f.write(last.read_bytes()))
+                atomic_write(step_file(out, step), lambda f: f.write(last.read_bytes()))
             barrier()
             summary["steps"][step] = "trained"
     finally:

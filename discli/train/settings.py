@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from discli.errors import BadInputError, UsageError
-from discli.train.config import TrainConfig
+from discli.train.config import TrainConfig, file_values
 
 PATHS = ("labelled", "tagged", "init", "val")  # the same file by another spelling is the same
 EXTENDABLE = ("rounds",)  # a larger value continues the run: earlier rounds are unchanged
@@ -40,7 +40,7 @@ def held_settings(folder: Path, state: dict[str, Any] | None = None) -> dict[str
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise BadInputError(f"cannot read the run's settings: {exc}", path) from None
-        return data.get("train", data)
+        return file_values(data)  # any layout: flat, [train], [train.<group>] tables
     if state is not None and isinstance(state.get("config"), dict):
         return state["config"]
     return None

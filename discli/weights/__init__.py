@@ -4,7 +4,7 @@ The paper starts from a ResNet-101 pretrained on ImageNet and COCO, whose classe
 task but whose features (edges, parts, figure against ground) carry over. The ``tiny`` and
 ``small`` backbones have no such weights anywhere, so ``dis`` makes its own the same way: a
 backbone is trained to segment a synthetic *source* set whose classes (bottle, chair, tvmonitor,
-pottedplant, house, fish, umbrella, mushroom: :data:`discli.data.synthetic.SOURCE_CLASSES`) are
+pottedplant, house, fish, umbrella, mushroom: :data:`discli.synth.SOURCE_CLASSES`) are
 disjoint from the demo benchmark's, in any colour and texture, so that only shape tells them
 apart. The shipped files are made by :func:`make_weights` (``python -m discli.weights``), seeded
 and reproducible, and load through the same ``--backbone-weights`` path as torchvision's
@@ -41,8 +41,8 @@ def make_weights(backbone: str = "tiny", channels: int = 64, *, out: str | Path 
     backbone's state dict (image branch included) to ``out``; returns what was done."""
     import torch
 
-    from discli.data.synthetic import SOURCE_CLASSES, generate_benchmark
-    from discli.data.fileio import atomic_write
+    from discli.synth import SOURCE_CLASSES, generate_benchmark
+    from discli.storage import atomic_write
     from discli.train.config import TrainConfig
     from discli.train.pretrain import pretrain
 

@@ -1,0 +1,202 @@
+"""Writing the synthetic benchmark in the real formats (VOCdevkit, IDW captions, manifests)."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from discli.data.captions import parse_caption
+from discli.data.fileio import atomic_write, read_text, write_text
+from discli.data.idw import prepare_idw
+from discli.data.manifest import Manifest, Record, parse_classes, write_manifest
+from discli.data.prepare import prepare_voc
+from discli.errors import UsageError
+from discli.labelmap import write_palette_png
+from discli.synth.looks import DIFFICULTIES
+from discli.synth.shapes import DEFAULT_CLASSES, SHAPES
+from discli.synth.scenes import Scene, render_scene
+from discli.synth.captions import make_caption, noisy_mentions
+
+
+@dataclass
+class SynthConfig:
+    seed: int = 0
+    n_labelled: int = 30
+    n_tagged: int = 400
+    n_test: int = 100
+    min_size: int = 48
+    max_size: int = 96
+    classes: list[str] = field(default_factory=lambda: list(DEFAULT_CLASSES))
+    miss_rate: float = 0.25
+    spurious_rate: float = 0.15
+    jpeg_quality: int = 90
+    difficulty: str = "medium"
+
+    def check(self) -> None:
+        unknown = [c for c in self.classes[1:] if c not in SHAPES]
+        if not self.classes or self.classes[0] != "background" or unknown or \
+                len(set(self.classes)) != len(self.classes) or len(self.classes) < 2:
+            raise UsageError(f"synthetic classes must be 'background' then some of "
+                             f"{', '.join(SHAPES)}")
+        if not 8 <= self.min_size <= self.max_size:
+            raise UsageError("image sizes must satisfy 8 <= min size <= max size")
+        if not (0 <= self.miss_rate <= 1 and 0 <= self.spurious_rate <= 1):
+            raise UsageError("the miss and spurious rates must be in [0, 1]")
+        if self.difficulty not in DIFFICULTIES:
+            raise UsageError(f"unknown difficulty {self.difficulty!r}: choose one of "
+                             f"{', '.join(DIFFICULTIES)}")
+        if min(self.n_labelled, self.n_tagged, self.n_test) < 0:
+            raise UsageError("image counts must be >= 0")
+
+
+PARTS = {"labelled": 0, "tagged": 1, "test": 2}
+PREFIX = {"labelled": "lab", "tagged": "web", "test": "test"}
+
+
+def _jpeg(path: Path, image: np.ndarray, quality: int) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    atomic_write(path, lambda f: f.write(buf.getvalue()), durable=False)
+
+
+def _scene(cfg: SynthConfig, part: str, i: int) -> tuple[np.random.Generator, Scene]:
+    rng = np.random.default_rng([cfg.seed, PARTS[part], i])
+    size = (int(rng.integers(cfg.min_size, cfg.max_size + 1)),
+            int(rng.integers(cfg.min_size, cfg.max_size + 1)))
+    return rng, render_scene(rng, cfg.classes, size, cfg.difficulty)
+
+
+def _prepare_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not (out / "benchmark.json").is_file():
+        raise UsageError(f"{out} is not empty and holds no earlier benchmark (benchmark.json): "
+                         "choose a new folder")
+    if not overwrite:
+        raise UsageError(f"{out} already holds a benchmark: pass --force (overwrite=True) to "
+                         "replace it")
+    # Remove only what the generator writes, so stale images of a larger run cannot linger.
+    for name in ("VOCdevkit", "idw", "manifests"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("classes.txt", "benchmark.json"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def generate_benchmark(out_dir: str | Path, seed: int = 0, n_labelled: int = 30,
+                       n_tagged: int = 400, n_test: int = 100, min_size: int = 48,
+                       max_size: int = 96, classes: Sequence[str] | None = None,
+                       miss_rate: float = 0.25, spurious_rate: float = 0.15,
+                       jpeg_quality: int = 90, difficulty: str = "medium",
+                       manifests: bool = True,
+                       overwrite: bool = False,
+                       progress: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Write the benchmark under ``out_dir``; returns its paths and measured statistics.
+
+    ``out_dir`` must be new or empty; ``overwrite=True`` replaces an earlier benchmark there
+    (recognised by its ``benchmark.json``), never another folder's contents.
+    """
+    cfg = SynthConfig(seed, n_labelled, n_tagged, n_test, min_size, max_size,
+                      list(classes) if classes is not None else list(DEFAULT_CLASSES),
+                      miss_rate, spurious_rate, jpeg_quality, difficulty)
+    cfg.check()
+    out = Path(out_dir)
+    _prepare_output(out, overwrite)
+    voc = out / "VOCdevkit" / "VOC2012"
+    idw = out / "idw"
+    split_ids: dict[str, list[str]] = {"labelled": [], "test": []}
+    for part in ("labelled", "test"):
+        for i in range(getattr(cfg, f"n_{part}")):
+            _, scene = _scene(cfg, part, i)
+            image_id = f"{PREFIX[part]}_{i:04d}"
+            _jpeg(voc / "JPEGImages" / f"{image_id}.jpg", scene.image, cfg.jpeg_quality)
+            write_palette_png(voc / "SegmentationClass" / f"{image_id}.png", scene.labelmap)
+            split_ids[part].append(image_id)
+            if progress:
+                progress()
+    seg = voc / "ImageSets" / "Segmentation"
+    write_text(seg / "train.txt", "".join(f"{i}\n" for i in split_ids["labelled"]))
+    write_text(seg / "val.txt", "".join(f"{i}\n" for i in split_ids["test"]))
+
+    captions, truth = [], []
+    tp = fp = fn = 0
+    for i in range(cfg.n_tagged):
+        rng, scene = _scene(cfg, "tagged", i)
+        image_id = f"web_{i:04d}"
+        _jpeg(idw / "images" / f"{image_id}.jpg", scene.image, cfg.jpeg_quality)
+        write_palette_png(idw / "labels" / f"{image_id}.png", scene.labelmap)
+        mentioned = noisy_mentions(rng, scene.counts, cfg.classes, cfg.miss_rate,
+                                   cfg.spurious_rate)
+        caption = make_caption(rng, mentioned)
+        parsed = parse_caption(caption, cfg.classes)
+        expected = [c for c in cfg.classes if c in mentioned]
+        if parsed != expected:  # a template/lexicon mismatch would silently change the noise
+            raise AssertionError(f"caption {caption!r} parses as {parsed}, not {expected}")
+        true_tags = [c for c in cfg.classes if c in scene.counts]
+        tp += len(set(parsed) & set(true_tags))
+        fp += len(set(parsed) - set(true_tags))
+        fn += len(set(true_tags) - set(parsed))
+        captions.append({"image": f"images/{image_id}.jpg", "caption": caption})
+        truth.append({"id": image_id, "tags": true_tags})
+        if progress:
+            progress()
+    write_text(idw / "captions.jsonl", _jsonl(captions))
+    write_text(idw / "true_tags.jsonl", _jsonl(truth))
+    write_text(out / "classes.txt", "".join(f"{c}\n" for c in cfg.classes))
+    precision = tp / max(tp + fp, 1)
+    recall = tp / max(tp + fn, 1)
+    stats = {"caption_tag_precision": round(precision, 4), "caption_tag_recall": round(recall, 4),
+             "caption_tag_f1": round(2 * precision * recall / max(precision + recall, 1e-9), 4)}
+    write_text(out / "benchmark.json", json.dumps({"format": "dis-synth", "version": 1,
+                                                   "config": asdict(cfg), "stats": stats},
+                                                  indent=2) + "\n")
+    result: dict[str, Any] = {
+        "out": str(out), "voc": str(voc), "classes_file": str(out / "classes.txt"),
+        "captions": str(idw / "captions.jsonl"), "true_tags": str(idw / "true_tags.jsonl"),
+        "true_labels": str(idw / "labels"), "config": asdict(cfg), "stats": stats}
+    if manifests:
+        result["manifests"] = write_benchmark_manifests(out)
+    return result
+
+
+def oracle_manifest(bench_dir: str | Path) -> Manifest:
+    """The tagged images with their *true* labelmaps and tags: for the fully supervised bound
+    and for measuring tag cleaning, never for training a semi-supervised run."""
+    bench = Path(bench_dir)
+    classes = parse_classes(str(bench / "classes.txt"))
+    records = []
+    for line in read_text(bench / "idw" / "true_tags.jsonl").splitlines():
+        row = json.loads(line)
+        records.append(Record(id=row["id"], image=f"images/{row['id']}.jpg",
+                              labelmap=f"labels/{row['id']}.png", tags=row["tags"],
+                              tag_source="pixels", split="tagged_oracle"))
+    return Manifest(classes, records, bench / "idw")
+
+
+def write_benchmark_manifests(bench_dir: str | Path) -> dict[str, str]:
+    """Run the real preparation on the benchmark: ``manifests/train.jsonl`` (pixel-labelled),
+    ``val.jsonl`` (test), ``tagged.jsonl`` (caption tags) and ``tagged_oracle.jsonl``."""
+    bench = Path(bench_dir)
+    mdir = bench / "manifests"
+    classes = parse_classes(str(bench / "classes.txt"))
+    report = prepare_voc(bench / "VOCdevkit", mdir, classes=classes)
+    paths = {name: m["path"] for name, m in report["manifests"].items()}
+    prepare_idw(bench / "idw" / "captions.jsonl", mdir / "tagged.jsonl", classes=classes,
+                split="tagged")
+    write_manifest(mdir / "tagged_oracle.jsonl", oracle_manifest(bench))
+    paths.update(tagged=str(mdir / "tagged.jsonl"),
+                 tagged_oracle=str(mdir / "tagged_oracle.jsonl"))
+    return paths
