@@ -155,6 +155,8 @@ class PseudoCache:
         except (KeyError, TypeError, ValueError):
             raise IncompatibleError("cache has no valid 'classes' attribute (corrupt cache?)",
                                     self.path) from None
+        self._id_set = set(self._ids)
+        self._reads = 0  # every REOPEN_EVERY reads the file is reopened: see get()
         self._h5: h5py.File | None = None
 
     def ids(self) -> list[str]:
@@ -164,15 +166,13 @@ class PseudoCache:
         return len(self._ids)
 
     def __contains__(self, image_id: str) -> bool:
-        if getattr(self, "_id_set", None) is None:
-            self._id_set = set(self._ids)
         return image_id in self._id_set
 
     def get(self, image_id: str) -> CacheEntry:
         # HDF5 keeps what it learnt of every group it opened until the file closes: reading the
         # 20k entries of one open file grew the process by 200 MB (benchmarks/scale.py), so the
         # file is reopened every REOPEN_EVERY reads (a millisecond) and memory stays flat.
-        self._reads = getattr(self, "_reads", 0) + 1
+        self._reads += 1
         if self._reads % REOPEN_EVERY == 0:
             self.close()
         if self._h5 is None:

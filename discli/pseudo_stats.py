@@ -57,10 +57,9 @@ def score_cache(cache: PseudoCache, truth: Any, confidence: float = 0.0) -> dict
     k = len(cache.classes)
     every, kept_only = ConfusionMatrix(k), ConfusionMatrix(k)
     images = kept = pixels = 0
-    have = set(cache.ids())
     for rec in truth.records:
         path = truth.labelmap_path(rec)
-        if path is None or rec.id not in have:
+        if path is None or rec.id not in cache:
             continue
         entry = cache.get(rec.id)
         gt = read_labelmap(path, k)

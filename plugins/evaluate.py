@@ -56,7 +56,7 @@ def evaluate(
     amp: bool = opt.AmpOpt,
     lr: float | None = opt.LrOpt,
     momentum: float | None = opt.MomentumOpt,
-    scales: str = opt.ScalesOpt,
+    scales: tuple[float, ...] = opt.ScalesOpt,
     flip: bool = opt.FlipOpt,
     save_dir: Path | None = typer.Option(None, "--save-dir", help="Also write the scored "
                                          "predictions: <setup>/<id>.png (VOC palette), "
@@ -78,20 +78,15 @@ def evaluate(
     from discli.distributed import dist_info
     from discli.errors import UsageError
     from discli.evaluate import evaluate_checkpoint, parse_steps
-    from discli.multiscale import parse_scales
 
     if (manifest is None) == (manifest_opt is None):
         raise UsageError("give the manifest once: as the argument or with --manifest")
     manifest = manifest or manifest_opt
     steps = parse_steps(t_ts) if t_ts is not None else None
-    try:
-        view_scales = parse_scales(scales)
-    except ValueError as exc:
-        raise UsageError(f"--{exc}") from None
     main = dist_info().is_main  # rank 0 alone prints
     with RichReporter(quiet=quiet or not main) as reporter:
         report = evaluate_checkpoint(checkpoint, manifest, t_ts=steps, root=root, device=device,
-                                     lr=lr, momentum=momentum, scales=view_scales, flip=flip,
+                                     lr=lr, momentum=momentum, scales=scales, flip=flip,
                                      ensemble=ensemble, batch_size=batch_size, amp=amp,
                                      boundary_tolerance=boundary_tol, split=split,
                                      num_workers=num_workers, limit=limit, reporter=reporter,

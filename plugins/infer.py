@@ -32,7 +32,7 @@ def infer(
     amp: bool = opt.AmpOpt,
     lr: float | None = opt.LrOpt,
     momentum: float | None = opt.MomentumOpt,
-    scales: str = opt.ScalesOpt,
+    scales: tuple[float, ...] = opt.ScalesOpt,
     flip: bool = opt.FlipOpt,
     json_out: bool = typer.Option(False, "--json", help="One JSON summary line per image on "
                                   "stdout."),
@@ -45,15 +45,10 @@ def infer(
     """
     from discli.distributed import dist_info
     from discli.errors import UsageError
-    from discli.multiscale import parse_scales
     from discli.predict import infer_checkpoint
 
     if out is None and probs is None and not json_out:
         raise UsageError("nothing to write: pass --out DIR, --probs FILE and/or --json")
-    try:
-        view_scales = parse_scales(scales)
-    except ValueError as exc:
-        raise UsageError(f"--{exc}") from None
     main = dist_info().is_main  # rank 0 reports every image
     written = skipped = 0
     with RichReporter(quiet=quiet or not main) as reporter:
@@ -62,7 +57,7 @@ def infer(
                                         batch_size=batch_size, amp=amp, overlay=overlay,
                                         probs_path=probs, overwrite=overwrite,
                                         reporter=reporter, opacity=opacity,
-                                        scales=view_scales, flip=flip):
+                                        scales=scales, flip=flip):
             if not main:
                 continue
             skipped += summary["skipped"]

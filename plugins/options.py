@@ -212,8 +212,24 @@ InfAmpOpt = typer.Option(True, "--amp/--no-amp", help="float16 backbone forward 
 InfLrOpt = typer.Option(None, "--lr", help="Inference step size (default: the checkpoint's).")
 InfMomentumOpt = typer.Option(None, "--momentum", help="Inference momentum (default: the "
                               "checkpoint's).")
-InfQuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
-ScalesOpt = typer.Option("1.0", "--scales", help="Multi-scale testing: comma-separated image "
+NoProgressOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+InfQuietOpt = NoProgressOpt
+
+# ---------------------------------------------------------------- data preparation (prepare-*)
+DecodeOpt = typer.Option(False, "--decode", help="Decode every image fully (finds truncated "
+                         "files; slower). Default: headers only.")
+SkipBadOpt = typer.Option(False, "--skip-bad", help="Leave bad images out and list them, "
+                          "instead of stopping at the first.")
+def _parse_scales(text: str) -> tuple[float, ...]:
+    from discli.runtime import parse_scales  # (torch: only once a command runs)
+
+    try:
+        return parse_scales(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc).removeprefix("scales: ")) from None
+
+
+ScalesOpt = typer.Option("1.0", "--scales", callback=_parse_scales, help="Multi-scale testing: comma-separated image "
                          "scales whose probabilities are averaged, e.g. 0.5,0.75,1.0,1.25 "
                          "(each with its own feature inference).")
 FlipOpt = typer.Option(False, "--flip/--no-flip", help="Also average the mirrored image's "

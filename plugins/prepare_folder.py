@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from dis_plugins import options as opt
 from dis_plugins.options import json_option
 from discli.cli.output import err_console, print_json
 
@@ -23,12 +24,10 @@ def prepare_folder(
     allow_unlabelled: bool = typer.Option(False, "--allow-unlabelled", help="Keep images "
                                           "without a mask (no labelmap, no tags) instead of "
                                           "stopping."),
-    decode: bool = typer.Option(False, "--decode", help="Decode every image fully (finds "
-                                "truncated files; slower). Default: headers only."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave bad images out and list "
-                                  "them, instead of stopping at the first."),
+    decode: bool = opt.DecodeOpt,
+    skip_bad: bool = opt.SkipBadOpt,
     json_out: bool = json_option("Print the report as JSON on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = opt.NoProgressOpt,
 ) -> None:
     """Your own data: write a manifest (tags from the masks) that dis pretrain, finetune and
     evaluate read. Every mask is checked: index PNG, image size, values in the class list."""

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from dis_plugins import options as opt
 from dis_plugins.options import json_option
 from discli.cli.output import err_console, print_json
 
@@ -26,7 +27,7 @@ def prepare_idw(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave bad images and lines out "
                                   "and list them, instead of stopping at the first."),
     json_out: bool = json_option("Print the report as JSON on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = opt.NoProgressOpt,
 ) -> None:
     """Validate every image, parse captions into tags and write a manifest (tag_source caption).
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from dis_plugins import options as opt
 from dis_plugins.options import json_option
 from discli.cli.output import err_console, print_json
 
@@ -22,12 +23,10 @@ def prepare_voc(
     classes: str | None = typer.Option(None, "--classes", help="Comma list or a file, one name "
                                        "a line, background first (default: the 21 VOC "
                                        "classes)."),
-    decode: bool = typer.Option(False, "--decode", help="Decode every image fully (finds "
-                                "truncated files; slower). Default: headers only."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave bad images out and list "
-                                  "them, instead of stopping at the first."),
+    decode: bool = opt.DecodeOpt,
+    skip_bad: bool = opt.SkipBadOpt,
     json_out: bool = json_option("Print the report as JSON on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = opt.NoProgressOpt,
 ) -> None:
     """Write VOC12 (and SBD, train_aug) manifests with tags derived from the labelmaps."""
     from dis_plugins._render import bad_table, reporter

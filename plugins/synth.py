@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from dis_plugins import options as opt
 from dis_plugins.options import json_option
 from discli.cli.output import err_console, print_json
 
@@ -32,7 +33,7 @@ def synth(
                                    "prepare-voc and prepare-idw into OUT/manifests/."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier benchmark in OUT."),
     json_out: bool = json_option("Print paths and statistics as JSON."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = opt.NoProgressOpt,
 ) -> None:
     """Generate the synthetic benchmark: a fair miniature of VOC + IDW, in their formats."""
     from dis_plugins._render import reporter

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -35,6 +36,18 @@ SPLIT_COLOURS = {1: (220, 40, 40), 2: (40, 200, 60), 3: (50, 60, 220)}
 
 
 # ----------------------------------------------------------------------------- models, checkpoints
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Autouse in every test module that imports it: these workloads are tiny, and one intra-op
+    thread is several times faster than two on a busy 2-core machine (thread hand-offs
+    dominate)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 def tiny_model(num_classes: int = len(CLASSES), channels: int = 8, seed: int = 0
                ) -> torch.nn.Module:

@@ -33,18 +33,12 @@ from discli.cache import CacheEntry
 from discli.checkpoint import file_hash, save_checkpoint
 from discli.data.manifest import Manifest, Record, write_manifest
 from discli.data.voc import write_palette_png
-from factories import CLASSES, bomb_png, save_model, tiny_model, write_cache  # noqa: F401
+from factories import (CLASSES, bomb_png, one_thread, save_model, tiny_model,  # noqa: F401
+                       write_cache)
 from factories import noise_png as png
 
 DIS = shutil.which("dis") or str(Path(sys.executable).with_name("dis"))
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- file makers

@@ -27,19 +27,12 @@ from PIL import Image
 
 from discli.checkpoint import load_checkpoint, save_checkpoint
 from discli.data.voc import write_palette_png
-from factories import CLASSES, save_model, tiny_model
+from factories import CLASSES, one_thread, save_model, tiny_model  # noqa: F401
 from factories import noise_png as png
 from test_bad_inputs import labelled_set, manifest, run_main
 
 DIS = shutil.which("dis") or str(Path(sys.executable).with_name("dis"))
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -2,39 +2,26 @@
 ``benchmarks/gpu_check.sh`` on a CUDA machine. CI never depends on them."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from factories import make_split
 from discli.checkpoint import load_checkpoint
 from discli.inference import InferenceConfig, infer
 from discli.model import ModelConfig, build_model
-from discli.train.config import TrainConfig
 from discli.train.finetune import finetune
 from discli.train.pretrain import pretrain
+from test_distributed import _free_port
+from test_train import config, data  # noqa: F401
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cuda-data")
-    return {"labelled": make_split(root, "train", 6, 0, True),
-            "tagged": make_split(root, "web", 5, 1, False, tag_source="caption")}
-
-
 def _config(data, out, **kw):
-    base = dict(labelled=str(data["labelled"]), tagged=str(data["tagged"]), out=str(out),
-                backbone="tiny", channels=16, batch_size=4, crop_size=32, lr=0.01,
-                iters_step1=4, iters_step2=2, iters_step3=4, mstep_iters=4, rounds=1, t_tr=3,
-                estep_batch_size=2, device="cuda", amp=True)
-    base.update(kw)
-    return TrainConfig(**base)
+    return config(data, out, device="cuda", amp=True, **kw)  # test_train's tiny run, on CUDA
 
 
 def test_amp_pretrain_and_finetune_on_cuda(data, tmp_path):
@@ -71,9 +58,7 @@ def test_lowrank_equals_autograd_on_cuda():
 
 
 def test_nccl_torchrun_pretrain_one_process(data, tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
            "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "discli",
            "pretrain", "--labelled", str(data["labelled"]), "--out", str(tmp_path / "ddp"),

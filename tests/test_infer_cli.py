@@ -20,17 +20,8 @@ from PIL import Image
 
 from discli.data.dataset import normalize
 from discli.data.voc import voc_palette
-from factories import (CLASSES, make_sample, save_tiny, trained_tiny,  # noqa: F401
+from factories import (CLASSES, make_sample, one_thread, save_tiny, trained_tiny,  # noqa: F401
                        write_dataset)
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These workloads are tiny: one intra-op thread is several times faster than two on a
-    busy 2-core machine (thread hand-offs dominate)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,29 @@ def config(data, out, **kw):
     return TrainConfig(**base)
 
 
+def killed_after_checkpoint(cfg, phase, iteration):
+    """``pretrain(cfg)`` stopped as by a kill right after it saved ``phase``'s checkpoint of
+    ``iteration``."""
+    import discli.train.engine as engine
+
+    real = engine.save_checkpoint
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(path, state):
+        real(path, state)
+        if state["phase"] == phase and state["iteration"] == iteration:
+            raise Killed
+
+    engine.save_checkpoint = save_then_die
+    try:
+        with pytest.raises(Killed):
+            pretrain(cfg)
+    finally:
+        engine.save_checkpoint = real
+
+
 def weights(path):
     return load_checkpoint(path)["model"]
 
@@ -87,24 +110,7 @@ def test_resume_from_mid_step_checkpoint(data, tmp_path):
     # Keep the iteration-2 checkpoint of step 3 by running a copy that stops there.
     stop = config(data, tmp_path / "stop", ckpt_every=2)
     pretrain(stop, steps=[1, 2])
-    import discli.train.engine as engine
-
-    real = engine.save_checkpoint
-
-    class Killed(Exception):
-        pass
-
-    def kill_after_iter2(path, state):
-        real(path, state)
-        if state["phase"] == "step3" and state["iteration"] == 4:
-            raise Killed
-
-    engine.save_checkpoint = kill_after_iter2
-    try:
-        with pytest.raises(Killed):
-            pretrain(stop)
-    finally:
-        engine.save_checkpoint = real
+    killed_after_checkpoint(stop, "step3", 4)
     assert load_checkpoint(tmp_path / "stop/pretrain/last.pth")["iteration"] == 4
     pretrain(stop)
     a = weights(tmp_path / "full/pretrain/final.pth")
@@ -218,24 +224,7 @@ def test_rerun_with_other_settings_is_refused_and_rewrites_nothing(data, tmp_pat
 
 
 def test_interrupted_run_continues_only_with_its_settings(data, tmp_path):
-    import discli.train.engine as engine
-
-    real = engine.save_checkpoint
-
-    class Killed(Exception):
-        pass
-
-    def kill_at_4(path, state):
-        real(path, state)
-        if state["phase"] == "step1" and state["iteration"] == 4:
-            raise Killed
-
-    engine.save_checkpoint = kill_at_4
-    try:
-        with pytest.raises(Killed):
-            pretrain(config(data, tmp_path))
-    finally:
-        engine.save_checkpoint = real
+    killed_after_checkpoint(config(data, tmp_path), "step1", 4)
     with pytest.raises(UsageError, match=r"crop_size 32 -> 48"):
         pretrain(config(data, tmp_path, crop_size=48))
     assert pretrain(config(data, tmp_path))["steps"][1] == "trained"

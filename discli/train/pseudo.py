@@ -89,8 +89,7 @@ class PseudoLabelled(SegDataset):
                  confidence: float = 0.0, tag_threshold: float = 0.5,
                  tags: str = "cleaned", tag_gate: str = "none", class_keep: float = 0.0):
         super().__init__(manifest, transform, use_labelmaps=False)
-        have = set(cache.ids())
-        missing = [r.id for r in manifest.records if r.id not in have]
+        missing = [r.id for r in manifest.records if r.id not in cache]
         if missing:
             raise BadInputError(f"{len(missing)} tagged images have no entry (first: "
                                 f"{missing[0]!r}); re-run the E-step", cache.path)
