@@ -56,7 +56,7 @@ def evaluate(
     amp: bool = opt.AmpOpt,
     lr: float | None = opt.LrOpt,
     momentum: float | None = opt.MomentumOpt,
-    scales: tuple[float, ...] = opt.ScalesOpt,
+    scales: str = opt.ScalesOpt,
     flip: bool = opt.FlipOpt,
     save_dir: Path | None = typer.Option(None, "--save-dir", help="Also write the scored "
                                          "predictions: <setup>/<id>.png (VOC palette), "
@@ -83,10 +83,11 @@ def evaluate(
         raise UsageError("give the manifest once: as the argument or with --manifest")
     manifest = manifest or manifest_opt
     steps = parse_steps(t_ts) if t_ts is not None else None
+    view_scales = opt.scales_of(scales)
     main = dist_info().is_main  # rank 0 alone prints
     with RichReporter(quiet=quiet or not main) as reporter:
         report = evaluate_checkpoint(checkpoint, manifest, t_ts=steps, root=root, device=device,
-                                     lr=lr, momentum=momentum, scales=scales, flip=flip,
+                                     lr=lr, momentum=momentum, scales=view_scales, flip=flip,
                                      ensemble=ensemble, batch_size=batch_size, amp=amp,
                                      boundary_tolerance=boundary_tol, split=split,
                                      num_workers=num_workers, limit=limit, reporter=reporter,

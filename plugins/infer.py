@@ -32,7 +32,7 @@ def infer(
     amp: bool = opt.AmpOpt,
     lr: float | None = opt.LrOpt,
     momentum: float | None = opt.MomentumOpt,
-    scales: tuple[float, ...] = opt.ScalesOpt,
+    scales: str = opt.ScalesOpt,
     flip: bool = opt.FlipOpt,
     json_out: bool = typer.Option(False, "--json", help="One JSON summary line per image on "
                                   "stdout."),
@@ -49,6 +49,7 @@ def infer(
 
     if out is None and probs is None and not json_out:
         raise UsageError("nothing to write: pass --out DIR, --probs FILE and/or --json")
+    view_scales = opt.scales_of(scales)
     main = dist_info().is_main  # rank 0 reports every image
     written = skipped = 0
     with RichReporter(quiet=quiet or not main) as reporter:
@@ -57,7 +58,7 @@ def infer(
                                         batch_size=batch_size, amp=amp, overlay=overlay,
                                         probs_path=probs, overwrite=overwrite,
                                         reporter=reporter, opacity=opacity,
-                                        scales=scales, flip=flip):
+                                        scales=view_scales, flip=flip):
             if not main:
                 continue
             skipped += summary["skipped"]

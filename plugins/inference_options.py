@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dis_plugins.options import DEVICE_HELP, FlipOpt, ScalesOpt, json_option
+from dis_plugins.options import DEVICE_HELP, FlipOpt, ScalesOpt, json_option, scales_of
 from dis_plugins.options import InfAmpOpt as AmpOpt
 from dis_plugins.options import InfBatchOpt as BatchOpt
 from dis_plugins.options import InfDeviceOpt as DeviceOpt
@@ -13,4 +13,4 @@ from dis_plugins.options import InfQuietOpt as QuietOpt
 from dis_plugins.options import InfWorkersOpt as WorkersOpt
 
 __all__ = ["AmpOpt", "BatchOpt", "DEVICE_HELP", "DeviceOpt", "FlipOpt", "LrOpt", "MomentumOpt",
-           "QuietOpt", "ScalesOpt", "WorkersOpt", "json_option"]
+           "QuietOpt", "ScalesOpt", "WorkersOpt", "json_option", "scales_of"]

@@ -220,16 +220,18 @@ DecodeOpt = typer.Option(False, "--decode", help="Decode every image fully (find
                          "files; slower). Default: headers only.")
 SkipBadOpt = typer.Option(False, "--skip-bad", help="Leave bad images out and list them, "
                           "instead of stopping at the first.")
-def _parse_scales(text: str) -> tuple[float, ...]:
+def scales_of(text: str) -> tuple[float, ...]:
+    """The value of ``--scales`` (``0.75,1.0,1.25``), checked: a bad one is a usage error."""
+    from discli.errors import UsageError
     from discli.runtime import parse_scales  # (torch: only once a command runs)
 
     try:
         return parse_scales(text)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc).removeprefix("scales: ")) from None
+        raise UsageError(f"--{exc}") from None
 
 
-ScalesOpt = typer.Option("1.0", "--scales", callback=_parse_scales, help="Multi-scale testing: comma-separated image "
+ScalesOpt = typer.Option("1.0", "--scales", help="Multi-scale testing: comma-separated image "
                          "scales whose probabilities are averaged, e.g. 0.5,0.75,1.0,1.25 "
                          "(each with its own feature inference).")
 FlipOpt = typer.Option(False, "--flip/--no-flip", help="Also average the mirrored image's "
