@@ -74,7 +74,8 @@ from discli.visual import write_color_png, write_index_png, write_overlay
 
 
 def infer_checkpoint(inputs: Sequence[str], checkpoint: str | Path, *,
-                     out_dir: str | Path | None = None, t_ts: int | None = None,
+                     out_dir: str | Path | None = None,
+                     t_ts: int | Sequence[int] | None = None,
                      lr: float | None = None, momentum: float | None = None,
                      device: str | torch.device | None = None, stdin: TextIO | None = None,
                      **options: Any) -> Iterator[dict[str, Any]]:
@@ -82,18 +83,36 @@ def infer_checkpoint(inputs: Sequence[str], checkpoint: str | Path, *,
     ``device``, resolved by :func:`discli.distributed.resolve_device`), collects the inputs on
     rank 0 (``-`` reads ``stdin``), loads the checkpoint and runs :func:`predict` with its
     inference settings (``t_ts``, ``lr``, ``momentum``: the checkpoint's where None). The other
-    ``options`` are those of :func:`predict`; the checkpoint is protected from being written."""
+    ``options`` are those of :func:`predict`; the checkpoint is protected from being written.
+
+    ``t_ts`` may list several iteration counts: each is a pass of its own (the backbone runs
+    again: test-time inference starts from the forward pass's features) writing into
+    ``out_dir/t<N>/``, and its summaries carry ``t_ts``; a probabilities file holds one t only.
+    """
     from discli.checkpoint import load_for_inference
     from discli.distributed import resolve_device
 
+    several = t_ts is not None and not isinstance(t_ts, int) and len(t_ts) > 1
+    if several and options.get("probs_path") is not None:
+        raise UsageError("a probabilities file holds one t_ts: give one value, or leave out "
+                         "the probabilities file")
+    if several and out_dir is None:
+        raise UsageError("several t_ts values write one folder each: give an output folder")
     dev, _ = setup_distributed(resolve_device(device))
     images = on_main(lambda: collect_inputs(inputs, stdin, exclude=out_dir))  # rank 0 reads stdin
     loaded = load_for_inference(checkpoint, dev)
-    steps = int(loaded.inference["t_ts"]) if t_ts is None else t_ts
-    cfg = loaded.inference_config(steps, lr=lr, momentum=momentum)
-    yield from predict(loaded.model, images, classes=loaded.classes, out_dir=out_dir,
-                       steps=steps, cfg=cfg, device=dev, checkpoint_hash=loaded.checkpoint_hash,
-                       protect=[(checkpoint, "checkpoint")], **options)
+    if t_ts is None:
+        runs = [int(loaded.inference["t_ts"])]
+    else:
+        runs = [int(t_ts)] if isinstance(t_ts, int) else [int(t) for t in t_ts]
+    for steps in runs:
+        cfg = loaded.inference_config(steps, lr=lr, momentum=momentum)
+        folder = Path(out_dir) / f"t{steps}" if several and out_dir is not None else out_dir
+        for summary in predict(loaded.model, images, classes=loaded.classes, out_dir=folder,
+                               steps=steps, cfg=cfg, device=dev,
+                               checkpoint_hash=loaded.checkpoint_hash,
+                               protect=[(checkpoint, "checkpoint")], **options):
+            yield {**summary, "t_ts": steps} if several else summary
 
 
 def predict(model: DISNet, inputs: Sequence[InputImage], *, classes: Sequence[str],

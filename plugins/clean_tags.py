@@ -179,6 +179,7 @@ def run(
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute an existing cache."),
     batch_size: int = opt.BatchOpt,
     num_workers: int = opt.WorkersOpt,
+    old_workers: int | None = opt.OldWorkersOpt,
     device: str | None = opt.DeviceOpt,
     amp: bool = opt.AmpOpt,
     lr: float | None = opt.LrOpt,
@@ -195,10 +196,11 @@ def run(
     from discli import tags
 
     overrides = {"lr": lr, "momentum": momentum, "tag_weight": tag_weight}
+    workers = num_workers if old_workers is None else old_workers  # --workers: older spelling
     with RichReporter(quiet=quiet) as reporter:
         result = tags.run_clean(checkpoint, manifest, out, t_tr=t_tr, overrides=overrides,
                                 threshold=threshold, split=split, batch_size=batch_size,
-                                device=device, amp=amp, num_workers=num_workers,
+                                device=device, amp=amp, num_workers=workers,
                                 overwrite=overwrite, reporter=reporter)
     if json_out:
         print_json(result)

@@ -52,6 +52,7 @@ def evaluate(
     limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N images."),
     batch_size: int = opt.BatchOpt,
     num_workers: int = opt.WorkersOpt,
+    old_workers: int | None = opt.OldWorkersOpt,
     device: str | None = opt.DeviceOpt,
     amp: bool = opt.AmpOpt,
     lr: float | None = opt.LrOpt,
@@ -84,13 +85,14 @@ def evaluate(
     manifest = manifest or manifest_opt
     steps = parse_steps(t_ts) if t_ts is not None else None
     view_scales = opt.scales_of(scales)
+    workers = num_workers if old_workers is None else old_workers  # --workers: older spelling
     main = dist_info().is_main  # rank 0 alone prints
     with RichReporter(quiet=quiet or not main) as reporter:
         report = evaluate_checkpoint(checkpoint, manifest, t_ts=steps, root=root, device=device,
                                      lr=lr, momentum=momentum, scales=view_scales, flip=flip,
                                      ensemble=ensemble, batch_size=batch_size, amp=amp,
                                      boundary_tolerance=boundary_tol, split=split,
-                                     num_workers=num_workers, limit=limit, reporter=reporter,
+                                     num_workers=workers, limit=limit, reporter=reporter,
                                      save_dir=save_dir, opacity=opacity)
     if not main:
         return

@@ -16,9 +16,10 @@ def infer(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Model checkpoint."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder: <id>.png (class "
                                     "indices), <id>_color.png (VOC palette), <id>_overlay.jpg."),
-    t_ts: int | None = typer.Option(None, "--t-ts", min=0, help="Test-time inference "
-                                    "iterations (0 = plain forward; default: the "
-                                    "checkpoint's t_ts)."),
+    t_ts: str | None = typer.Option(None, "--t-ts", help="Test-time inference iterations, "
+                                    "comma-separated as for evaluate (0 = plain forward; "
+                                    "default: the checkpoint's t_ts). Several values write "
+                                    "one subfolder each under --out (t0/, t30/)."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write image/labelmap blends."),
     opacity: float = typer.Option(0.5, "--opacity", min=0.0, max=1.0, help="Overlay colour "
                                   "weight over labelled non-background pixels (background "
@@ -45,15 +46,17 @@ def infer(
     """
     from discli.distributed import dist_info
     from discli.errors import UsageError
+    from discli.evaluate import parse_steps
     from discli.predict import infer_checkpoint
 
     if out is None and probs is None and not json_out:
         raise UsageError("nothing to write: pass --out DIR, --probs FILE and/or --json")
+    steps = parse_steps(t_ts) if t_ts is not None else None
     view_scales = opt.scales_of(scales)
     main = dist_info().is_main  # rank 0 reports every image
     written = skipped = 0
     with RichReporter(quiet=quiet or not main) as reporter:
-        for summary in infer_checkpoint(inputs, checkpoint, out_dir=out, t_ts=t_ts, lr=lr,
+        for summary in infer_checkpoint(inputs, checkpoint, out_dir=out, t_ts=steps, lr=lr,
                                         momentum=momentum, device=device,
                                         batch_size=batch_size, amp=amp, overlay=overlay,
                                         probs_path=probs, overwrite=overwrite,

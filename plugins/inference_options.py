@@ -10,7 +10,8 @@ from dis_plugins.options import InfDeviceOpt as DeviceOpt
 from dis_plugins.options import InfLrOpt as LrOpt
 from dis_plugins.options import InfMomentumOpt as MomentumOpt
 from dis_plugins.options import InfQuietOpt as QuietOpt
+from dis_plugins.options import InfOldWorkersOpt as OldWorkersOpt
 from dis_plugins.options import InfWorkersOpt as WorkersOpt
 
 __all__ = ["AmpOpt", "BatchOpt", "DEVICE_HELP", "DeviceOpt", "FlipOpt", "LrOpt", "MomentumOpt",
-           "QuietOpt", "ScalesOpt", "WorkersOpt", "json_option", "scales_of"]
+           "OldWorkersOpt", "QuietOpt", "ScalesOpt", "WorkersOpt", "json_option", "scales_of"]

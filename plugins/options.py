@@ -205,8 +205,9 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar and no sum
 
 InfBatchOpt = typer.Option(8, "--batch-size", "-b", min=1, help="Images per batch (images of one "
                            "size only).")
-InfWorkersOpt = typer.Option(0, "--num-workers", "--workers", min=0, help="DataLoader worker "
-                             "processes (--workers: the older spelling).")
+InfWorkersOpt = typer.Option(0, "--num-workers", min=0, help="DataLoader worker processes.")
+# The older spelling, still accepted and left out of --help (one spelling per idea).
+InfOldWorkersOpt = typer.Option(None, "--workers", min=0, hidden=True)
 InfDeviceOpt = typer.Option(None, "--device", help=DEVICE_HELP, show_default="auto")
 InfAmpOpt = typer.Option(True, "--amp/--no-amp", help="float16 backbone forward on CUDA.")
 InfLrOpt = typer.Option(None, "--lr", help="Inference step size (default: the checkpoint's).")

@@ -118,6 +118,15 @@ def test_cli_table_and_split(tiny_checkpoint, dataset, capsys):
     assert code == 2 and "manifest" in err
 
 
+def test_one_workers_spelling_in_help_older_one_accepted(tiny_checkpoint, dataset, capsys):
+    code, out, _ = cli(capsys, "evaluate", "--help")
+    assert code == 0 and "--num-workers" in out and "--workers" not in out
+    code, out, err = cli(capsys, "evaluate", str(dataset), "-c", str(tiny_checkpoint), "--t-ts",
+                         "0", "--device", "cpu", "--workers", "0", "--json")
+    assert code == 0, err
+    assert json.loads(out)["setups"][0]["name"] == "t=0"
+
+
 def test_class_count_mismatch_is_incompatible(tmp_path, dataset, capsys):
     from discli.model import ModelConfig, build_model
 

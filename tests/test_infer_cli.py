@@ -122,6 +122,30 @@ def test_batching_does_not_change_results(tiny_checkpoint, images, tmp_path, cap
     assert all(np.array_equal(outs[0][k], outs[1][k]) for k in outs[0])
 
 
+def test_several_t_ts_write_one_folder_each(tiny_checkpoint, images, tmp_path, capsys):
+    """`--t-ts 0,3` as for evaluate: t0/ and t3/ hold what `--t-ts 0` and `--t-ts 3` write."""
+    code, out, err = cli(capsys, "infer", str(images), "-c", str(tiny_checkpoint), "--out",
+                         str(tmp_path / "both"), "--device", "cpu", "--t-ts", "0,3", "--json",
+                         "-q")
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert sorted({line["t_ts"] for line in lines}) == [0, 3]
+    for t in (0, 3):
+        code, _, err = cli(capsys, "infer", str(images), "-c", str(tiny_checkpoint), "--out",
+                           str(tmp_path / f"single{t}"), "--device", "cpu", "--t-ts", str(t),
+                           "-q")
+        assert code == 0, err
+        single = sorted((tmp_path / f"single{t}").glob("*.png"))
+        assert single and [p.name for p in single] == sorted(
+            p.name for p in (tmp_path / "both" / f"t{t}").glob("*.png"))
+        assert all(np.array_equal(np.asarray(Image.open(p)),
+                                  np.asarray(Image.open(tmp_path / "both" / f"t{t}" / p.name)))
+                   for p in single)
+    code, _, err = cli(capsys, "infer", str(images), "-c", str(tiny_checkpoint), "--probs",
+                       str(tmp_path / "p.h5"), "--device", "cpu", "--t-ts", "0,3")
+    assert code == 2 and "one t_ts" in err
+
+
 def test_stdin_list_through_console_script(tiny_checkpoint, images, tmp_path):
     out = tmp_path / "out"
     paths = f"{images / 'a.png'}\n{images / 'c.png'}\n"

@@ -66,6 +66,8 @@ class Difficulty:
     occluder: float  # probability of a pole or branch in front of the objects
     look_purity: float
     object_scale: tuple[float, float]  # object half-extent as a share of the image's short side
+    objects: tuple[float, float, float] = (0.25, 0.4, 0.35)  # P(1, 2, 3 objects in an image)
+    touch: float = 0.6  # probability that an object is placed against the previous one
 
 
 # Measured with the demo's tiny backbone (see the module docstring): "hard" leaves even the

@@ -56,13 +56,13 @@ def render_scene(rng: np.random.Generator, classes: Sequence[str], size: tuple[i
                         1, rng.uniform(0.8, 1.2), rng.uniform(0.8, 1.2))
         look = LOOKS[_pick(rng, {k: 1.0 for k in LOOKS})]
         img = np.where(_distractor(lu, lv, rng)[..., None], _texture(rng, look, lu, lv), img)
-    n_objects = int(rng.choice([1, 2, 3], p=[0.25, 0.4, 0.35]))
+    n_objects = int(rng.choice([1, 2, 3], p=list(level.objects)))
     objects = [int(rng.integers(1, len(classes))) for _ in range(n_objects)]
     prev = None
     for k in objects:
         name = classes[k]
         s = rng.uniform(*level.object_scale) * side
-        if prev is not None and rng.random() < 0.6:  # next to the previous one: touch/overlap
+        if prev is not None and rng.random() < level.touch:  # next to the previous one: touch/overlap
             angle = rng.uniform(0, 2 * np.pi)
             dist = (prev[2] + s) * rng.uniform(0.5, 1.0)
             cx = float(np.clip(prev[0] + dist * np.cos(angle), 0.1 * w, 0.9 * w))
