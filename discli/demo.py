@@ -38,10 +38,12 @@ class DemoConfig:
     t_tr: list[int] = field(default_factory=lambda: [0, 10, 30])
     t_ts: list[int] = field(default_factory=lambda: [0, 10, 30])
     # benchmark
-    n_labelled: int = 30
+    n_labelled: int = 20
     n_tagged: int = 400
     n_test: int = 100
-    difficulty: str = "vivid"  # see discli.data.synthetic.DIFFICULTIES
+    difficulty: str = "bold"  # see discli.synth.DIFFICULTIES
+    min_size: int = 72  # image sides, pixels
+    max_size: int = 120
     # Training: the shipped preset (discli/configs/<preset>.toml, the same `--config NAME` a
     # user passes to `dis pretrain` / `dis finetune`), "" = "quick" with --quick, else "demo";
     # `train` overrides any of its keys.
@@ -56,9 +58,9 @@ class DemoConfig:
 
     @classmethod
     def quick_config(cls, **overrides: Any) -> DemoConfig:
-        # The default's 30 labelled images (the same files: images are seeded per index), half
+        # The default's labelled images (the same files: images are seeded per index), half
         # the tagged images and the "quick" preset (shorter schedules, one round): a smoke run.
-        base = cls(quick=True, n_labelled=30, n_tagged=200, n_test=60, figure_rows=3)
+        base = cls(quick=True, n_tagged=200, n_test=60, figure_rows=3)
         return replace(base, **overrides)
 
 
@@ -94,7 +96,8 @@ def check_settings(results: Path, demo: DemoConfig) -> None:
     from discli.data.synthetic import SynthConfig
 
     SynthConfig(seed=demo.seed, n_labelled=demo.n_labelled, n_tagged=demo.n_tagged,
-                n_test=demo.n_test, difficulty=demo.difficulty).check()
+                n_test=demo.n_test, min_size=demo.min_size, max_size=demo.max_size,
+                difficulty=demo.difficulty).check()
     path = results / "settings.json"
     settings = {k: v for k, v in json.loads(json.dumps(asdict(demo))).items()
                 if k not in NEUTRAL_SETTINGS}
@@ -157,7 +160,9 @@ def _commands(demo: DemoConfig, bench: Path, runs: Path,
     m = bench / "manifests"
     last = configs[f"t_tr={demo.t_tr[-1]}"][1] if demo.t_tr else None
     lines = [f"dis synth {bench} --seed {demo.seed} --n-labelled {demo.n_labelled} "
-             f"--n-tagged {demo.n_tagged} --n-test {demo.n_test} --difficulty {demo.difficulty}"]
+             f"--n-tagged {demo.n_tagged} --n-test {demo.n_test} "
+             f"--difficulty {demo.difficulty} --min-size {demo.min_size} "
+             f"--max-size {demo.max_size}"]
     lines += [train_command(command, cfg, demo.preset_name) for command, cfg in configs.values()]
     ts = ",".join(str(t) for t in demo.t_ts)
     if last is not None:
@@ -209,6 +214,7 @@ def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, An
     info = timed("benchmark", lambda: _cached_json(results / "benchmark.json", lambda: (
         generate_benchmark(bench, seed=demo.seed, n_labelled=demo.n_labelled,
                            n_tagged=demo.n_tagged, n_test=demo.n_test,
+                           min_size=demo.min_size, max_size=demo.max_size,
                            difficulty=demo.difficulty))))
     manifests = info["manifests"]
     common = dict(labelled=manifests["train"], tagged=manifests["tagged"])

@@ -19,8 +19,9 @@ def demo(
                              "to fine-tune with (comma list)."),
     t_ts: str = typer.Option("0,10,30", "--t-ts", help="Test-time inference iterations."),
     seed: int = typer.Option(0, "--seed"),
-    difficulty: str = typer.Option("vivid", "--difficulty", help="Benchmark difficulty: vivid, "
-                                   "clear, easy, medium or hard (see `dis synth --help`)."),
+    difficulty: str = typer.Option("bold", "--difficulty", help="Benchmark difficulty: bold, "
+                                   "vivid, clear, easy, medium or hard (see `dis synth "
+                                   "--help`)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     json_out: bool = json_option("Print report.json on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),

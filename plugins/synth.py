@@ -27,8 +27,9 @@ def synth(
     spurious_rate: float = typer.Option(0.15, "--spurious-rate", help="Probability that a "
                                         "caption names one absent class."),
     difficulty: str = typer.Option("medium", "--difficulty", help="Scene clutter and how "
-                                   "much colour tells the class: vivid (the demo's), clear, "
-                                   "easy, medium or hard."),
+                                   "much colour tells the class: bold (the demo's, with "
+                                   "--min-size 72 --max-size 120), vivid, clear, easy, medium "
+                                   "or hard."),
     manifests: bool = typer.Option(True, "--manifests/--no-manifests", help="Also run "
                                    "prepare-voc and prepare-idw into OUT/manifests/."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier benchmark in OUT."),

@@ -54,6 +54,23 @@ BACKGROUND_LOOK = Look({"green": 4, "teal": 2, "blue": 2, "grey": 3, "brown": 3,
                         "white": 1, "orange": 0.5, "red": 0.3},
                        {"noise": 3, "gradient": 3, "stripes": 1, "spots": 0.5, "flat": 1})
 
+# The "bold" level's looks: each class has one signature colour (aeroplane white, bird yellow,
+# boat blue, car red, cat orange) and sometimes wears another class's, as a red boat or a white
+# cat; the backgrounds keep to the muted colours, so that a small CNN can fit the fully
+# supervised bound (see the module docstring of discli.synth) and what few labelled images
+# miss is the atypical looks and the shapes.
+SIGNATURE_LOOKS = {
+    "aeroplane": Look({"white": 6, "grey": 1.5, "blue": 0.7, "red": 0.4},
+                      {"gradient": 4, "flat": 3}),
+    "bird": Look({"yellow": 6, "black": 1.5, "brown": 1, "white": 0.5}, {"spots": 4, "noise": 2}),
+    "boat": Look({"blue": 6, "white": 1.2, "red": 1, "teal": 0.5}, {"stripes": 5, "flat": 1}),
+    "car": Look({"red": 6, "black": 1.2, "grey": 1, "blue": 0.5}, {"gradient": 4, "flat": 2}),
+    "cat": Look({"orange": 6, "brown": 1.5, "grey": 1, "black": 0.5}, {"stripes": 4, "noise": 3}),
+}
+SIGNATURE_BACKGROUND = Look({"green": 4, "teal": 2, "blue": 1, "grey": 3, "brown": 3,
+                             "yellow": 0.5, "white": 0.5},
+                            {"noise": 3, "gradient": 3, "stripes": 1, "spots": 0.5, "flat": 1})
+
 
 @dataclass(frozen=True)
 class Difficulty:
@@ -68,6 +85,15 @@ class Difficulty:
     object_scale: tuple[float, float]  # object half-extent as a share of the image's short side
     objects: tuple[float, float, float] = (0.25, 0.4, 0.35)  # P(1, 2, 3 objects in an image)
     touch: float = 0.6  # probability that an object is placed against the previous one
+    signature: bool = False  # SIGNATURE_LOOKS / SIGNATURE_BACKGROUND instead of LOOKS
+
+    @property
+    def looks(self) -> dict[str, Look]:
+        return SIGNATURE_LOOKS if self.signature else LOOKS
+
+    @property
+    def background(self) -> Look:
+        return SIGNATURE_BACKGROUND if self.signature else BACKGROUND_LOOK
 
 
 # Measured with the demo's tiny backbone (see the module docstring): "hard" leaves even the
@@ -78,6 +104,9 @@ DIFFICULTIES = {
     "easy": Difficulty((0, 2), 0.0, (0, 0), 0.0, 2.0, (0.22, 0.4)),
     "medium": Difficulty((1, 3), 0.1, (0, 1), 0.15, 1.5, (0.25, 0.45)),
     "hard": Difficulty((2, 5), 0.25, (0, 2), 0.3, 1.0, (0.3, 0.55)),
+    # Large objects (0.38-0.5 of the short side), one or two, rarely touching, signature looks
+    # squared (a class wears its own colour about 85% of the time): the demo's level.
+    "bold": Difficulty((0, 1), 0.0, (0, 0), 0.0, 2.0, (0.38, 0.5), (0.6, 0.4, 0.0), 0.1, True),
 }
 
 

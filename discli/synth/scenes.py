@@ -9,7 +9,7 @@ import numpy as np
 from scipy import ndimage
 
 from discli.labelmap import IGNORE, labelmap_tags
-from discli.synth.looks import (ACCENTS, BACKGROUND_LOOK, DIFFICULTIES, Difficulty, LOOKS, Look,
+from discli.synth.looks import (ACCENTS, DIFFICULTIES, Difficulty, Look,
                                 _colour, _pick, _purer, _texture)
 from discli.synth.shapes import ANY_LOOK, SHAPES, _distractor, _local, _rect
 
@@ -23,10 +23,10 @@ class Scene:
 
 def _background(rng, X, Y, h, w, level: Difficulty) -> np.ndarray:
     u, v = X / w * 2 - 1, Y / h * 2 - 1
-    img = _texture(rng, BACKGROUND_LOOK, u * rng.uniform(1, 2), v * rng.uniform(1, 2))
+    img = _texture(rng, level.background, u * rng.uniform(1, 2), v * rng.uniform(1, 2))
     if rng.random() < 0.6:  # a horizon: sky/ground or wall/floor
         y0 = rng.uniform(-0.5, 0.5) + rng.uniform(-0.2, 0.2) * u
-        lower = _texture(rng, BACKGROUND_LOOK, u * 2, v * 2)
+        lower = _texture(rng, level.background, u * 2, v * 2)
         img = np.where((v > y0)[..., None], lower, img)
     # clutter: blobs, boxes and lines
     for _ in range(int(rng.integers(level.clutter[0], level.clutter[1] + 1))):
@@ -34,8 +34,8 @@ def _background(rng, X, Y, h, w, level: Difficulty) -> np.ndarray:
         lu, lv = _local(X, Y, cx, cy, r, rng.uniform(0, np.pi), 1, 1, 1)
         mask = _distractor(lu, lv, rng) if rng.random() < 0.5 else \
             _rect(lu, lv, -1, 1, -rng.uniform(0.05, 0.3), rng.uniform(0.05, 0.3))
-        look = LOOKS[_pick(rng, {k: 1.0 for k in LOOKS})] \
-            if rng.random() < level.clutter_object_look else BACKGROUND_LOOK
+        look = level.looks[_pick(rng, {k: 1.0 for k in level.looks})] \
+            if rng.random() < level.clutter_object_look else level.background
         img = np.where(mask[..., None], _texture(rng, look, lu, lv), img)
     return img
 
@@ -54,7 +54,7 @@ def render_scene(rng: np.random.Generator, classes: Sequence[str], size: tuple[i
         s = rng.uniform(0.18, 0.4) * side
         lu, lv = _local(X, Y, rng.uniform(0, w), rng.uniform(0, h), s, rng.uniform(0, 2 * np.pi),
                         1, rng.uniform(0.8, 1.2), rng.uniform(0.8, 1.2))
-        look = LOOKS[_pick(rng, {k: 1.0 for k in LOOKS})]
+        look = level.looks[_pick(rng, {k: 1.0 for k in level.looks})]
         img = np.where(_distractor(lu, lv, rng)[..., None], _texture(rng, look, lu, lv), img)
     n_objects = int(rng.choice([1, 2, 3], p=list(level.objects)))
     objects = [int(rng.integers(1, len(classes))) for _ in range(n_objects)]
@@ -72,7 +72,7 @@ def render_scene(rng: np.random.Generator, classes: Sequence[str], size: tuple[i
         prev = (cx, cy, s)
         lu, lv = _local(X, Y, cx, cy, s, rng.uniform(-0.4, 0.4), 1 if rng.random() < 0.5 else -1,
                         rng.uniform(0.85, 1.15), rng.uniform(0.85, 1.15))
-        look = _purer(LOOKS.get(name, ANY_LOOK), level.look_purity)
+        look = _purer(level.looks.get(name, ANY_LOOK), level.look_purity)
         accent = _purer(ACCENTS.get(name, ANY_LOOK), level.look_purity)
         for mask, role in SHAPES[name](lu, lv, rng):
             if role == "body":
@@ -87,7 +87,7 @@ def render_scene(rng: np.random.Generator, classes: Sequence[str], size: tuple[i
         lu, lv = _local(X, Y, rng.uniform(0, w), rng.uniform(0, h), side * rng.uniform(0.3, 0.6),
                         rng.uniform(0, np.pi), 1, 1, 1)
         mask = _rect(lu, lv, -1, 1, -0.05, 0.05)
-        img = np.where(mask[..., None], _texture(rng, BACKGROUND_LOOK, lu, lv), img)
+        img = np.where(mask[..., None], _texture(rng, level.background, lu, lv), img)
         label[mask] = 0
     # Camera: blur, a light gradient, sensor noise.
     img = ndimage.gaussian_filter(img, sigma=(rng.uniform(0.3, 0.8),) * 2 + (0,))
