@@ -2,8 +2,8 @@
 any fine-tuning settings changed, on one synthetic benchmark; prints test mIoU and the
 pseudo-label mIoU of every round (against the tagged images' true labelmaps) as one JSON line.
 
-    python benchmarks/dual_loop.py --difficulty vivid --seed 0 --n-labelled 30 --t-tr 0,30 \\
-        --set tag_gate=noisy --out /tmp/dual
+    python benchmarks/dual_loop.py --difficulty bold --seed 2 --n-labelled 20 --t-tr 0,30 \\
+        --set tagged_ratio=0.25 --out /tmp/dual
 
 The benchmark and the baseline are made once per (difficulty, seed, n-labelled) under --out and
 reused by later runs with other --set values; each variant trains into its own folder. This is
@@ -41,9 +41,11 @@ def test_miou(checkpoint: Path, val: object, steps: list[int]) -> dict[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--difficulty", default="vivid")
+    parser.add_argument("--difficulty", default="bold")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-labelled", type=int, default=30)
+    parser.add_argument("--n-labelled", type=int, default=20)
+    parser.add_argument("--min-size", type=int, default=72, help="smallest image side (px)")
+    parser.add_argument("--max-size", type=int, default=120, help="largest image side (px)")
     parser.add_argument("--n-tagged", type=int, default=400)
     parser.add_argument("--t-tr", default="0,30")
     parser.add_argument("--t-ts", default="0,30")
@@ -54,11 +56,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     sets = parse_sets(args.sets)
-    root = Path(args.out) / f"{args.difficulty}-s{args.seed}-l{args.n_labelled}-t{args.n_tagged}"
+    root = Path(args.out) / (f"{args.difficulty}-s{args.seed}-l{args.n_labelled}-t{args.n_tagged}"
+                             f"-px{args.min_size}-{args.max_size}")
     bench = root / "bench"
     if not (bench / "benchmark.json").exists():
         generate_benchmark(bench, seed=args.seed, n_labelled=args.n_labelled,
-                           n_tagged=args.n_tagged, difficulty=args.difficulty, overwrite=True)
+                           n_tagged=args.n_tagged, min_size=args.min_size,
+                           max_size=args.max_size, difficulty=args.difficulty, overwrite=True)
     m = {name: bench / "manifests" / f"{name}.jsonl"
          for name in ("train", "val", "tagged", "tagged_oracle")}
     val, oracle = read_manifest(m["val"]), read_manifest(m["tagged_oracle"])

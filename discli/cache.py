@@ -79,8 +79,8 @@ def check_attrs(attrs: Any, path: Path, checkpoint_hash: str | None = None,
                                 f"version {FORMAT_VERSION}); re-run the E-step to rebuild it", path)
     if checkpoint_hash is not None and not force and attrs.get("checkpoint_hash") != checkpoint_hash:
         raise IncompatibleError(f"stale cache: made by checkpoint {attrs.get('checkpoint_hash')}, "
-                                f"not the current {checkpoint_hash} (delete it, or pass --force "
-                                f"to use it anyway)", path)
+                                f"not the current {checkpoint_hash} (delete it, or pass "
+                                f"{{opt:force=True}} to use it anyway)", path)
 
 
 class CacheWriter:

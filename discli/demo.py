@@ -111,11 +111,11 @@ def check_settings(results: Path, demo: DemoConfig) -> None:
         changed = sorted(k for k in set(held) | set(settings) if held.get(k) != settings.get(k))
         if changed:
             raise UsageError(f"{results.parent} holds a demo run with other settings "
-                             f"({', '.join(changed)}): choose another --out or delete it")
+                             f"({', '.join(changed)}): choose another {{opt:out}} or delete it")
         return
     if any(results.iterdir()):
         raise UsageError(f"{results.parent} holds a demo run from an older version of dis: "
-                         "choose another --out or delete it")
+                         "choose another {opt:out} or delete it")
     atomic_write(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
 
 

@@ -143,7 +143,8 @@ class PeerError(DisError):
 
 
 def _failure(exc: BaseException) -> tuple[int, str]:
-    return int(getattr(exc, "exit_code", EXIT_FAILURE)), str(exc) or type(exc).__name__
+    message = exc.marked() if isinstance(exc, DisError) else str(exc)
+    return int(getattr(exc, "exit_code", EXIT_FAILURE)), message or type(exc).__name__
 
 
 def together(fn: Callable[[], T]) -> T:
@@ -212,9 +213,10 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"--device: unknown device {name!r} (use cpu or cuda)") from None
+        raise UsageError(f"{{opt:device}}: unknown device {name!r} (use cpu or cuda)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: CUDA is not available on this machine (use --device cpu)")
+        raise UsageError("{opt:device=cuda}: CUDA is not available on this machine (use "
+                         "{opt:device=cpu})")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", dist_info().local_rank)
     return device

@@ -2,11 +2,19 @@
 
 Every error carries a message that already names the file (or option) and the problem, so the
 CLI prints it as one line. Exit codes are part of the public interface (see README).
+
+An option is named in a message as ``{opt:NAME}`` or ``{opt:NAME=VALUE}``: the library's text
+(``str(exc)``) reads ``NAME`` / ``NAME=VALUE`` (the keyword a Python caller passed), the
+command line's (:meth:`DisError.cli_message`) ``--NAME`` / ``--NAME VALUE`` (``--t-ts``, the
+flag a shell user typed); ``{opt:KEYWORD/FLAG}`` where the two names differ (``steps/step``).
+The library never spells a flag, and the CLI never rewrites prose.
 """
 
 from __future__ import annotations
 
 import errno as _errno
+import re
+from collections.abc import Callable
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # unexpected internal error (a bug): traceback with --debug
@@ -38,6 +46,20 @@ def quote(value: object, limit: int = 80) -> str:
     return shorten(repr(value), limit)
 
 
+_OPTION = re.compile(r"\{opt:(\w+)(?:/(\w+))?(?:=([^}]*))?\}")
+
+
+def _as_keyword(match: re.Match[str]) -> str:
+    name, _, value = match.groups()
+    return name if value is None else f"{name}={value}"
+
+
+def _as_flag(match: re.Match[str]) -> str:
+    name, flag_name, value = match.groups()
+    flag = "--" + (flag_name or name).replace("_", "-")
+    return flag if value in (None, "True") else f"{flag} {value}"
+
+
 class DisError(Exception):
     """Base class: an expected failure with a one-line message."""
 
@@ -46,9 +68,21 @@ class DisError(Exception):
     def __init__(self, message: str, path: object | None = None):
         self.path = None if path is None else str(path)
         # Cap both parts: a message must stay one readable line whatever the input quoted.
-        message = shorten(message, 4 * MAX_QUOTED)
+        self.template = shorten(message, 4 * MAX_QUOTED)
+        super().__init__(self._render(_as_keyword))
+
+    def _render(self, option: Callable[[re.Match[str]], str] | None) -> str:
+        message = self.template if option is None else _OPTION.sub(option, self.template)
         where = None if self.path is None else shorten(self.path)
-        super().__init__(f"{where}: {message}" if where else message)
+        return f"{where}: {message}" if where else message
+
+    def marked(self) -> str:
+        """The message with its option markers kept: for an error that quotes another."""
+        return self._render(None)
+
+    def cli_message(self) -> str:
+        """The message as the command line shows it: options named by their flags."""
+        return self._render(_as_flag)
 
 
 class UsageError(DisError):

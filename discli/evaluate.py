@@ -134,9 +134,9 @@ def parse_steps(text: str) -> list[int]:
     try:
         steps = sorted({int(part) for part in text.replace(" ", "").split(",") if part})
     except ValueError:
-        raise UsageError(f"--t-ts: expected comma-separated integers, got {text!r}") from None
+        raise UsageError(f"{{opt:t_ts}}: expected comma-separated integers, got {text!r}") from None
     if not steps or steps[0] < 0:
-        raise UsageError(f"--t-ts: expected integers >= 0, got {text!r}")
+        raise UsageError(f"{{opt:t_ts}}: expected integers >= 0, got {text!r}")
     return steps
 
 
@@ -310,11 +310,11 @@ class PredictionSaver:
             for name in self.names:
                 for path in self.paths(name, rec.id):
                     if path.resolve() in inputs:
-                        raise UsageError(f"--save-dir {self.folder} would write {path} over an "
-                                         "input file: choose another folder")
+                        raise UsageError(f"{{opt:save_dir}} {self.folder} would write {path} "
+                                         "over an input file: choose another folder")
         if (self.folder / "confusion.png").resolve() in inputs:
-            raise UsageError(f"--save-dir {self.folder} would write confusion.png over an input "
-                             "file: choose another folder")
+            raise UsageError(f"{{opt:save_dir}} {self.folder} would write confusion.png over an "
+                             "input file: choose another folder")
 
     def paths(self, name: str, image_id: str) -> tuple[Path, Path]:
         sub = self.folder / setup_folder(name)

@@ -68,9 +68,9 @@ def export_cache(cache_path: str | Path, out_dir: str | Path, threshold: float =
     confidence = float(defaults.get("confidence", 0.0) if confidence is None else confidence)
     gate = str(defaults.get("tag_gate", "none") if gate is None else gate)
     if not 0.0 <= confidence <= 1.0:
-        raise UsageError(f"--confidence must be within 0..1, got {confidence}")
+        raise UsageError(f"{{opt:confidence}} must be within 0..1, got {confidence}")
     if gate not in GATES:
-        raise UsageError(f"--gate must be one of {', '.join(GATES)}, not {gate!r}")
+        raise UsageError(f"{{opt:gate}} must be one of {', '.join(GATES)}, not {gate!r}")
     out.mkdir(parents=True, exist_ok=True)
     lines = []
     ignored = pixels = 0

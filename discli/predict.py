@@ -162,13 +162,13 @@ def predict(model: DISNet, inputs: Sequence[InputImage], *, classes: Sequence[st
                             "'_color' or '_overlay' next to its stem?)", out)
     manifests = {item.source for item in inputs if item.source is not None}
     refuse_overlap(
-        [(p, "output file") for p in targets] + [(probs_path, "--probs file")]
+        [(p, "output file") for p in targets] + [(probs_path, "{opt:probs} file")]
         + ([(out / RUN_INFO, "run record"), (out / OUTPUT_RECORDS, "record of outputs")]
            if out is not None else []),
         [(item.path, "input image") for item in inputs]
         + [(item.labelmap, "labelmap of the input manifest") for item in inputs]
         + [(m, "input manifest") for m in manifests] + list(protect),
-        advice="choose another --out or --probs")
+        advice="choose another {opt:out} or {opt:probs}")
     if out is not None:
         refuse_foreign(out, plans)  # again under the lock; here before the lock file exists
     with contextlib.ExitStack() as locks:

@@ -93,16 +93,17 @@ class ProbsWriter:
             with h5py.File(path, "r") as h5:
                 attrs = dict(h5.attrs)
         except OSError as exc:
-            raise BadInputError(f"not a readable HDF5 file ({exc}); pass --overwrite to replace "
-                                f"it", path) from None
+            raise BadInputError(f"not a readable HDF5 file ({exc}); pass {{opt:overwrite=True}} "
+                                f"to replace it", path) from None
         if attrs.get("format") != PROBS_FORMAT:
-            raise IncompatibleError("not a dis probabilities file; pass --overwrite to replace it",
+            raise IncompatibleError("not a dis probabilities file; pass {opt:overwrite=True} to "
+                                    "replace it",
                                     path)
         for key in ("classes", "steps", "checkpoint_hash", "inference"):
             if str(attrs.get(key)) != str(self.attrs.get(key)):
                 raise IncompatibleError(f"made with another {key} ({attrs.get(key)}, now "
-                                        f"{self.attrs.get(key)}); pass --overwrite to replace "
-                                        f"it", path)
+                                        f"{self.attrs.get(key)}); pass {{opt:overwrite=True}} to "
+                                        f"replace it", path)
 
     def add(self, image_id: str, probs: np.ndarray, tag_probs: np.ndarray,
             input_hash: str = "") -> None:

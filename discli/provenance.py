@@ -91,7 +91,7 @@ def refuse_foreign(out_dir: Path, plans: list[tuple[Any, dict[str, Path]]]) -> N
         for path in paths.values():
             if os.path.lexists(path):
                 raise UsageError(f"{path} exists and was not made by dis infer (the folder has no "
-                                 f"{RUN_INFO}); choose another --out, or move the file away "
+                                 f"{RUN_INFO}); choose another {{opt:out}}, or move the file away "
                                  f"(nothing was written)", out_dir)
 
 
@@ -110,12 +110,13 @@ def check_run_info(out_dir: Path, info: dict[str, Any], overwrite: bool) -> None
         except (OSError, ValueError):
             old = None
         if isinstance(old, dict) and old.get("replacing"):
-            raise IncompatibleError(f"an --overwrite run into this folder did not finish, so it "
-                                    f"holds outputs of two settings (see {RUN_INFO}); pass "
-                                    f"--overwrite to finish replacing them", out_dir)
+            raise IncompatibleError(f"a run with {{opt:overwrite=True}} into this folder did not "
+                                    f"finish, so it holds outputs of two settings (see "
+                                    f"{RUN_INFO}); pass "
+                                    f"{{opt:overwrite=True}} to finish replacing them", out_dir)
         if old != info:
             changed = sorted(k for k in info if not isinstance(old, dict) or old.get(k) != info[k])
             raise IncompatibleError(f"outputs there were made with another {', '.join(changed)} "
-                                    f"(see {RUN_INFO}); pass --overwrite to replace them, or "
-                                    f"another --out", out_dir)
+                                    f"(see {RUN_INFO}); pass {{opt:overwrite=True}} to replace them, "
+                                    f"or another {{opt:out}}", out_dir)
     write_run_info(out_dir, {**info, "replacing": True} if overwrite else info)

@@ -44,7 +44,7 @@ class TagRow:
 
 def check_threshold(threshold: float) -> float:
     if not 0.0 <= threshold <= 1.0:
-        raise UsageError(f"--threshold must be within 0..1, got {threshold}")
+        raise UsageError(f"{{opt:threshold}} must be within 0..1, got {threshold}")
     return threshold
 
 
@@ -90,7 +90,7 @@ def write_export(tag_rows: Iterable[TagRow], classes: Sequence[str], fmt: str = 
                  stream: TextIO | None = None) -> int:
     """Write the rows in ``fmt`` (jsonl, csv, tsv); returns the number of rows written."""
     if fmt not in FORMATS:
-        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+        raise UsageError(f"{{opt:format}} must be one of {', '.join(FORMATS)}, not {fmt!r}")
     stream = stream or sys.stdout
     count = 0
     writer = None
@@ -233,7 +233,7 @@ def export_tags(cache_path: str | Path, output: str | Path = "-", fmt: str = "js
     from discli.storage import atomic_write
 
     refuse_overlap([(output, "export")], [(cache_path, "cache")],
-                   advice="choose another --output")
+                   advice="choose another {opt:output}")
     buffer = io.StringIO()
     count = write_export(tag_rows, store.classes, fmt, buffer)
     atomic_write(output, lambda f: f.write(buffer.getvalue().encode("utf-8")))
@@ -269,11 +269,11 @@ def run_clean(checkpoint: str | Path, manifest_path: str | Path, cache_path: str
 
     refuse_overlap([(cache_path, "cache")], [(manifest_path, "manifest"),
                                              (checkpoint, "checkpoint")],
-                   advice="choose another --out")
+                   advice="choose another {opt:out}")
     device = resolve_device(device)
     check_threshold(threshold)
     if t_tr is not None and t_tr < 0:
-        raise UsageError(f"--t-tr must be >= 0, got {t_tr}")
+        raise UsageError(f"{{opt:t_tr}} must be >= 0, got {t_tr}")
     loaded = load_for_inference(checkpoint, device)
     if t_tr is None:
         t_tr = int(loaded.inference["t_tr"])
@@ -294,7 +294,8 @@ def run_clean(checkpoint: str | Path, manifest_path: str | Path, cache_path: str
         for key in made:
             if str(made[key]) != str(wanted[key]):
                 raise IncompatibleError(f"existing cache was made with {key} {made[key]}, not "
-                                        f"{wanted[key]}; pass --overwrite or another --out",
+                                        f"{wanted[key]}; pass {{opt:overwrite=True}} or another "
+                                        f"{{opt:out}}",
                                         cache_path)
         reused = set(old.ids()) >= {rec.id for rec in manifest.records}
         old.close()

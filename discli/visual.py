@@ -42,7 +42,7 @@ def palette() -> np.ndarray:
 
 def check_opacity(opacity: float) -> float:
     if not 0.0 <= opacity <= 1.0:
-        raise UsageError(f"--opacity must be within 0..1, got {opacity}")
+        raise UsageError(f"{{opt:opacity}} must be within 0..1, got {opacity}")
     return float(opacity)
 
 

@@ -60,7 +60,7 @@ def finetune(
     from discli.train.finetune import finetune as run_finetune
 
     main_rank = dist_info().is_main  # under torchrun only rank 0 talks
-    with opt.as_flags(), RichReporter(quiet=quiet or not main_rank) as reporter:
+    with RichReporter(quiet=quiet or not main_rank) as reporter:
         summary = run_finetune(cfg, only=only, round_=round_, reporter=reporter, force=force,
                                tensorboard=tensorboard)
     if not main_rank:

@@ -16,9 +16,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import tomllib
-from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -112,30 +110,6 @@ def _refuse_overwriting_inputs(cfg: TrainConfig, config: Path | None,
     refuse_overlap([(folder / name, f"run's {name}") for name in ("config.toml", "log.jsonl",
                                                                    "last.pth", "final.pth")],
                    reads, advice="choose another --out, or copy the file elsewhere first")
-
-
-# The library names settings by their config keys; the commands re-word them as their flags:
-# a message that starts with one of these, or ends with "(key)".
-_FLAG_STARTS = {"batch_size ": "--batch-size ", "only must": "--only must",
-                "round must": "--round must", "steps must": "--step must"}
-_FLAG_ENDS = {"(out)": "(--out)", "(labelled)": "(--labelled)", "(tagged)": "(--tagged)"}
-
-
-@contextlib.contextmanager
-def as_flags() -> Iterator[None]:
-    """Re-raise a library usage error that names a setting by its config key (``no run folder
-    given (out)``) with the command's flag instead (``(--out)``); the same exit code."""
-    try:
-        yield
-    except UsageError as exc:
-        message = str(exc)
-        for key, flag in _FLAG_STARTS.items():
-            if message.startswith(key):
-                raise UsageError(flag + message[len(key):]) from None
-        for key, flag in _FLAG_ENDS.items():
-            if message.endswith(key):
-                raise UsageError(message[:-len(key)] + flag) from None
-        raise
 
 
 def parse_ints(values: list[str] | None, option: str) -> list[int]:

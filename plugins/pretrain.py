@@ -62,7 +62,7 @@ def pretrain(
     from discli.train.pretrain import pretrain as run_pretrain
 
     main_rank = dist_info().is_main  # under torchrun only rank 0 talks
-    with opt.as_flags(), RichReporter(quiet=quiet or not main_rank) as reporter:
+    with RichReporter(quiet=quiet or not main_rank) as reporter:
         summary = run_pretrain(cfg, steps=opt.parse_ints(step, "--step") or (1, 2, 3),
                                reporter=reporter, tensorboard=tensorboard)
     if not main_rank:

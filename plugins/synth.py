@@ -13,7 +13,7 @@ from discli.cli.output import err_console, print_json
 
 def synth(
     out: Path = typer.Argument(..., help="Output folder (new or empty; or an earlier "
-                                         "benchmark with --force)."),
+                                         "benchmark with --overwrite)."),
     seed: int = typer.Option(0, "--seed", help="Same seed, same bytes."),
     n_labelled: int = typer.Option(30, "--n-labelled", help="Pixel-labelled training images."),
     n_tagged: int = typer.Option(400, "--n-tagged", help="Images with noisy captions only."),
@@ -32,7 +32,9 @@ def synth(
                                    "or hard."),
     manifests: bool = typer.Option(True, "--manifests/--no-manifests", help="Also run "
                                    "prepare-voc and prepare-idw into OUT/manifests/."),
-    force: bool = typer.Option(False, "--force", help="Replace an earlier benchmark in OUT."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier benchmark in "
+                                   "OUT."),
+    force: bool = typer.Option(False, "--force", hidden=True),  # the older spelling
     json_out: bool = json_option("Print paths and statistics as JSON."),
     quiet: bool = opt.NoProgressOpt,
 ) -> None:
@@ -49,7 +51,7 @@ def synth(
                                     classes=names, miss_rate=miss_rate,
                                     spurious_rate=spurious_rate, difficulty=difficulty,
                                     manifests=manifests,
-                                    overwrite=force, progress=rep.advance)
+                                    overwrite=overwrite or force, progress=rep.advance)
     if json_out:
         print_json(result)
         return

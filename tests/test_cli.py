@@ -92,3 +92,22 @@ def test_python_dash_m():
     out = subprocess.run([sys.executable, "-m", "discli", "--version"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and __version__ in out.stdout
+
+
+def test_library_errors_name_keywords_and_the_cli_names_flags(tmp_path, capsys):
+    """A library message names an option by its Python keyword; `dis` prints the flag."""
+    from discli.errors import IncompatibleError, UsageError
+    from discli.evaluate import parse_steps
+
+    err = IncompatibleError("made elsewhere; pass {opt:overwrite=True}, {opt:device=cpu}, "
+                            "{opt:steps/step=2} or another {opt:out}", tmp_path / "x.h5")
+    assert str(err) == (f"{tmp_path / 'x.h5'}: made elsewhere; pass overwrite=True, device=cpu, "
+                        "steps=2 or another out")
+    assert err.cli_message() == (f"{tmp_path / 'x.h5'}: made elsewhere; pass --overwrite, "
+                                 "--device cpu, --step 2 or another --out")
+    with pytest.raises(UsageError, match=r"^t_ts: expected comma-separated integers"):
+        parse_steps("1,x")
+    code = main(["evaluate", str(tmp_path / "m.jsonl"), "-c", str(tmp_path / "c.pth"),
+                 "--t-ts", "1,x"])
+    assert code == 2
+    assert "--t-ts: expected comma-separated integers, got '1,x'" in capsys.readouterr().err

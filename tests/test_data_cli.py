@@ -164,4 +164,5 @@ def test_synth_command(tmp_path):
     report = json.loads(result.stdout)
     assert Path(report["manifests"]["tagged"]).is_file()
     again = dis("synth", tmp_path / "b", "--n-labelled", "2")
-    assert again.returncode == 2 and "--force" in again.stderr
+    assert again.returncode == 2 and "pass --overwrite to replace it" in again.stderr
+    assert dis("synth", tmp_path / "b", "--n-labelled", "2", "--force").returncode == 0

@@ -204,7 +204,7 @@ def test_shipped_backbone_weights_load_by_name():
 
 def test_make_weights_is_reproducible_and_loads(tmp_path):
     from discli.backbones import build_backbone
-    from discli.weights import make_weights
+    from discli.weights.make import make_weights
 
     a = make_weights("tiny", 8, out=tmp_path / "a.pth", n_images=6, iters=3, batch_size=2,
                      workdir=tmp_path)

@@ -157,8 +157,9 @@ def test_interrupted_overwrite_is_finished_only_by_overwrite(tmp_path):
     run = predict(model, inputs, steps=2, overwrite=True, **kw)
     next(run)
     run.close()  # stopped after one image: the folder now mixes t=0 and t=2 outputs
-    with pytest.raises(IncompatibleError, match="--overwrite run into this folder did not "
-                                                "finish"):
+    with pytest.raises(IncompatibleError, match="a run with overwrite=True into this folder did "
+                                                "not finish") as caught:
         list(predict(model, inputs, steps=2, **kw))
+    assert "pass --overwrite to finish replacing them" in caught.value.cli_message()
     assert all(not s["skipped"] for s in predict(model, inputs, steps=2, overwrite=True, **kw))
     assert all(s["skipped"] for s in predict(model, inputs, steps=2, **kw))

@@ -316,8 +316,10 @@ def test_tensorboard_missing_is_one_clear_error(data, tmp_path, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
-    with pytest.raises(UsageError, match=r"--tensorboard needs the tensorboard package"):
+    with pytest.raises(UsageError, match=r"^tensorboard=True needs the tensorboard package") \
+            as caught:
         pretrain(config(data, tmp_path), tensorboard=True)
+    assert caught.value.cli_message().startswith("--tensorboard needs the tensorboard package")
     assert not (tmp_path / "pretrain").exists()  # before any work
 
 

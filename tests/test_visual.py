@@ -23,8 +23,10 @@ def test_overlay_blends_only_labelled_non_background_pixels():
     assert np.array_equal(overlay(image, labelmap, 0.0), image)
     assert np.array_equal(overlay(image, labelmap, 1.0)[~untouched],
                           colorize(labelmap)[~untouched])
-    with pytest.raises(UsageError, match="--opacity"):
+    # The library names its keyword; the command line, which shows cli_message(), the flag.
+    with pytest.raises(UsageError, match="^opacity must be within 0..1") as caught:
         overlay(image, labelmap, 1.2)
+    assert caught.value.cli_message().startswith("--opacity must be within 0..1")
 
 
 def test_palette_is_voc():

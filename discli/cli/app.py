@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     except DisError as exc:
         if debug:
             traceback.print_exc()
-        error(str(exc))
+        error(exc.cli_message())
         return exc.exit_code
     except KeyboardInterrupt:
         error("interrupted")
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             error(f"internal error: {type(exc).__name__}: {exc} (run with --debug for a "
                   f"traceback)")
             return EXIT_FAILURE
-        error(str(refused))
+        error(refused.cli_message())
         return refused.exit_code
     except Exception as exc:  # a bug: one line unless --debug
         if debug:

@@ -165,7 +165,7 @@ def detect_format(path: Path) -> str:
     found = [name for name in CAPTION_FORMATS.names() if CAPTION_FORMATS.get(name).matches(path)]
     if not found:
         raise UsageError(f"cannot tell the caption format of {path} (known: "
-                         f"{', '.join(CAPTION_FORMATS.names())}); pass --format")
+                         f"{', '.join(CAPTION_FORMATS.names())}); pass {{opt:format}}")
     return found[0]
 
 
@@ -223,7 +223,7 @@ def prepare_idw(source: str | Path, out: str | Path, root: str | Path | None = N
                    [(source, f"caption source ({fmt})")]
                    + [(image_root / it.image, "image") for it in items]
                    + [(Path(it.where), "caption file") for it in items if fmt == "folder"]
-                   + [(lexicon, "lexicon")], advice="choose another --out")
+                   + [(lexicon, "lexicon")], advice="choose another {opt:out}")
     ids = make_ids([it.image for it in items])
     records: list[Record] = []
     taken: set[str] = set()

@@ -313,6 +313,6 @@ def parse_classes(spec: str | Sequence[str]) -> list[str]:
     if problem:
         if path is not None:
             raise BadInputError(f"class list: {problem}", path)
-        raise UsageError(f"--classes: {problem}")
+        raise UsageError(f"{{opt:classes}}: {problem}")
     return names
 

@@ -70,7 +70,7 @@ def atomic_write(path: str | Path, writer: Callable[[IO[bytes]], object],
     atomic_path(path, fill, durable=False)
 
 
-def make_folder(folder: str | Path, option: str = "--out") -> Path:
+def make_folder(folder: str | Path, option: str = "{opt:out}") -> Path:
     """Create an output folder (and its parents), or raise UsageError when a file is in the way."""
     folder = Path(folder)
     try:

@@ -105,7 +105,7 @@ DIFFICULTIES = {
     "medium": Difficulty((1, 3), 0.1, (0, 1), 0.15, 1.5, (0.25, 0.45)),
     "hard": Difficulty((2, 5), 0.25, (0, 2), 0.3, 1.0, (0.3, 0.55)),
     # Large objects (0.38-0.5 of the short side), one or two, rarely touching, signature looks
-    # squared (a class wears its own colour about 85% of the time): the demo's level.
+    # squared (a class wears its own colour about 92% of the time): the demo's level.
     "bold": Difficulty((0, 1), 0.0, (0, 0), 0.0, 2.0, (0.38, 0.5), (0.6, 0.4, 0.0), 0.1, True),
 }
 

@@ -83,7 +83,7 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
         raise UsageError(f"{out} is not empty and holds no earlier benchmark (benchmark.json): "
                          "choose a new folder")
     if not overwrite:
-        raise UsageError(f"{out} already holds a benchmark: pass --force (overwrite=True) to "
+        raise UsageError(f"{out} already holds a benchmark: pass {{opt:overwrite=True}} to "
                          "replace it")
     # Remove only what the generator writes, so stale images of a larger run cannot linger.
     for name in ("VOCdevkit", "idw", "manifests"):

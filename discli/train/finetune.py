@@ -106,17 +106,17 @@ def finetune(cfg: TrainConfig, only: str | None = None, round_: int | None = Non
     from discli.data.manifest import read_manifest
 
     if not cfg.out:
-        raise UsageError("no run folder given (out)")
+        raise UsageError("no run folder given ({opt:out})")
     require_tensorboard(tensorboard)
     if only not in (None, "estep", "mstep"):
-        raise UsageError(f"only must be estep or mstep, got {only!r}")
+        raise UsageError(f"{{opt:only}} must be estep or mstep, got {only!r}")
     if round_ is not None and not 1 <= round_ <= cfg.rounds:
-        raise UsageError(f"round must be in 1..{cfg.rounds}, got {round_}")
+        raise UsageError(f"{{opt:round}} must be in 1..{cfg.rounds}, got {round_}")
     reporter = reporter or NullReporter()
     device = resolve_device(cfg.device)
     dist = init_distributed(device)
     if not cfg.tagged:
-        raise UsageError("no tagged manifest given (tagged)")
+        raise UsageError("no tagged manifest given ({opt:tagged})")
     tagged = read_manifest(cfg.tagged, root=cfg.root or None)
     labelled_manifest, labelled = labelled_dataset(cfg)
     if tagged.classes != labelled_manifest.classes:

@@ -54,7 +54,7 @@ def check_same_architecture(state: dict[str, Any], cfg: TrainConfig, classes: li
     for key, value in want.items():
         if stored.get(key) != value:
             raise IncompatibleError(f"checkpoint has {key}={stored.get(key)!r} but this run asks "
-                                    f"for {value!r} (use another --out, or the same options)",
+                                    f"for {value!r} (use another {{opt:out}}, or the same options)",
                                     path)
     if state.get("classes") and list(state["classes"]) != list(classes):
         raise IncompatibleError(f"checkpoint classes {state['classes']} differ from the "
@@ -66,7 +66,7 @@ def labelled_dataset(cfg: TrainConfig):  # noqa: ANN201
     from discli.data.manifest import read_manifest
 
     if not cfg.labelled:
-        raise UsageError("no pixel-labelled manifest given (labelled)")
+        raise UsageError("no pixel-labelled manifest given ({opt:labelled})")
     manifest = read_manifest(cfg.labelled, root=cfg.root or None)
     manifest.records = [r for r in manifest.records if r.labelmap]
     if not manifest.records:
@@ -82,14 +82,14 @@ def pretrain(cfg: TrainConfig, steps: Sequence[int] = (1, 2, 3),
     validation mIoU, from ``log.jsonl``), ``checkpoint`` (``final.pth`` once step 3 is done).
     ``tensorboard``: mirror the log to ``<out>/pretrain/tensorboard/``."""
     if any(s not in (1, 2, 3) for s in steps):
-        raise UsageError(f"steps must be 1, 2 or 3, got {list(steps)}")
+        raise UsageError(f"{{opt:steps/step}} must be 1, 2 or 3, got {list(steps)}")
     if not cfg.out:
-        raise UsageError("no run folder given (out)")
+        raise UsageError("no run folder given ({opt:out})")
     require_tensorboard(tensorboard)
     device = resolve_device(cfg.device)
     dist = init_distributed(device)
     if cfg.batch_size % dist.world_size:
-        raise UsageError(f"batch_size {cfg.batch_size} is not divisible by the "
+        raise UsageError(f"{{opt:batch_size}} {cfg.batch_size} is not divisible by the "
                          f"{dist.world_size} processes")
     out = Path(cfg.out) / "pretrain"
     make_folder(out)
@@ -129,7 +129,7 @@ def _pretrain(cfg: TrainConfig, steps: Sequence[int], reporter: Reporter | None,
     for step, expected in zip(todo, range(_done_step(state) + 1, 4)):
         if step != expected:  # steps run in order: refuse before any work
             raise UsageError(f"pretrain step {step - 1} has not finished in {out} "
-                             f"(run --step {step - 1} first)")
+                             f"(run {{opt:step={step - 1}}} first)")
     if todo and dist.is_main:  # a run with nothing left to do rewrites nothing
         atomic_write(out / "config.toml", lambda f: f.write(dump_toml(cfg).encode()))
     run = PhaseRun(checkpoint=last, log=out / "log.jsonl", stage="pretrain", extra={},

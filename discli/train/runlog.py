@@ -56,7 +56,7 @@ def summary_writer_class() -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise UsageError("--tensorboard needs the tensorboard package: "
+        raise UsageError("{opt:tensorboard=True} needs the tensorboard package: "
                          "pip install 'dis-seg[tensorboard]' (or pip install tensorboard)"
                          ) from None
     return SummaryWriter

@@ -75,4 +75,4 @@ def check_same_run(folder: Path, held: dict[str, Any] | None, cfg: TrainConfig,
         where = f" (they are in {record})" if record.is_file() else ""
         raise UsageError(f"{folder} holds a {stage} run with other settings ("
                          f"{', '.join(changes)}): give the same settings to continue it{where}, "
-                         "or another --out")
+                         "or another {opt:out}")

@@ -6,17 +6,15 @@ task but whose features (edges, parts, figure against ground) carry over. The ``
 backbone is trained to segment a synthetic *source* set whose classes (bottle, chair, tvmonitor,
 pottedplant, house, fish, umbrella, mushroom: :data:`discli.synth.SOURCE_CLASSES`) are
 disjoint from the demo benchmark's, in any colour and texture, so that only shape tells them
-apart. The shipped files are made by :func:`make_weights` (``python -m discli.weights``), seeded
+apart. The shipped files are made by :func:`discli.weights.make.make_weights` (``python -m
+discli.weights``; a module of its own, so that looking weights up imports no training code), seeded
 and reproducible, and load through the same ``--backbone-weights`` path as torchvision's
 ImageNet weights: ``--backbone-weights shapes``.
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
 from pathlib import Path
-from typing import Any
 
 WEIGHTS_DIR = Path(__file__).parent
 NAMES = ("shapes",)
@@ -31,38 +29,3 @@ def resolve(backbone: str, channels: int, name: str) -> Path | None:
     if name not in NAMES:
         return None
     return weights_file(backbone, channels, name)
-
-
-def make_weights(backbone: str = "tiny", channels: int = 64, *, out: str | Path | None = None,
-                 seed: int = 0, n_images: int = 2000, iters: int = 6000, batch_size: int = 16,
-                 lr: float = 0.002, workdir: str | Path | None = None,
-                 reporter: Any = None) -> dict[str, Any]:
-    """Generate the source set, train DIS step 1 (labelmaps + tags) on it, and save the
-    backbone's state dict (image branch included) to ``out``; returns what was done."""
-    import torch
-
-    from discli.synth import SOURCE_CLASSES, generate_benchmark
-    from discli.storage import atomic_write
-    from discli.train.config import TrainConfig
-    from discli.train.pretrain import pretrain
-
-    out = Path(out) if out else weights_file(backbone, channels)
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        info = generate_benchmark(Path(tmp) / "source", seed=seed, n_labelled=n_images,
-                                  n_tagged=0, n_test=0, classes=SOURCE_CLASSES,
-                                  difficulty="medium")
-        cfg = TrainConfig(labelled=info["manifests"]["train"], out=str(Path(tmp) / "run"),
-                          backbone=backbone, channels=channels, optimizer="adamw", lr=lr,
-                          head_lr_mult=1.0, weight_decay=1e-4, batch_size=batch_size,
-                          crop_size=64, scale_min=0.75, scale_max=1.5, iters_step1=iters,
-                          seed=seed, device="cpu", ckpt_every=1000, log_every=100)
-        pretrain(cfg, steps=(1,), reporter=reporter)
-        state = torch.load(Path(cfg.out) / "pretrain" / "step1.pth", weights_only=True)
-    backbone_state = {k.removeprefix("backbone."): v for k, v in state["model"].items()
-                      if k.startswith("backbone.")}
-    atomic_write(out, lambda f: torch.save(backbone_state, f))
-    meta = {"backbone": backbone, "channels": channels, "source_classes": SOURCE_CLASSES[1:],
-            "seed": seed, "images": n_images, "iters": iters, "batch_size": batch_size, "lr": lr}
-    atomic_write(out.with_suffix(".json"),
-                 lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
-    return {"out": str(out), **meta}

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from discli.weights import make_weights
+from discli.weights.make import make_weights
 
 
 def main() -> None:
