@@ -267,3 +267,36 @@ def test_estep_pseudo_map_is_the_chosen_map(tmp_path, pseudo_map):
         want = F.interpolate(probs, size=item["image"].shape[-2:], mode="bilinear",
                              align_corners=False).argmax(dim=1)[0]
         assert np.array_equal(cache.get(item["id"]).labelmap, want.numpy().astype(np.uint8))
+
+
+def test_estep_flip_averages_the_image_and_its_mirror(tmp_path):
+    import torch.nn.functional as F
+
+    from discli.data.dataset import SegDataset
+    from discli.inference import InferenceConfig, infer
+    from discli.model import ModelConfig, build_model
+    from discli.train.estep import run_estep
+
+    tagged = read_manifest(make_split(tmp_path, "web", 3, 1, False, tag_source="caption"))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="tiny", num_classes=4,
+                                    backbone_kwargs={"channels": 8})).eval()
+    cfg = InferenceConfig(lr=0.01, tag_weight=30.0)
+    cache_path = run_estep(model, tagged, tmp_path / "c.h5", t_tr=3, inference=cfg,
+                           checkpoint_hash="h", batch_size=1, pseudo_map="labelmap", flip=True)
+    cache = PseudoCache(cache_path)
+    assert json.loads(cache.attrs["inference"])["flip"] is True
+    plain = run_estep(model, tagged, tmp_path / "p.h5", t_tr=3, inference=cfg,
+                      checkpoint_hash="h", batch_size=1, pseudo_map="labelmap")
+    assert "flip" not in json.loads(PseudoCache(plain).attrs["inference"])  # old caches match
+    for item in SegDataset(tagged, use_labelmaps=False):
+        image, tags, size = item["image"][None], item["tags"][None], item["image"].shape[-2:]
+        maps = []
+        for view in (image, image.flip(-1)):
+            u3 = infer(model, view, 3, cfg, tags=tags).u3
+            maps.append(F.interpolate(u3.softmax(dim=1), size=size, mode="bilinear",
+                                      align_corners=False))
+        want = ((maps[0] + maps[1].flip(-1)) / 2).max(dim=1)
+        entry = cache.get(item["id"])
+        assert np.array_equal(entry.labelmap, want.indices[0].numpy().astype(np.uint8))
+        assert np.allclose(entry.confidence, want.values[0].numpy(), atol=2e-3)

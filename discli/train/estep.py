@@ -69,10 +69,13 @@ def run_estep(model: DISNet, manifest: Any, cache_path: str | Path, *, t_tr: int
               device: str | torch.device = "cpu", num_workers: int = 0,
               reporter: Reporter | None = None, force: bool = False, amp: bool = False,
               dist: DistInfo | None = None, part_images: int = PART_IMAGES,
-              ignore_suppressed: bool = False, pseudo_map: str = "final") -> Path:
+              ignore_suppressed: bool = False, pseudo_map: str = "final",
+              flip: bool = False) -> Path:
     """Write (or finish) the pseudo-label cache of ``manifest``'s images; returns its path.
 
-    ``part_images``: images per crash-safe part file (rounded up to whole batches).
+    ``part_images``: images per crash-safe part file (rounded up to whole batches). ``flip``:
+    each image is inferred as it is and mirrored, and the two probability maps (and tag
+    probabilities) averaged (:func:`discli.runtime.infer_views`).
     """
     if t_tr < 0:
         raise ValueError(f"t_tr must be >= 0, got {t_tr}")
@@ -84,14 +87,15 @@ def run_estep(model: DISNet, manifest: Any, cache_path: str | Path, *, t_tr: int
                           checkpoint_hash=checkpoint_hash, batch_size=batch_size, device=device,
                           num_workers=num_workers, reporter=reporter, force=force, amp=amp,
                           dist=dist, part_images=part_images,
-                          ignore_suppressed=ignore_suppressed, pseudo_map=pseudo_map)
+                          ignore_suppressed=ignore_suppressed, pseudo_map=pseudo_map,
+                          flip=flip)
 
 
 def _run_estep(model: DISNet, manifest: Any, cache_path: Path, *, t_tr: int,
                inference: InferenceConfig, checkpoint_hash: str, batch_size: int,
                device: str | torch.device, num_workers: int, reporter: Reporter | None,
                force: bool, amp: bool, dist: DistInfo, part_images: int,
-               ignore_suppressed: bool, pseudo_map: str) -> Path:
+               ignore_suppressed: bool, pseudo_map: str, flip: bool) -> Path:
     from discli.data.dataset import SegDataset, collate, eval_transform
 
     reporter = reporter or NullReporter()
@@ -99,7 +103,7 @@ def _run_estep(model: DISNet, manifest: Any, cache_path: Path, *, t_tr: int,
     cfg = InferenceConfig(**{**inference.__dict__, "steps": t_tr})
     attrs = make_attrs(manifest.classes, t_tr, checkpoint_hash,
                        {**cfg.__dict__, "ignore_suppressed": ignore_suppressed,
-                        "pseudo_map": pseudo_map})
+                        "pseudo_map": pseudo_map, **({"flip": True} if flip else {})})
     writer = CacheWriter(cache_path, attrs, rank=dist.rank, force=force)  # rank 0 cleans up
     done = writer.done_ids()
     barrier()  # every rank must see the same finished set before anyone writes a new part
@@ -116,8 +120,8 @@ def _run_estep(model: DISNet, manifest: Any, cache_path: Path, *, t_tr: int,
     labelmap_probs = pseudo_map != "final" or ignore_suppressed
     for batch in loader:
         images = batch["image"].to(device)
-        full = infer_views(model, images, [t_tr], cfg, amp=amp, tags=batch["tags"].to(device),
-                           labelmap_probs=labelmap_probs)[t_tr]
+        full = infer_views(model, images, [t_tr], cfg, flip=flip, amp=amp,
+                           tags=batch["tags"].to(device), labelmap_probs=labelmap_probs)[t_tr]
         probs = full.probs if pseudo_map == "final" else full.labelmap_probs
         assert probs is not None
         pending += cache_entries(probs, full.tag_probs, batch,

@@ -213,7 +213,8 @@ def _rounds(cfg: TrainConfig, only: str | None, rounds: list[int], reporter: Rep
                       device=device, num_workers=cfg.num_workers, reporter=reporter,
                       force=force, amp=cfg.amp, dist=dist,
                       part_images=cfg.estep_part_images,
-                      ignore_suppressed=cfg.ignore_suppressed, pseudo_map=cfg.pseudo_map)
+                      ignore_suppressed=cfg.ignore_suppressed, pseudo_map=cfg.pseudo_map,
+                      flip=cfg.estep_flip)
             if dist.is_main:
                 log_estep(out / "log.jsonl", cache_path, cfg, r, mirror)
         if only == "estep":

@@ -108,6 +108,9 @@ class TrainConfig:
                                 "(re-weighted by the tags)", "finetune")
     drop_untagged: bool = _finetune(True, "leave out tagged images whose caption names no class",
                                     "finetune")
+    estep_flip: bool = _finetune(False, "E-step: average each tagged image's probabilities with "
+                                 "those of its mirror image (test-time flip for pseudo-labels)",
+                                 "finetune")
     warmup_iters: int = _optim(0, "linear learning-rate warm-up iterations of every pretraining "
                                "step (robust starts from random weights)", "pretrain")
     clip_grad_norm: float = _optim(10.0, "clip the gradients' global L2 norm to this (0: off); "
