@@ -22,6 +22,12 @@ def demo(
     difficulty: str = typer.Option("bold", "--difficulty", help="Benchmark difficulty: bold, "
                                    "vivid, clear, easy, medium or hard (see `dis synth "
                                    "--help`)."),
+    n_labelled: int = typer.Option(20, "--n-labelled", min=1, help="Pixel-labelled images of "
+                                   "the benchmark (the vivid study in the README used 30)."),
+    min_size: int = typer.Option(72, "--min-size", help="Smallest image side of the benchmark "
+                                 "(pixels; the vivid study in the README used 48)."),
+    max_size: int = typer.Option(120, "--max-size", help="Largest image side of the benchmark "
+                                 "(pixels; the vivid study used 96)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     json_out: bool = json_option("Print report.json on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -32,7 +38,8 @@ def demo(
     from discli.report import table_rows
 
     options = dict(out=str(out), t_tr=parse_steps(t_tr), t_ts=parse_steps(t_ts), seed=seed,
-                   device=device, difficulty=difficulty)
+                   device=device, difficulty=difficulty, n_labelled=n_labelled,
+                   min_size=min_size, max_size=max_size)
     cfg = DemoConfig.quick_config(**options) if quick else DemoConfig(**options)
     with RichReporter(quiet=quiet) as reporter:
         report = run_demo(cfg, reporter=reporter)

@@ -64,6 +64,12 @@ def test_demo_folder_refuses_other_settings(tmp_path):
                              "--quiet"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "other settings (seed)" in result.stderr
     assert "Traceback" not in result.stderr
+    result = subprocess.run(["dis", "demo", "--out", str(tmp_path / "demo"), "--seed", "3",
+                             "--min-size", "48", "--max-size", "96", "--quiet"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "other settings (max_size, min_size)" in result.stderr
+    with pytest.raises(UsageError, match="8 <= min_size <= max_size"):
+        check_settings(results, DemoConfig(seed=3, min_size=200))  # the benchmark's own check
     old = tmp_path / "old" / "results"
     old.mkdir(parents=True)
     (old / "benchmark.json").write_text("{}")

@@ -47,7 +47,7 @@ class SynthConfig:
             raise UsageError(f"synthetic classes must be 'background' then some of "
                              f"{', '.join(SHAPES)}")
         if not 8 <= self.min_size <= self.max_size:
-            raise UsageError("image sizes must satisfy 8 <= min size <= max size")
+            raise UsageError("image sizes must satisfy 8 <= {opt:min_size} <= {opt:max_size}")
         if not (0 <= self.miss_rate <= 1 and 0 <= self.spurious_rate <= 1):
             raise UsageError("the miss and spurious rates must be in [0, 1]")
         if self.difficulty not in DIFFICULTIES:
