@@ -243,20 +243,27 @@ def test_training_config_refuses_non_finite_numbers(key, value):
         load_config(None, {key: value})
 
 
-@pytest.mark.parametrize("pseudo_map", ["final", "labelmap"])
-def test_estep_pseudo_map_is_the_chosen_map(tmp_path, pseudo_map):
-    import torch.nn.functional as F
-
-    from discli.data.dataset import SegDataset
-    from discli.inference import InferenceConfig, infer
+def _estep_setup(tmp_path):
+    """Three caption-tagged images, a tiny random model and the inference settings."""
+    from discli.inference import InferenceConfig
     from discli.model import ModelConfig, build_model
-    from discli.train.estep import run_estep
 
     tagged = read_manifest(make_split(tmp_path, "web", 3, 1, False, tag_source="caption"))
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="tiny", num_classes=4,
                                     backbone_kwargs={"channels": 8})).eval()
-    cfg = InferenceConfig(lr=0.01, tag_weight=30.0)
+    return tagged, model, InferenceConfig(lr=0.01, tag_weight=30.0)
+
+
+@pytest.mark.parametrize("pseudo_map", ["final", "labelmap"])
+def test_estep_pseudo_map_is_the_chosen_map(tmp_path, pseudo_map):
+    import torch.nn.functional as F
+
+    from discli.data.dataset import SegDataset
+    from discli.inference import infer
+    from discli.train.estep import run_estep
+
+    tagged, model, cfg = _estep_setup(tmp_path)
     cache_path = run_estep(model, tagged, tmp_path / "c.h5", t_tr=3, inference=cfg,
                            checkpoint_hash="h", batch_size=1, pseudo_map=pseudo_map)
     cache = PseudoCache(cache_path)
@@ -273,15 +280,10 @@ def test_estep_flip_averages_the_image_and_its_mirror(tmp_path):
     import torch.nn.functional as F
 
     from discli.data.dataset import SegDataset
-    from discli.inference import InferenceConfig, infer
-    from discli.model import ModelConfig, build_model
+    from discli.inference import infer
     from discli.train.estep import run_estep
 
-    tagged = read_manifest(make_split(tmp_path, "web", 3, 1, False, tag_source="caption"))
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone="tiny", num_classes=4,
-                                    backbone_kwargs={"channels": 8})).eval()
-    cfg = InferenceConfig(lr=0.01, tag_weight=30.0)
+    tagged, model, cfg = _estep_setup(tmp_path)
     cache_path = run_estep(model, tagged, tmp_path / "c.h5", t_tr=3, inference=cfg,
                            checkpoint_hash="h", batch_size=1, pseudo_map="labelmap", flip=True)
     cache = PseudoCache(cache_path)
