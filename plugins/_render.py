@@ -3,7 +3,9 @@ stdout)."""
 
 from __future__ import annotations
 
-from discli.cli.output import RichReporter, err_console
+import sys
+
+from discli.cli.output import RichReporter, err_console, print_json
 
 
 def reporter(quiet: bool) -> RichReporter:
@@ -68,3 +70,15 @@ def train_summary(stage: str, summary: dict) -> None:
     err_console.print(table)
     checkpoint = summary.get("checkpoint", "(none yet: steps are left)")
     err_console.print(f"checkpoint: {checkpoint}", markup=False, highlight=False)
+
+
+def training_output(stage: str, summary: dict, json_out: bool, quiet: bool) -> None:
+    """What `dis pretrain` / `dis finetune` print on rank 0: the summary as JSON on stdout, or
+    its table on stderr and the final checkpoint's path on stdout."""
+    if json_out:
+        print_json(summary)
+        return
+    if not quiet:
+        train_summary(stage, summary)
+    if "checkpoint" in summary:
+        sys.stdout.write(summary["checkpoint"] + "\n")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
 
 from dis_plugins import options as opt
-from discli.cli.output import RichReporter, print_json
+from dis_plugins._render import training_output
+from discli.cli.output import RichReporter
 
 
 def finetune(
@@ -63,14 +63,5 @@ def finetune(
     with RichReporter(quiet=quiet or not main_rank) as reporter:
         summary = run_finetune(cfg, only=only, round_=round_, reporter=reporter, force=force,
                                tensorboard=tensorboard)
-    if not main_rank:
-        return
-    if json_out:
-        print_json(summary)
-        return
-    if not quiet:
-        from dis_plugins._render import train_summary
-
-        train_summary("finetune", summary)
-    if "checkpoint" in summary:
-        sys.stdout.write(summary["checkpoint"] + "\n")
+    if main_rank:
+        training_output("finetune", summary, json_out, quiet)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
 
 from dis_plugins import options as opt
-from discli.cli.output import RichReporter, print_json
+from dis_plugins._render import training_output
+from discli.cli.output import RichReporter
 
 _ITERS = ",".join(opt.shown_default(f"iters_step{s}") for s in (1, 2, 3))
 
@@ -65,14 +65,5 @@ def pretrain(
     with RichReporter(quiet=quiet or not main_rank) as reporter:
         summary = run_pretrain(cfg, steps=opt.parse_ints(step, "--step") or (1, 2, 3),
                                reporter=reporter, tensorboard=tensorboard)
-    if not main_rank:
-        return
-    if json_out:
-        print_json(summary)
-        return
-    if not quiet:
-        from dis_plugins._render import train_summary
-
-        train_summary("pretrain", summary)
-    if "checkpoint" in summary:
-        sys.stdout.write(summary["checkpoint"] + "\n")
+    if main_rank:
+        training_output("pretrain", summary, json_out, quiet)
