@@ -92,7 +92,9 @@ def infer_checkpoint(inputs: Sequence[str], checkpoint: str | Path, *,
     from discli.checkpoint import load_for_inference
     from discli.distributed import resolve_device
 
-    several = t_ts is not None and not isinstance(t_ts, int) and len(t_ts) > 1
+    wanted = None if t_ts is None else [int(t_ts)] if isinstance(t_ts, int) else \
+        [int(t) for t in t_ts]
+    several = wanted is not None and len(wanted) > 1
     if several and options.get("probs_path") is not None:
         raise UsageError("a probabilities file holds one t_ts: give one value, or leave out "
                          "the probabilities file")
@@ -101,11 +103,7 @@ def infer_checkpoint(inputs: Sequence[str], checkpoint: str | Path, *,
     dev, _ = setup_distributed(resolve_device(device))
     images = on_main(lambda: collect_inputs(inputs, stdin, exclude=out_dir))  # rank 0 reads stdin
     loaded = load_for_inference(checkpoint, dev)
-    if t_ts is None:
-        runs = [int(loaded.inference["t_ts"])]
-    else:
-        runs = [int(t_ts)] if isinstance(t_ts, int) else [int(t) for t in t_ts]
-    for steps in runs:
+    for steps in wanted or [int(loaded.inference["t_ts"])]:
         cfg = loaded.inference_config(steps, lr=lr, momentum=momentum)
         folder = Path(out_dir) / f"t{steps}" if several and out_dir is not None else out_dir
         for summary in predict(loaded.model, images, classes=loaded.classes, out_dir=folder,
