@@ -136,6 +136,70 @@ def test_finetune_estep_cache_and_mstep(data, tmp_path):
     assert finetune(cfg)["rounds"][1] == "already done"
 
 
+def _finetune_killed_after(cfg, phase, iteration):
+    """``finetune(cfg)`` stopped as by a kill right after it saved ``phase``'s checkpoint of
+    ``iteration``."""
+    import discli.train.engine as engine
+
+    real = engine.save_checkpoint
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(path, state):
+        real(path, state)
+        if state["phase"] == phase and state["iteration"] == iteration:
+            raise Killed
+
+    engine.save_checkpoint = save_then_die
+    try:
+        with pytest.raises(Killed):
+            finetune(cfg)
+    finally:
+        engine.save_checkpoint = real
+
+
+def test_subnet2_refit_after_the_mstep_trains_subnet2_alone(data, tmp_path):
+    # Same pretrained start for both runs: the refit changes subnet-2 only, on top of an
+    # M-step identical to the run without it, and logs its reconstruction loss.
+    plain = config(data, tmp_path / "plain", loss_img=0.0)
+    pretrain(plain)
+    init = str(tmp_path / "plain/pretrain/final.pth")
+    plain = config(data, tmp_path / "plain", loss_img=0.0, init=init)
+    refit = config(data, tmp_path / "refit", loss_img=0.0, init=init, subnet2_refit_iters=5)
+    finetune(plain)
+    finetune(refit)
+    a = weights(tmp_path / "plain/finetune/final.pth")
+    b = weights(tmp_path / "refit/finetune/final.pth")
+    for key in a:
+        assert torch.equal(a[key], b[key]) != key.startswith("subnet2."), key
+    records = [json.loads(line) for line in
+               (tmp_path / "refit/finetune/log.jsonl").read_text().splitlines()]
+    refits = [r for r in records if r.get("phase") == "refit"]
+    assert [r["iter"] for r in refits] == [1, 2, 3, 4, 5]
+    assert all(r["img"] > 0 and r["loss"] == r["img"] and r["round"] == 1 for r in refits)
+    assert sorted(p.name for p in (tmp_path / "refit/finetune/round-1").glob("*.pth")) == [
+        "model.pth"]
+
+
+def test_subnet2_refit_killed_midway_resumes_to_the_same_model(data, tmp_path):
+    full = config(data, tmp_path / "full", subnet2_refit_iters=5)
+    pretrain(full)
+    init = str(tmp_path / "full/pretrain/final.pth")
+    full = config(data, tmp_path / "full", subnet2_refit_iters=5, init=init)
+    finetune(full)
+    stop = config(data, tmp_path / "stop", subnet2_refit_iters=5, init=init)
+    _finetune_killed_after(stop, "refit", 2)
+    rdir = tmp_path / "stop/finetune/round-1"
+    assert load_checkpoint(rdir / "refit.pth")["iteration"] == 2
+    assert load_checkpoint(rdir / "last.pth")["done"]  # the M-step had finished
+    finetune(stop)
+    a = weights(tmp_path / "full/finetune/final.pth")
+    b = weights(tmp_path / "stop/finetune/final.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (rdir / "refit.pth").exists() and not (rdir / "last.pth").exists()
+
+
 def test_stale_cache_refused(data, tmp_path):
     cfg = config(data, tmp_path)
     pretrain(cfg)

@@ -40,6 +40,9 @@ class Phase:
     name: str
     trainable: tuple[str, ...]  # top-level submodules of DISNet that learn in this phase
     losses: tuple[str, ...]  # subset of ("map", "img", "tag")
+    # A phase that trains one part on one loss for that part's sake takes the loss at weight 1,
+    # whatever the configured weight (which is about the features, e.g. loss_img = 0 in the M-step).
+    unit_weights: bool = False
 
 
 ALL = ("backbone", "subnet1", "subnet2", "subnet3")
@@ -50,6 +53,9 @@ PHASES = {
     "step2": Phase("step2", ("subnet2",), ("img",)),
     "step3": Phase("step3", ALL, ("map", "img", "tag")),
     "mstep": Phase("mstep", ALL, ("map", "img", "tag")),
+    # Section 3.1 with the M-step's loss_img = 0: subnet-2, untouched by the M-step, is refitted
+    # alone to the new model's labelmaps, or inference would reconstruct through a stale decoder.
+    "refit": Phase("refit", ("subnet2",), ("img",), unit_weights=True),
 }
 
 
@@ -178,7 +184,8 @@ def compute_losses(model: nn.Module, batch: dict[str, Any], phase: Phase, cfg: T
         losses["img"] = recon_loss(out["z3"].float(), target.float()).mean()
     if "tag" in phase.losses:
         losses["tag"] = tag_loss(out["v3"].float(), batch["tags"].to(device)).mean()
-    weights = {"map": cfg.loss_map, "img": cfg.loss_img, "tag": cfg.loss_tag}
+    weights = ({k: 1.0 for k in losses} if phase.unit_weights
+               else {"map": cfg.loss_map, "img": cfg.loss_img, "tag": cfg.loss_tag})
     losses["loss"] = sum(weights[k] * v for k, v in losses.items())
     return losses
 

@@ -7,7 +7,9 @@ Round ``r`` starts from the model of round ``r-1`` (round 1 from the pretrained 
   the model file that produced it.
 - M-step: all weights train on batches mixing pixel-labelled images (their labelmaps and tags)
   and tagged images (their cached pseudo-labelmaps and cleaned tags as ground truth) at
-  ``tagged_ratio``, with the reconstruction loss on both; the result is ``round-r/model.pth``.
+  ``tagged_ratio``, with the reconstruction loss on both; then, with ``subnet2_refit_iters``,
+  subnet-2 alone is refitted on the reconstruction loss to the new model's labelmaps
+  (``refit.pth`` while it runs); the result is ``round-r/model.pth``.
 
 Everything a round has finished is a file, so the state of the loop is read off the folder:
 ``model.pth`` present = round done; ``cache.h5`` present = E-step done; ``last.pth`` = M-step in
@@ -134,8 +136,9 @@ def _tidy_round(rdir: Path) -> None:
     remove_stale_temps(rdir)
     if (rdir / "cache.h5").exists() and (rdir / "cache.parts").is_dir():
         shutil.rmtree(rdir / "cache.parts")  # killed after the merge, before removing its parts
-    if (rdir / "model.pth").exists():
-        (rdir / "last.pth").unlink(missing_ok=True)  # killed after model.pth was written
+    if (rdir / "model.pth").exists():  # killed after model.pth was written
+        (rdir / "last.pth").unlink(missing_ok=True)
+        (rdir / "refit.pth").unlink(missing_ok=True)
 
 
 def _holds_work(out: Path) -> bool:
@@ -238,15 +241,28 @@ def _rounds(cfg: TrainConfig, only: str | None, rounds: list[int], reporter: Rep
                                 cfg.confidence, cfg.tag_threshold, cfg.mstep_tags, cfg.tag_gate,
                                 cfg.class_keep)
         n_tagged = round(cfg.batch_size * cfg.tagged_ratio)
-        sources = [Source(labelled, cfg.batch_size - n_tagged), Source(pseudo, n_tagged)]
+        sources = [s for s in (Source(labelled, cfg.batch_size - n_tagged),
+                               Source(pseudo, n_tagged)) if s.per_batch > 0]
         run = PhaseRun(checkpoint=last, log=out / "log.jsonl", stage="finetune",
                        extra={"round": r, "source_hash": source_hash},
                        classes=tagged.classes, mirror=mirror)
-        run_phase(model, PHASES["mstep"], [s for s in sources if s.per_batch > 0], cfg,
-                  cfg.mstep_iters, run, device, resume=resume, dist=dist, reporter=reporter,
-                  lr_scale=cfg.mstep_lr_mult, warmup=cfg.mstep_warmup)
+        refit = rdir / "refit.pth"
+        refit_state = load_checkpoint(refit) if refit.exists() else None  # M-step done
+        if refit_state is None:
+            run_phase(model, PHASES["mstep"], sources, cfg, cfg.mstep_iters, run, device,
+                      resume=resume, dist=dist, reporter=reporter, lr_scale=cfg.mstep_lr_mult,
+                      warmup=cfg.mstep_warmup)
+        result = last
+        if cfg.subnet2_refit_iters > 0:
+            if refit_state is not None:
+                model.load_state_dict(refit_state["model"])
+            run_phase(model, PHASES["refit"], sources, cfg, cfg.subnet2_refit_iters,
+                      dataclasses.replace(run, checkpoint=refit), device, resume=refit_state,
+                      dist=dist, reporter=reporter)
+            result = refit
         if dist.is_main:
-            atomic_write(rdir / "model.pth", lambda f: f.write(last.read_bytes()))
+            atomic_write(rdir / "model.pth", lambda f: f.write(result.read_bytes()))
             last.unlink()
+            refit.unlink(missing_ok=True)
         barrier()
         summary["rounds"][r] = "trained"

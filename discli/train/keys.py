@@ -119,6 +119,9 @@ class TrainConfig:
                                      "finetune")
     mstep_warmup: int = _finetune(0, "linear learning-rate warm-up iterations of each M-step",
                                   "finetune")
+    subnet2_refit_iters: int = _finetune(0, "after each M-step, refit subnet-2 alone on the "
+                                         "reconstruction loss for this many iterations",
+                                         "finetune")
     mstep_from: str = _finetune("previous", "each M-step starts from the 'previous' round's "
                                 "model or 'init'", "finetune")
     strong_aug: bool = _finetune(False, "photometric strong view of the pseudo-labelled images",
@@ -254,7 +257,8 @@ def validate(cfg: TrainConfig, source: str = "config",
         if isinstance(value, float) and not math.isfinite(value):
             raise BadInputError(f"invalid value {value!r} for {f.name!r} (not a finite number)",
                                 where(f.name))
-    for name in ("iters_step1", "iters_step2", "iters_step3", "mstep_iters"):
+    for name in ("iters_step1", "iters_step2", "iters_step3", "mstep_iters",
+                 "subnet2_refit_iters"):
         if getattr(cfg, name) < 0:
             raise BadInputError(f"invalid value {getattr(cfg, name)!r} for {name!r}",
                                 where(name))
