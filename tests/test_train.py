@@ -31,9 +31,9 @@ def config(data, out, **kw):
     return TrainConfig(**base)
 
 
-def killed_after_checkpoint(cfg, phase, iteration):
-    """``pretrain(cfg)`` stopped as by a kill right after it saved ``phase``'s checkpoint of
-    ``iteration``."""
+def killed_after_checkpoint(cfg, phase, iteration, stage=pretrain):
+    """``stage(cfg)`` (pretrain or finetune) stopped as by a kill right after it saved
+    ``phase``'s checkpoint of ``iteration``."""
     import discli.train.engine as engine
 
     real = engine.save_checkpoint
@@ -49,7 +49,7 @@ def killed_after_checkpoint(cfg, phase, iteration):
     engine.save_checkpoint = save_then_die
     try:
         with pytest.raises(Killed):
-            pretrain(cfg)
+            stage(cfg)
     finally:
         engine.save_checkpoint = real
 
@@ -136,29 +136,6 @@ def test_finetune_estep_cache_and_mstep(data, tmp_path):
     assert finetune(cfg)["rounds"][1] == "already done"
 
 
-def _finetune_killed_after(cfg, phase, iteration):
-    """``finetune(cfg)`` stopped as by a kill right after it saved ``phase``'s checkpoint of
-    ``iteration``."""
-    import discli.train.engine as engine
-
-    real = engine.save_checkpoint
-
-    class Killed(Exception):
-        pass
-
-    def save_then_die(path, state):
-        real(path, state)
-        if state["phase"] == phase and state["iteration"] == iteration:
-            raise Killed
-
-    engine.save_checkpoint = save_then_die
-    try:
-        with pytest.raises(Killed):
-            finetune(cfg)
-    finally:
-        engine.save_checkpoint = real
-
-
 def test_subnet2_refit_after_the_mstep_trains_subnet2_alone(data, tmp_path):
     # Same pretrained start for both runs: the refit changes subnet-2 only, on top of an
     # M-step identical to the run without it, and logs its reconstruction loss.
@@ -189,7 +166,7 @@ def test_subnet2_refit_killed_midway_resumes_to_the_same_model(data, tmp_path):
     full = config(data, tmp_path / "full", subnet2_refit_iters=5, init=init)
     finetune(full)
     stop = config(data, tmp_path / "stop", subnet2_refit_iters=5, init=init)
-    _finetune_killed_after(stop, "refit", 2)
+    killed_after_checkpoint(stop, "refit", 2, stage=finetune)
     rdir = tmp_path / "stop/finetune/round-1"
     assert load_checkpoint(rdir / "refit.pth")["iteration"] == 2
     assert load_checkpoint(rdir / "last.pth")["done"]  # the M-step had finished
