@@ -19,7 +19,9 @@ Fig. 5: input, reconstruction target, ground truth, baseline, t_tr = 0, DIS at g
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,10 @@ class DemoConfig:
     preset: str = ""
     train: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
+    # Processes that train the fine-tuning runs and the bound side by side (they are
+    # independent once the baseline exists); each uses one thread. 0: one per CPU core, at
+    # most 2 on a CPU (more would share cores), 1: in this process, with progress bars.
+    workers: int = 0
     figure_rows: int = 4
 
     @property
@@ -85,7 +91,7 @@ def _cached_json(path: Path, compute: Any) -> Any:
 
 
 # Settings that do not change any result: a re-run may differ in these.
-NEUTRAL_SETTINGS = ("out", "device", "figure_rows")
+NEUTRAL_SETTINGS = ("out", "device", "figure_rows", "workers")
 
 
 def check_settings(results: Path, demo: DemoConfig) -> None:
@@ -117,6 +123,69 @@ def check_settings(results: Path, demo: DemoConfig) -> None:
         raise UsageError(f"{results.parent} holds a demo run from an older version of dis: "
                          "choose another {opt:out} or delete it")
     atomic_write(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+
+
+def demo_workers(requested: int, device: str) -> int:
+    """How many processes train the demo's independent runs: ``requested``, or with 0 one per
+    CPU core available to this process, at most 2 (each trains with one thread; the tiny
+    model's convolutions do not split over threads, so processes are what uses the cores).
+    On a GPU the runs would share one device: 1."""
+    if requested < 0:
+        raise UsageError(f"{{opt:workers}} must be >= 0, got {requested}")
+    if requested:
+        return requested
+    from discli.distributed import resolve_device
+
+    if resolve_device(device).type != "cpu":
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(2, cores))
+
+
+def _describe(job: str) -> str:
+    return ("the fully supervised upper bound (every labelmap)" if job == "bound"
+            else job.replace("finetune", "fine-tuning with"))
+
+
+def train_job(kind: str, cfg: TrainConfig, reporter: Reporter | None = None) -> float:
+    """``dis pretrain`` or ``dis finetune`` with ``cfg``, one thread; returns its seconds. Runs
+    in a worker process too (hence a module-level function)."""
+    import torch
+
+    from discli.train.finetune import finetune
+    from discli.train.pretrain import pretrain
+
+    torch.set_num_threads(1)
+    tic = time.perf_counter()
+    (pretrain if kind == "pretrain" else finetune)(cfg, reporter=reporter)
+    return time.perf_counter() - tic
+
+
+def run_jobs(jobs: dict[str, tuple[str, TrainConfig]],
+             workers: int) -> Iterator[tuple[str, float]]:
+    """Train ``jobs`` (name -> (kind, config)) in ``workers`` fresh processes, started in the
+    order given; yields (name, seconds) as each finishes. A job that fails raises its error
+    here, once the jobs already running have finished (the rest are not started); every run
+    resumes from its own checkpoints when the demo is re-run."""
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    # "spawn": a fork of a process that has run torch can deadlock in its thread pools.
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {pool.submit(train_job, kind, cfg): name for name, (kind, cfg) in jobs.items()}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in done:
+                name = pending.pop(future)
+                if future.exception() is not None:
+                    for other in pending:
+                        other.cancel()
+                    raise future.exception()  # type: ignore[misc]
+                yield name, future.result()
 
 
 def _union_manifest(bench: Path, manifests: dict[str, str]) -> Path:
@@ -181,7 +250,6 @@ def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, An
     from discli.evaluate import evaluate
     from discli.pseudo_stats import score_cache
     from discli.tags import read_truth, tag_stats
-    from discli.train.finetune import finetune
     from discli.train.pretrain import pretrain
 
     reporter = reporter or NullReporter()
@@ -201,13 +269,16 @@ def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, An
                                if timings_path.exists() else {})
     timings: dict[str, float] = {}
 
-    def timed(name: str, fn: Any, redone: bool = False) -> Any:
+    def record(name: str, seconds: float, redone: bool = False) -> None:
         """``redone``: a stage that every run does in full (the figures): its own time."""
+        before = 0.0 if redone else spent.get(name, 0.0)
+        timings[name] = spent[name] = round(before + seconds, 1)
+        atomic_write(timings_path, lambda f: f.write(json.dumps(spent, indent=1).encode()))
+
+    def timed(name: str, fn: Any, redone: bool = False) -> Any:
         tic = time.perf_counter()
         value = fn()
-        before = 0.0 if redone else spent.get(name, 0.0)
-        timings[name] = spent[name] = round(before + time.perf_counter() - tic, 1)
-        atomic_write(timings_path, lambda f: f.write(json.dumps(spent, indent=1).encode()))
+        record(name, time.perf_counter() - tic, redone)
         return value
 
     reporter.log(f"demo: benchmark in {bench}")
@@ -227,24 +298,36 @@ def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, An
     baseline = runs / "baseline" / "pretrain" / "final.pth"
 
     checkpoints = {"baseline": baseline}
+    jobs: dict[str, tuple[str, TrainConfig]] = {}
     finetune_cfgs = {}
     for t in demo.t_tr:
-        reporter.log(f"demo: fine-tuning with t_tr = {t}")
         cfg = _train_config(demo, runs / f"dis-t{t}", "finetune", init=str(baseline), t_tr=t,
                             **common)
-        configs[f"t_tr={t}"] = ("finetune", cfg)
+        configs[f"t_tr={t}"] = jobs[f"finetune t_tr={t}"] = ("finetune", cfg)
         finetune_cfgs[t] = cfg
-        timed(f"finetune t_tr={t}", lambda cfg=cfg: finetune(cfg, reporter=reporter))
         checkpoints[f"t_tr={t}"] = runs / f"dis-t{t}" / "finetune" / "final.pth"
-
-    reporter.log("demo: the fully supervised upper bound (every labelmap)")
-    # As many iterations as the baseline and the longest fine-tuning together.
+    # The fully supervised upper bound: as many iterations as the baseline and the longest
+    # fine-tuning together.
     extra_iters = max((c.rounds * c.mstep_iters for c in finetune_cfgs.values()), default=0)
     bound_cfg = _train_config(demo, runs / "bound", "pretrain", labelled=str(_union_manifest(
         bench, manifests)), iters_step3=baseline_cfg.iters_step3 + extra_iters)
-    configs["bound"] = ("pretrain", bound_cfg)
-    timed("bound", lambda: pretrain(bound_cfg, reporter=reporter))
+    configs["bound"] = jobs["bound"] = ("pretrain", bound_cfg)
     checkpoints["bound"] = runs / "bound" / "pretrain" / "final.pth"
+    workers = demo_workers(demo.workers, bound_cfg.device)
+    if workers <= 1:
+        for name, (kind, cfg) in jobs.items():
+            reporter.log(f"demo: {_describe(name)}")
+            timed(name, lambda kind=kind, cfg=cfg: train_job(kind, cfg, reporter))
+    else:
+        # Longest first (the bound, then t_tr downwards), so the last job to start is short.
+        order = ["bound", *(f"finetune t_tr={t}" for t in sorted(demo.t_tr, reverse=True))]
+        reporter.log(f"demo: {len(jobs)} training runs in {workers} processes "
+                     f"(the fine-tuning for every t_tr and the bound)")
+        for name, seconds in run_jobs({n: jobs[n] for n in order}, workers):
+            reporter.log(f"demo: finished {_describe(name)} ({seconds:.0f} s)")
+            record(name, seconds)
+        for name in jobs:  # the report lists them in the usual order, not as they finished
+            timings[name] = timings.pop(name)
 
     val = read_manifest(manifests["val"])
     scores: dict[str, Any] = {}

@@ -71,6 +71,11 @@ class DisError(Exception):
         self.template = shorten(message, 4 * MAX_QUOTED)
         super().__init__(self._render(_as_keyword))
 
+    def __reduce__(self) -> tuple[type, tuple[str, str | None]]:
+        # Raised in a worker process (`dis demo` trains runs side by side), it must cross back
+        # with its option markers and path, not as the rendered text.
+        return (self.__class__, (self.template, self.path))
+
     def _render(self, option: Callable[[re.Match[str]], str] | None) -> str:
         message = self.template if option is None else _OPTION.sub(option, self.template)
         where = None if self.path is None else shorten(self.path)

@@ -29,6 +29,9 @@ def demo(
     max_size: int = typer.Option(120, "--max-size", help="Largest image side of the benchmark "
                                  "(pixels; the vivid study used 96)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    workers: int = typer.Option(0, "--workers", min=0, help="Processes that train the "
+                                "fine-tuning runs and the bound side by side (0: one per CPU "
+                                "core, at most 2; 1: one after the other, with progress bars)."),
     json_out: bool = json_option("Print report.json on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -39,7 +42,7 @@ def demo(
 
     options = dict(out=str(out), t_tr=parse_steps(t_tr), t_ts=parse_steps(t_ts), seed=seed,
                    device=device, difficulty=difficulty, n_labelled=n_labelled,
-                   min_size=min_size, max_size=max_size)
+                   min_size=min_size, max_size=max_size, workers=workers)
     cfg = DemoConfig.quick_config(**options) if quick else DemoConfig(**options)
     with RichReporter(quiet=quiet) as reporter:
         report = run_demo(cfg, reporter=reporter)

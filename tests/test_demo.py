@@ -141,3 +141,49 @@ def test_figure_keeps_aspect_ratio_labels_columns_and_has_a_legend(tmp_path):
     legend_part = figure[tiles[1][-1] + 5:].reshape(-1, 3).tolist()
     for index in [*range(len(CLASSES)), 255]:
         assert palette()[index].tolist() in legend_part
+
+
+def test_demo_trains_runs_side_by_side_as_it_would_one_after_the_other(tmp_path):
+    # The demo trains its fine-tuning runs and the bound in worker processes: the weights must
+    # be those of the same run in this process, and a worker's error must reach the caller
+    # whole (type, path, option markers).
+    import torch
+
+    from factories import make_split
+    from discli.demo import run_jobs, train_job
+    from discli.errors import BadInputError
+    from discli.train.config import TrainConfig
+
+    labelled = make_split(tmp_path, "train", 4, 0, True)
+
+    def cfg(out, **kw):
+        return TrainConfig(**{**dict(labelled=str(labelled), out=str(tmp_path / out),
+                                     backbone="tiny", channels=8, batch_size=2, crop_size=32,
+                                     iters_step1=3, iters_step2=2, iters_step3=3,
+                                     device="cpu", seed=1), **kw})
+
+    train_job("pretrain", cfg("here"))
+    jobs = {"a": ("pretrain", cfg("a")), "b": ("pretrain", cfg("b", output_stride=4))}
+    assert sorted(name for name, _ in run_jobs(jobs, workers=2)) == ["a", "b"]
+
+    def weights(out):
+        return torch.load(tmp_path / out / "pretrain" / "final.pth", weights_only=False)["model"]
+
+    here, there = weights("here"), weights("a")
+    assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here)
+    assert not torch.equal(weights("b")["subnet1.weight"], here["subnet1.weight"])
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")
+    with pytest.raises(BadInputError) as raised:
+        list(run_jobs({"c": ("pretrain", cfg("c", labelled=str(broken)))}, workers=2))
+    assert raised.value.path == str(broken)
+
+
+def test_demo_workers():
+    from discli.demo import demo_workers
+
+    assert demo_workers(3, "cpu") == 3 and demo_workers(1, "cpu") == 1
+    assert 1 <= demo_workers(0, "cpu") <= 2
+    with pytest.raises(UsageError, match="workers must be >= 0"):
+        demo_workers(-1, "cpu")

@@ -29,6 +29,26 @@ def test_registered_backbones_shapes(name):
     assert v1.shape == (2, backbone.out_channels)
 
 
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_small_backbones_at_output_stride_4_keep_their_parameters(name):
+    # Stride 4 replaces the third stride by dilation: the same state dict (the shipped
+    # weights fit), features at twice the resolution.
+    at8 = build_backbone(name, channels=16).eval()
+    at4 = build_backbone(name, channels=16, output_stride=4).eval()
+    assert at4.output_stride == 4 and at8.output_stride == 8
+    assert {k: v.shape for k, v in at8.state_dict().items()} == \
+        {k: v.shape for k, v in at4.state_dict().items()}
+    at4.load_state_dict(at8.state_dict())
+    images = torch.randn(2, 3, 65, 97)
+    with torch.no_grad():
+        u8, v8 = at8(images)
+        u4, v4 = at4(images)
+    assert u8.shape == (2, 16, 9, 13) and u4.shape == (2, 16, 17, 25)
+    assert v4.shape == v8.shape == (2, 16)
+    with pytest.raises(UsageError, match="output_stride must be 4 or 8, got 16"):
+        build_backbone(name, output_stride=16)
+
 def test_tiny_model_shapes(tiny_model):
     out = tiny_model(torch.randn(2, 3, 64, 48))
     assert out["u3"].shape == (2, 6, 8, 6)

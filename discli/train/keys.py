@@ -54,6 +54,8 @@ class TrainConfig:
                                    "or a local state-dict path", "pretrain")
     channels: int = _model(64, "width of the tiny/small backbones (ignored by the ResNets)",
                            "pretrain")
+    output_stride: int = _model(8, "output stride of the tiny/small backbones, 4 or 8 (the ResNets: "
+                                "8)", "pretrain")
     freeze_bn: bool = _model(False, "keep BatchNorm statistics fixed (DeepLab practice for small "
                              "batches)")
     # optimisation (poly schedule; new layers get head_lr_mult x lr). The paper (and DeepLab)
@@ -237,6 +239,7 @@ def validate(cfg: TrainConfig, source: str = "config",
               ("estep_part_images", cfg.estep_part_images >= 1),
               ("ckpt_every", cfg.ckpt_every >= 1), ("log_every", cfg.log_every >= 1),
               ("num_workers", cfg.num_workers >= 0), ("channels", cfg.channels >= 1),
+              ("output_stride", cfg.output_stride in (4, 8)),
               ("scale_min", 0 < cfg.scale_min <= cfg.scale_max),
               ("optimizer", cfg.optimizer in ("sgd", "adamw")),
               ("mstep_tags", cfg.mstep_tags in ("noisy", "cleaned", "mix")),
