@@ -317,7 +317,7 @@ def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, An
     if workers <= 1:
         for name, (kind, cfg) in jobs.items():
             reporter.log(f"demo: {_describe(name)}")
-            timed(name, lambda kind=kind, cfg=cfg: train_job(kind, cfg, reporter))
+            record(name, train_job(kind, cfg, reporter))
     else:
         # Longest first (the bound, then t_tr downwards), so the last job to start is short.
         order = ["bound", *(f"finetune t_tr={t}" for t in sorted(demo.t_tr, reverse=True))]

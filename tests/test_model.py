@@ -29,7 +29,6 @@ def test_registered_backbones_shapes(name):
     assert v1.shape == (2, backbone.out_channels)
 
 
-
 @pytest.mark.parametrize("name", ["tiny", "small"])
 def test_small_backbones_at_output_stride_4_keep_their_parameters(name):
     # Stride 4 replaces the third stride by dilation: the same state dict (the shipped
@@ -48,6 +47,7 @@ def test_small_backbones_at_output_stride_4_keep_their_parameters(name):
     assert v4.shape == v8.shape == (2, 16)
     with pytest.raises(UsageError, match="output_stride must be 4 or 8, got 16"):
         build_backbone(name, output_stride=16)
+
 
 def test_tiny_model_shapes(tiny_model):
     out = tiny_model(torch.randn(2, 3, 64, 48))

@@ -54,8 +54,8 @@ class TrainConfig:
                                    "or a local state-dict path", "pretrain")
     channels: int = _model(64, "width of the tiny/small backbones (ignored by the ResNets)",
                            "pretrain")
-    output_stride: int = _model(8, "output stride of the tiny/small backbones, 4 or 8 (the ResNets: "
-                                "8)", "pretrain")
+    output_stride: int = _model(8, "output stride of the tiny/small backbones, 4 or 8 (the "
+                                "ResNets: 8)", "pretrain")
     freeze_bn: bool = _model(False, "keep BatchNorm statistics fixed (DeepLab practice for small "
                              "batches)")
     # optimisation (poly schedule; new layers get head_lr_mult x lr). The paper (and DeepLab)
