@@ -19,7 +19,7 @@ from discli.train.config import TrainConfig
 from discli.train.engine import poly
 from discli.train.finetune import finetune, mstep_records
 from discli.train.pretrain import pretrain
-from discli.train.pseudo import class_thresholds, gate_labelmap, tag_target
+from discli.train.pseudo import class_thresholds, cutmix_box, gate_labelmap, paste, tag_target
 
 CLASSES = ["background", "aeroplane", "bird", "car"]
 
@@ -39,6 +39,28 @@ def test_gate_ignores_absent_classes_never_background():
     labelmap = np.array([[0, 1, 2], [3, 255, 2]], np.uint8)
     gated = gate_labelmap(labelmap, np.array([False, True, False, True]))
     assert gated.tolist() == [[0, 1, 255], [3, 255, 255]]
+
+
+def test_cutmix_box_stays_inside_and_covers_its_share():
+    torch.manual_seed(0)
+    for _ in range(200):
+        top, left, bh, bw = cutmix_box(64, 48)
+        assert 0 <= top and top + bh <= 64 and 0 <= left and left + bw <= 48
+        assert 0.01 <= bh * bw / (64 * 48) <= 0.45  # area (0.02, 0.4), rounding and clipping
+
+
+def test_paste_mixes_image_labelmap_and_tags_alike():
+    def item(value, cls, tags):
+        return {"image": torch.full((3, 16, 16), float(value)),
+                "labelmap": torch.full((16, 16), cls, dtype=torch.int64),
+                "tags": torch.tensor(tags, dtype=torch.float32)}
+    torch.manual_seed(3)
+    mixed = paste(item(0, 1, [1, 1, 0, 0]), item(5, 3, [1, 0, 0, 0.5]))
+    boxed = mixed["labelmap"] == 3
+    assert 0 < int(boxed.sum()) < 256  # a box, not everything or nothing
+    assert bool((mixed["image"][:, boxed] == 5).all() and (mixed["image"][:, ~boxed] == 0).all())
+    assert mixed["labelmap"][~boxed].eq(1).all()
+    assert mixed["tags"].tolist() == [1, 1, 0, 0.5]  # the union of the two targets
 
 
 def _write_cache(path, entries, classes=CLASSES):
@@ -168,7 +190,8 @@ def test_finetune_logs_estep_stats_and_validation(tmp_path):
                       iters_step1=4, iters_step2=2, iters_step3=4, mstep_iters=6, rounds=2,
                       t_tr=2, ckpt_every=100, log_every=1, estep_batch_size=2, device="cpu",
                       mstep_tags="mix", tag_gate="noisy", confidence=0.3, class_keep=0.5,
-                      mstep_lr_mult=0.5, mstep_warmup=4, val=str(labelled), val_every=3)
+                      mstep_lr_mult=0.5, mstep_warmup=4, val=str(labelled), val_every=3,
+                      cutmix=0.5, subnet2_refit_iters=2)
     pretrain(cfg)
     finetune(cfg)
     records = [json.loads(line) for line in

@@ -84,6 +84,11 @@ def log_estep(log: Path, cache_path: Path, cfg: TrainConfig, r: int,
     return record
 
 
+def mstep_sources(labelled: Any, pseudo: Any, n_labelled: int, n_tagged: int) -> list[Source]:
+    """The M-step's two sources of every batch (a source with no share left out)."""
+    return [s for s in (Source(labelled, n_labelled), Source(pseudo, n_tagged)) if s.per_batch]
+
+
 def round_status(cfg: TrainConfig, r: int) -> str:
     d = round_dir(cfg, r)
     if (d / "model.pth").exists():
@@ -239,10 +244,9 @@ def _rounds(cfg: TrainConfig, only: str | None, rounds: list[int], reporter: Rep
                      if cfg.strong_aug else labelled.transform)
         pseudo = PseudoLabelled(mstep_records(tagged, cfg), cache, transform,
                                 cfg.confidence, cfg.tag_threshold, cfg.mstep_tags, cfg.tag_gate,
-                                cfg.class_keep)
+                                cfg.class_keep, cfg.cutmix)
         n_tagged = round(cfg.batch_size * cfg.tagged_ratio)
-        sources = [s for s in (Source(labelled, cfg.batch_size - n_tagged),
-                               Source(pseudo, n_tagged)) if s.per_batch > 0]
+        sources = mstep_sources(labelled, pseudo, cfg.batch_size - n_tagged, n_tagged)
         run = PhaseRun(checkpoint=last, log=out / "log.jsonl", stage="finetune",
                        extra={"round": r, "source_hash": source_hash},
                        classes=tagged.classes, mirror=mirror)
@@ -256,7 +260,10 @@ def _rounds(cfg: TrainConfig, only: str | None, rounds: list[int], reporter: Rep
         if cfg.subnet2_refit_iters > 0:
             if refit_state is not None:
                 model.load_state_dict(refit_state["model"])
-            run_phase(model, PHASES["refit"], sources, cfg, cfg.subnet2_refit_iters,
+            # subnet-2 learns to redraw whole images from their labelmaps: no pasted boxes
+            unmixed = mstep_sources(labelled, pseudo.unmixed(),
+                                    cfg.batch_size - n_tagged, n_tagged)
+            run_phase(model, PHASES["refit"], unmixed, cfg, cfg.subnet2_refit_iters,
                       dataclasses.replace(run, checkpoint=refit), device, resume=refit_state,
                       dist=dist, reporter=reporter)
             result = refit

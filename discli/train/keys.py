@@ -128,6 +128,8 @@ class TrainConfig:
                                 "model or 'init'", "finetune")
     strong_aug: bool = _finetune(False, "photometric strong view of the pseudo-labelled images",
                                  "finetune")
+    cutmix: float = _finetune(0.0, "share of the pseudo-labelled M-step images that get a box "
+                              "of another tagged image pasted in (CutMix)", "finetune")
     inf_lr: float = _inference(InferenceConfig.lr, "feature-space inference step size")
     inf_momentum: float = _inference(InferenceConfig.momentum, "feature-space inference momentum")
     inf_tag_weight: float = _inference(InferenceConfig.tag_weight, "weight of the tag loss in "
@@ -248,6 +250,7 @@ def validate(cfg: TrainConfig, source: str = "config",
               ("warmup_iters", cfg.warmup_iters >= 0),
               ("clip_grad_norm", cfg.clip_grad_norm >= 0),
               ("val_every", cfg.val_every >= 0), ("class_keep", 0.0 <= cfg.class_keep <= 1.0),
+              ("cutmix", 0.0 <= cfg.cutmix <= 1.0),
               ("mstep_from", cfg.mstep_from in ("previous", "init")),
               ("pseudo_map", cfg.pseudo_map in ("final", "labelmap")),
               ("tag_threshold", 0.0 < cfg.tag_threshold < 1.0)]

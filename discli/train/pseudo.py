@@ -11,10 +11,18 @@ Each item looks like a :class:`discli.data.dataset.SegDataset` item, but
   v3 on the caption tags T^w, ``"cleaned"`` on the cleaned tags T̂^w (tag probability >=
   ``tag_threshold``), ``"mix"`` on their average (a soft target: 1 where both agree a class is
   present, 0.5 where they disagree). Background is always present.
+
+With ``cutmix`` > 0, that share of the items gets a box pasted from another tagged image (the
+box's image, pseudo-labelmap and ignored pixels alike; tags: the union of both targets), the
+strong augmentation of CutMix-based semi-supervised segmentation (French et al. 2020; ST++,
+UniMatch) with the pseudo-labels fixed by the E-step: the model must find each class's pixels
+out of their usual context. Colour perturbations, the other half of those methods' strong
+view, change what identifies a class on data where colour does (``strong_aug``).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -84,10 +92,36 @@ def class_thresholds(cache: PseudoCache, confidence: float, keep: float,
     return thresholds
 
 
+def cutmix_box(height: int, width: int, area: tuple[float, float] = (0.02, 0.4),
+               ratio: tuple[float, float] = (0.3, 1 / 0.3)) -> tuple[int, int, int, int]:
+    """A random box (top, left, box height, box width) covering ``area`` of the image at an
+    aspect ratio within ``ratio``, drawn with torch's generator (seeded per item)."""
+    r = torch.rand(4).tolist()
+    size = (area[0] + r[0] * (area[1] - area[0])) * height * width
+    aspect = ratio[0] + r[1] * (ratio[1] - ratio[0])
+    bh = max(1, min(height, round((size / aspect) ** 0.5)))
+    bw = max(1, min(width, round((size * aspect) ** 0.5)))
+    return int(r[2] * (height - bh + 1)), int(r[3] * (width - bw + 1)), bh, bw
+
+
+def paste(item: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """``item`` with a random box of ``other`` (same crop size) pasted in: image, labelmap and
+    the union of the two tag targets."""
+    h = min(item["image"].shape[-2], other["image"].shape[-2])
+    w = min(item["image"].shape[-1], other["image"].shape[-1])
+    top, left, bh, bw = cutmix_box(h, w)
+    box = (slice(top, top + bh), slice(left, left + bw))
+    item["image"][(slice(None), *box)] = other["image"][(slice(None), *box)]
+    item["labelmap"][box] = other["labelmap"][box]
+    item["tags"] = torch.maximum(item["tags"], other["tags"])
+    return item
+
+
 class PseudoLabelled(SegDataset):
     def __init__(self, manifest: Manifest, cache: PseudoCache, transform: Transform,
                  confidence: float = 0.0, tag_threshold: float = 0.5,
-                 tags: str = "cleaned", tag_gate: str = "none", class_keep: float = 0.0):
+                 tags: str = "cleaned", tag_gate: str = "none", class_keep: float = 0.0,
+                 cutmix: float = 0.0):
         super().__init__(manifest, transform, use_labelmaps=False)
         missing = [r.id for r in manifest.records if r.id not in cache]
         if missing:
@@ -98,11 +132,24 @@ class PseudoLabelled(SegDataset):
         if tag_gate not in TAG_GATES:
             raise ValueError(f"tag gate must be one of {', '.join(TAG_GATES)}, got {tag_gate!r}")
         self.cache, self.confidence, self.tag_threshold = cache, confidence, tag_threshold
-        self.tags, self.tag_gate = tags, tag_gate
+        self.tags, self.tag_gate, self.cutmix = tags, tag_gate, cutmix
         self.thresholds = (class_thresholds(cache, confidence, class_keep) if class_keep > 0
                            else None)
 
+    def unmixed(self) -> PseudoLabelled:
+        """The same images without CutMix."""
+        plain = copy.copy(self)
+        plain.cutmix = 0.0
+        return plain
+
     def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.pseudo_item(index)
+        if self.cutmix > 0 and float(torch.rand(1)) < self.cutmix:
+            other = int(torch.randint(len(self.manifest.records), (1,)))
+            item = paste(item, self.pseudo_item(other))
+        return item
+
+    def pseudo_item(self, index: int) -> dict[str, Any]:
         rec = self.manifest.records[index]
         image = read_image(self.manifest.image_path(rec))
         entry = self.cache.get(rec.id)
