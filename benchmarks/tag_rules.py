@@ -25,43 +25,50 @@ from collections.abc import Callable
 import numpy as np
 
 from discli.cache import PseudoCache
+from discli.metrics import tag_scores
+from discli.tags import read_truth
 
 Arrays = dict[str, np.ndarray]
+
+
+def area_score(d: Arrays) -> np.ndarray:
+    return np.minimum(d["area"] / 0.1, 1.0)
+
+
 SCORES: dict[str, Callable[[Arrays], np.ndarray]] = {
     "P": lambda d: d["probs"],
-    "A": lambda d: np.minimum(d["area"] / 0.1, 1.0),
-    "PA": lambda d: 0.5 * d["probs"] + 0.5 * np.minimum(d["area"] / 0.1, 1.0),
+    "A": area_score,
+    "PA": lambda d: 0.5 * d["probs"] + 0.5 * area_score(d),
 }
 
 
 def load(spec: str) -> Arrays:
-    """``CACHE@TRUE_TAGS`` -> per image and object class: probs, area, caption, truth."""
+    """``CACHE@TRUE_TAGS`` -> per image and class (background included, never scored): probs,
+    area, caption, truth; and the cache's classes."""
     cache_path, truth_path = spec.split("@")
-    with open(truth_path) as f:
-        truth = {d["id"]: set(d["tags"]) for d in map(json.loads, f)}
     cache = PseudoCache(cache_path)
     classes = cache.classes
+    truth = read_truth(truth_path, classes)
     rows: dict[str, list[np.ndarray]] = {"probs": [], "area": [], "caption": [], "truth": []}
-    for entry in cache:  # class 0 is background: never a tag
-        rows["probs"].append(entry.tag_probs[1:])
-        rows["area"].append(np.array([(entry.labelmap == k).mean()
-                                      for k in range(1, len(classes))]))
-        rows["caption"].append(entry.noisy_tags[1:] > 0)
-        rows["truth"].append(np.array([c in truth[entry.id] for c in classes[1:]]))
+    for entry in cache:
+        rows["probs"].append(entry.tag_probs)
+        rows["area"].append(np.bincount(entry.labelmap.ravel(), minlength=256)[:len(classes)]
+                            / entry.labelmap.size)
+        rows["caption"].append(entry.noisy_tags > 0)
+        rows["truth"].append(np.array([c in truth[entry.id] for c in classes]))
     cache.close()
-    return {k: np.array(v) for k, v in rows.items()}
+    return {**{k: np.array(v) for k, v in rows.items()}, "classes": np.array(classes)}
 
 
-def f1(pred: np.ndarray, truth: np.ndarray) -> float:
-    tp = (pred & truth).sum()
-    precision, recall = tp / max(pred.sum(), 1), tp / max(truth.sum(), 1)
-    return 100 * 2 * precision * recall / max(precision + recall, 1e-9)
+def f1(pred: np.ndarray, d: Arrays) -> float:
+    """Micro F1 (%) of tags ``pred`` against the truth, background left out."""
+    return 100 * tag_scores(pred, d["truth"], list(d["classes"]))["micro"]["f1"]
 
 
 def gain(d: Arrays, score: np.ndarray, a: float, b: float) -> float:
     """F1 of the rule's tags minus F1 of the caption's."""
     cleaned = (d["caption"] & (score >= a)) | (~d["caption"] & (score >= b))
-    return f1(cleaned, d["truth"]) - f1(d["caption"], d["truth"])
+    return f1(cleaned, d) - f1(d["caption"], d)
 
 
 def main() -> None:
@@ -72,9 +79,10 @@ def main() -> None:
     dev, test = [load(s) for s in args.dev], [load(s) for s in args.test]
     grid = np.round(np.arange(0.0, 1.001, 0.05), 2)
     for name, score in SCORES.items():
+        dev_scored = [(d, score(d)) for d in dev]
         best = max(itertools.product(grid, grid),
-                   key=lambda ab: np.mean([gain(d, score(d), *ab) for d in dev]))
-        dev_gains = [round(gain(d, score(d), *best), 1) for d in dev]
+                   key=lambda ab: np.mean([gain(d, sc, *ab) for d, sc in dev_scored]))
+        dev_gains = [round(gain(d, sc, *best), 1) for d, sc in dev_scored]
         test_gains = [round(gain(d, score(d), *best), 1) for d in test]
         plain = [round(gain(d, d["probs"], 0.5, 0.5), 1) for d in test]
         print(json.dumps({"score": name, "a": float(best[0]), "b": float(best[1]),
