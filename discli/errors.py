@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import errno as _errno
 import re
+import signal as _signal
+import warnings
 from collections.abc import Callable
 
 EXIT_OK = 0
@@ -24,7 +26,9 @@ EXIT_INCOMPATIBLE = 4  # checkpoint or cache of another format, architecture or 
 EXIT_BUSY = 5  # another process holds the lock on the output
 EXIT_SYSTEM = 6  # the system refused a file operation (disk full, read-only, permission, ...)
 EXIT_DIVERGED = 7  # training produced a non-finite loss (the last checkpoint is kept)
-EXIT_INTERRUPTED = 130
+EXIT_PEER = 8  # a process of the same torchrun job died, or the process group broke
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 # What an error message may quote of one value (an id, a path, a line): a 100,000-character id
 # must not make a 100,000-character error line.
@@ -66,6 +70,11 @@ class DisError(Exception):
     exit_code = EXIT_FAILURE
 
     def __init__(self, message: str, path: object | None = None):
+        if path is None and "Original Traceback" in message:
+            # Raised in a DataLoader worker, torch re-raises it as type(exc)(its whole report):
+            # the report's last line is "<module>.<Class>: <our message>", one line again.
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
         self.path = None if path is None else str(path)
         # Cap both parts: a message must stay one readable line whatever the input quoted.
         self.template = shorten(message, 4 * MAX_QUOTED)
@@ -102,6 +111,13 @@ class IncompatibleError(DisError):
     exit_code = EXIT_INCOMPATIBLE
 
 
+class CorruptError(IncompatibleError):
+    """A checkpoint or cache whose bytes changed after dis wrote them (its content no longer
+    matches the digest written with it) or that does not read back (truncated). Same exit code
+    as any other unusable checkpoint or cache; its own class so that a run can rebuild such a
+    file from a good copy instead of stopping."""
+
+
 class BusyError(DisError):
     exit_code = EXIT_BUSY
 
@@ -120,6 +136,84 @@ class TrainingDivergedError(DisError):
     the learning rate, warm-up or gradient clipping need changing."""
 
     exit_code = EXIT_DIVERGED
+
+
+class PeerFailureError(DisError):
+    """Another process of the same torchrun job died (killed, out of memory, its machine lost)
+    or the process group broke: not a bug of dis nor of the data. Every rank checkpoints the
+    same way, so rerunning the same command resumes."""
+
+    exit_code = EXIT_PEER
+
+
+# What gloo, NCCL and the c10d store say when the other end of a collective went away. Matched
+# on the text: these arrive as plain RuntimeErrors as often as DistBackendError.
+_PEER_GONE = ("connection reset by peer", "connection closed by peer", "processgroup",
+              "process group", "nccl", "gloo", "c10d")
+_DIST_ERRORS = {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError"}
+
+
+def peer_failure(exc: BaseException, rank: object = None,
+                 world_size: object = None) -> PeerFailureError | None:
+    """The one-line error for a collective that failed because a peer process died (None for
+    any other exception). Only raised inside a torchrun job (``world_size`` > 1): a lone process
+    has no peer, and the same words there would be a bug."""
+    try:
+        world = int(str(world_size))
+    except ValueError:
+        return None
+    if world <= 1:
+        return None
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    text = str(exc).lower()
+    if not (names & _DIST_ERRORS or (isinstance(exc, RuntimeError)
+                                     and any(words in text for words in _PEER_GONE))):
+        return None
+    lines = str(exc).strip().splitlines()
+    detail = shorten(lines[-1] if lines else type(exc).__name__, 160)
+    return PeerFailureError(f"rank {rank} of {world}: a peer process of this torchrun job died "
+                            f"or the process group broke ({type(exc).__name__}: {detail}); "
+                            f"rerun the same command to resume from the last checkpoint")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM (what batch schedulers send before a kill), raised as a
+    KeyboardInterrupt so that every ``finally`` (locks, temporary files) runs alike for both.
+    ``message`` says what was kept; :attr:`exit_code` is 128 + the signal's number."""
+
+    def __init__(self, signum: int | None = None, message: str = ""):
+        self.signum = signum
+        self.message = message
+        super().__init__(message)
+
+    @property
+    def name(self) -> str:
+        if self.signum is None:
+            return "a signal to another rank"
+        try:
+            return _signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_TERMINATED if self.signum == _signal.SIGTERM else EXIT_INTERRUPTED
+
+    def __reduce__(self) -> tuple[type, tuple[int | None, str]]:
+        return (self.__class__, (self.signum, self.message))
+
+
+class DisWarning(UserWarning):
+    """Something the user must know that does not stop the command (a corrupt part file
+    removed and redone, images with EXIF rotation). The CLI prints each as one line,
+    ``dis: warning: ...``; a Python caller gets an ordinary warning to filter or raise."""
+
+
+def warn(message: str, path: object | None = None) -> None:
+    """Issue a :class:`DisWarning` whose text names ``path`` first, like an error's."""
+    where = None if path is None else shorten(path)
+    text = shorten(message, 4 * MAX_QUOTED)
+    warnings.warn(DisWarning(f"{where}: {text}" if where else text), stacklevel=2)
 
 
 # errno -> what to tell the user. Only these are the user's environment; any other OSError

@@ -486,6 +486,9 @@ def test_labelmap_size_mismatch_explained_by_exif_rotation(ckpt, tmp_path, capfd
     m = manifest(tmp_path / "m.jsonl", [{"id": "a", "image": "a.jpg", "labelmap": "a_gt.png"}])
     code, _, err = run_main(capfd, ["evaluate", str(m), "-c", str(ckpt), "--device", "cpu", "-q"],
                             None, monkeypatch)
+    # the dataset's warning about EXIF-rotated labelled images comes first, then the refusal
+    warning, _, err = err.partition("\n")
+    assert warning.startswith("dis: warning: ") and "a.jpg" in warning, warning
     line = one_error_line(err)
     assert code == 3 and "a_gt.png" in line and "EXIF" in line and "orientation 6" in line, line
     from discli.data.voc import check_pair

@@ -10,8 +10,10 @@ from __future__ import annotations
 import functools
 import math
 import os
+import signal
 import sys
 import traceback
+import warnings
 from typing import Any
 
 import typer
@@ -24,7 +26,8 @@ except ImportError:  # pragma: no cover - older typer on the click package
 from discli import __version__
 from discli.cli.output import error, warn
 from discli.entrypoints import COMMANDS_GROUP, Plugin, load_group
-from discli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, DisError, UsageError, system_error
+from discli.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, DisError, DisWarning, Interrupted,
+                           UsageError, peer_failure, system_error)
 
 # click >= 8.2 raises this for a group called without a command (it prints the help)
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -97,6 +100,36 @@ def refuse_non_finite(command: Any) -> Any:
     return command
 
 
+class _Stopped(Exception):
+    """Carries an interruption past typer, which turns any KeyboardInterrupt into a bare exit
+    130 and so would drop what it says (the signal, the checkpoint kept)."""
+
+    def __init__(self, interrupt: KeyboardInterrupt):
+        super().__init__(str(interrupt))
+        self.interrupt = interrupt
+
+
+def carry_interrupts(command: Any) -> Any:
+    """Wrap every command's callback (recursively) so that its interruption reaches
+    :func:`main` whole (:class:`_Stopped`)."""
+    for sub in getattr(command, "commands", {}).values():
+        carry_interrupts(sub)
+    callback = getattr(command, "callback", None)
+    if callback is None or getattr(callback, "_dis_carries", False):
+        return command
+
+    @functools.wraps(callback)
+    def carried(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return callback(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            raise _Stopped(exc) from None
+
+    carried._dis_carries = True  # type: ignore[attr-defined]
+    command.callback = carried
+    return command
+
+
 def _usage_line(exc: click.ClickException) -> str:
     """A click usage error as one line: the problem, then where to find help."""
     message = " ".join(exc.format_message().split())
@@ -118,8 +151,49 @@ def _broken_pipe() -> int:
     return EXIT_BROKEN_PIPE
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    # SIGTERM (a batch scheduler's notice before its kill) ends dis as Ctrl-C does: every
+    # `finally` runs (locks, temporary files), and training saves a checkpoint first.
+    raise Interrupted(signum)
+
+
+def _show_warning(message: Any, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None, *, _default: Any = None) -> None:
+    if issubclass(category, DisWarning):
+        warn(str(message))
+    elif _default is not None:
+        _default(message, category, filename, lineno, file, line)
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    if isinstance(exc, Interrupted):
+        what = "terminated" if exc.exit_code != EXIT_INTERRUPTED else "interrupted"
+        error(f"{what} ({exc.name})" + (f": {exc.message}" if exc.message else ""))
+        return exc.exit_code
+    error("interrupted")
+    return EXIT_INTERRUPTED
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; every failure is one line on stderr and a documented exit code (README)."""
+    previous_term = None
+    try:
+        previous_term = signal.signal(signal.SIGTERM, _terminated)
+    except ValueError:  # not the main thread (a caller's thread): leave signals alone
+        pass
+    shown = warnings.showwarning
+    warnings.showwarning = functools.partial(_show_warning, _default=shown)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", DisWarning)
+            return _main(argv)
+    finally:
+        warnings.showwarning = shown
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or bool(os.environ.get("DIS_DEBUG"))
     # Started with a standard stream closed (`dis ... <&-`): Python leaves it None. Read an
@@ -129,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(sys, name) is None:
             setattr(sys, name, open(os.devnull, mode, encoding="utf-8"))
     try:
-        command = refuse_non_finite(typer.main.get_command(build_app()))
+        command = carry_interrupts(refuse_non_finite(typer.main.get_command(build_app())))
         code = command(args=argv, prog_name="dis", standalone_mode=False)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -152,9 +226,10 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         error(exc.cli_message())
         return exc.exit_code
-    except KeyboardInterrupt:
-        error("interrupted")
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc)
+    except _Stopped as exc:
+        return _interrupted(exc.interrupt)
     except BrokenPipeError:
         return _broken_pipe()
     except OSError as exc:  # disk full, read-only, permission...: the user's machine, not a bug
@@ -170,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: one line unless --debug
         if debug:
             traceback.print_exc()
+        lost = peer_failure(exc, os.environ.get("RANK", 0), os.environ.get("WORLD_SIZE", 1))
+        if lost is not None:
+            error(lost.cli_message())
+            return lost.exit_code
         error(f"internal error: {type(exc).__name__}: {exc} (run with --debug for a traceback)")
         return EXIT_FAILURE
     if code == EXIT_INTERRUPTED:  # typer turns ^C into a silent exit 130

@@ -28,10 +28,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from discli.data.images import read_image, size_mismatch
+from discli.data.images import header_orientation, read_image, size_mismatch
 from discli.data.manifest import Manifest
 from discli.labelmap import IGNORE, read_labelmap
-from discli.errors import BadInputError
+from discli.errors import BadInputError, warn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -132,12 +132,32 @@ class DataItemError(BadInputError):
         super().__init__(message, path)
 
 
+def warn_exif_rotation(manifest: Manifest) -> int:
+    """Warn once when images with labelmaps carry an EXIF orientation tag; returns how many.
+
+    dis reads images rotated as a viewer shows them (:func:`discli.data.images.read_image`), so
+    a labelmap must be drawn on the rotated image. One drawn on the stored pixels is refused
+    when the sizes disagree, but a square image's do not: it would train misaligned without a
+    word. Only the headers are read (a fraction of a millisecond per image)."""
+    tagged = [path for path in (manifest.image_path(rec) for rec in manifest.records
+                                if rec.labelmap)
+              if header_orientation(path) != 1]
+    if tagged:
+        warn(f"{len(tagged)} image(s) with a labelmap carry an EXIF orientation tag (first: "
+             f"{tagged[0]}); dis reads them rotated, as a viewer shows them, so their labelmaps "
+             f"must be drawn on the rotated image: rotate the labelmaps, or remove the tags "
+             f"(exiftool -Orientation= FILE)", manifest.path)
+    return len(tagged)
+
+
 class SegDataset(torch.utils.data.Dataset):
     def __init__(self, manifest: Manifest, transform: Transform | None = None,
                  use_labelmaps: bool = True):
         self.manifest = manifest
         self.transform = transform if transform is not None else eval_transform()
         self.use_labelmaps = use_labelmaps
+        if use_labelmaps:
+            warn_exif_rotation(manifest)
 
     def __len__(self) -> int:
         return len(self.manifest.records)

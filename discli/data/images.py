@@ -87,6 +87,27 @@ def _orientation(im: Image.Image) -> int:
         return 1
 
 
+def header_orientation(path: str | Path) -> int:
+    """The EXIF orientation of an image file from its header alone (1 when it has none, or the
+    file cannot be opened: reading it later says why). Costs a header read, not a decode: a PNG's
+    eXIf chunk is taken only from before the pixel data, where the standard puts it (Pillow's
+    ``getexif`` would decode the whole PNG to look after it)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.format == "PNG":
+                    raw = im.info.get("exif")
+                    if not raw:
+                        return 1
+                    exif = Image.Exif()
+                    exif.load(raw)
+                    return int(exif.get(0x0112, 1))
+                return _orientation(im)
+    except Exception:  # noqa: BLE001 - only a hint; read_image refuses a broken file properly
+        return 1
+
+
 def size_mismatch(labelmap_hw: tuple[int, ...], image: str | Path,
                   image_hw: tuple[int, ...], name_image: bool = True) -> str:
     """The message for a labelmap whose size is not its image's, saying so when the image's

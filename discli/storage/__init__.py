@@ -9,6 +9,7 @@
 """
 
 from discli.storage.atomic import (atomic_path, atomic_write, make_folder,  # noqa: F401
-                                   remove_stale_temps, temp_path)
+                                   remove_stale_temps, same_bytes, temp_path)
 
-__all__ = ["atomic_path", "atomic_write", "make_folder", "remove_stale_temps", "temp_path"]
+__all__ = ["atomic_path", "atomic_write", "make_folder", "remove_stale_temps", "same_bytes",
+           "temp_path"]

@@ -70,6 +70,24 @@ def atomic_write(path: str | Path, writer: Callable[[IO[bytes]], object],
     atomic_path(path, fill, durable=False)
 
 
+def same_bytes(a: str | Path, b: str | Path, chunk: int = 1 << 22) -> bool:
+    """Whether files ``a`` and ``b`` both exist and hold the same bytes (a missing one:
+    False). A copy is checked against its source this way, at the cost of reading both."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.stat().st_size != b.stat().st_size:
+            return False
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            while True:
+                block = fa.read(chunk)
+                if block != fb.read(chunk):
+                    return False
+                if not block:
+                    return True
+    except FileNotFoundError:
+        return False
+
+
 def make_folder(folder: str | Path, option: str = "{opt:out}") -> Path:
     """Create an output folder (and its parents), or raise UsageError when a file is in the way."""
     folder = Path(folder)

@@ -6,7 +6,9 @@ in progress, entries (one group ``/entries/<key>`` per image, key = id with "/" 
 name (:func:`discli.storage.atomic.atomic_path`) and renamed when complete, so it is either fully
 there or absent. A re-run lists the ids of the finished parts (:meth:`PartWriter.done_ids`) and
 skips them; when every image is done the parts are merged into the file (again temp + rename)
-and removed.
+and removed. A finished part that does not read back (truncated or damaged after its rename: a
+full disk that lied, a copy of the folder cut short) is removed with a warning naming it, and
+its images count as not done, so they are done again.
 
 Under torchrun every rank writes parts under its own prefix (``part-r<rank>-NNNNNN.h5``) and
 rank 0 alone merges. The schemas over this writer (the pseudo-label cache, :mod:`discli.cache`;
@@ -24,7 +26,7 @@ from typing import Any
 
 import h5py
 
-from discli.errors import system_error
+from discli.errors import system_error, warn
 from discli.storage.atomic import atomic_path, remove_stale_temps, temp_path
 
 
@@ -89,6 +91,7 @@ class PartWriter:
         if clean:
             remove_stale_temps(self.path.parent)
             remove_stale_temps(self.parts_dir)
+            self._drop_unreadable()
         own = re.compile(re.escape(prefix) + r"(\d+)\.h5")
         seqs = [int(m.group(1)) for m in (own.fullmatch(p.name) for p in self.parts()) if m]
         self._seq = max(seqs, default=-1) + 1
@@ -101,6 +104,16 @@ class PartWriter:
         """Every rank's finished parts, by name."""
         return sorted(self.parts_dir.glob(self.pattern)) if self.parts_dir.is_dir() else []
 
+    def _drop_unreadable(self) -> None:
+        for part in self.parts():
+            try:
+                entry_attrs(part)
+            except (OSError, KeyError) as exc:
+                detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+                part.unlink(missing_ok=True)
+                warn(f"part file does not read back ({type(exc).__name__}: {detail}); removed "
+                     f"it, its images will be done again", part)
+
     def drop_parts(self) -> None:
         """Delete every finished part (a run that replaces the file starts afresh)."""
         for part in self.parts():
@@ -111,7 +124,12 @@ class PartWriter:
         """id -> entry attributes of every entry of ``sources`` (default: the finished parts)."""
         found: dict[str, dict[str, Any]] = {}
         for source in self.parts() if sources is None else sources:
-            found.update(entry_attrs(source))
+            try:
+                found.update(entry_attrs(source))
+            except (OSError, KeyError):
+                if sources is not None:
+                    raise
+                # a part rank 0 is removing as unreadable (_drop_unreadable): not done
         return found
 
     def done_ids(self) -> set[str]:

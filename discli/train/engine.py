@@ -27,11 +27,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from discli.storage import atomic_write
 from discli.checkpoint import save_checkpoint
 from discli.distributed import DistInfo, all_reduce_sum
-from discli.errors import TrainingDivergedError
+from discli.errors import Interrupted, TrainingDivergedError
 from discli.losses import map_loss, recon_loss, recon_target, tag_loss
 from discli.model import DISNet
 from discli.progress import NullReporter, Reporter
 from discli.train.config import TrainConfig
+from discli.train.interrupts import DeferredInterrupts
 from discli.train.runlog import TensorBoardMirror, append
 
 
@@ -53,8 +54,9 @@ PHASES = {
     "step2": Phase("step2", ("subnet2",), ("img",)),
     "step3": Phase("step3", ALL, ("map", "img", "tag")),
     "mstep": Phase("mstep", ALL, ("map", "img", "tag")),
-    # Section 3.1 with the M-step's loss_img = 0: subnet-2, untouched by the M-step, is refitted
-    # alone to the new model's labelmaps, or inference would reconstruct through a stale decoder.
+    # Not in the paper (a departure of the presets, whose M-step has loss_img = 0): subnet-2,
+    # untouched by such an M-step, is refitted alone to the new model's labelmaps, as step 2 of
+    # pretraining does, or inference would reconstruct through a stale decoder.
     "refit": Phase("refit", ("subnet2",), ("img",), unit_weights=True),
 }
 
@@ -203,18 +205,43 @@ def validate(model: DISNet, cfg: TrainConfig, device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------- state
-def rng_state() -> dict[str, Any]:
+def _cuda_index(device: torch.device | None) -> int | None:
+    """The CUDA device whose generator a checkpoint holds: the one this process trains on
+    (None: the current one when CUDA is available); None on CPU."""
+    if device is None:
+        return torch.cuda.current_device() if torch.cuda.is_available() else None
+    if device.type != "cuda":
+        return None
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """The generators a resumed run must continue: CPU, Python, and the CUDA generator of
+    ``device`` alone (not every visible GPU's: a job resumed on a machine, or with a
+    CUDA_VISIBLE_DEVICES, that shows fewer GPUs must still be able to restore it)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    index = _cuda_index(device)
+    if index is not None:
+        state["cuda"] = torch.cuda.get_rng_state(index)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore :func:`rng_state`'s generators, the CUDA one onto ``device``. Older checkpoints
+    hold a list (one state per GPU the writer saw): this device's entry is taken when there is
+    one, else the CUDA generator stays as it is (a resume then differs only in CUDA-side
+    randomness, rather than failing)."""
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    index = _cuda_index(device)
+    saved = state.get("cuda")
+    if index is None or saved is None:
+        return
+    if isinstance(saved, (list, tuple)):
+        if index >= len(saved):
+            return
+        saved = saved[index]
+    torch.cuda.set_rng_state(saved, index)
 
 
 def unwrap(model: nn.Module) -> DISNet:
@@ -272,6 +299,23 @@ def check_finite(values: dict[str, float], iteration: int, run: PhaseRun, phase:
         f"intact. Try {', '.join(hints)}", run.checkpoint)
 
 
+def _fetch(loader: DataLoader, interrupts: DeferredInterrupts) -> Iterator[dict[str, Any]]:
+    """The loader's batches; they end early when a fetch fails after SIGINT or SIGTERM: Ctrl-C
+    reaches the DataLoader's worker processes too, and the batch they no longer send is the
+    interruption, not an error of its own."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception:
+            if interrupts.signum is None:
+                raise
+            return
+        yield batch
+
+
 def run_phase(model: DISNet, phase: Phase, sources: Sequence[Source], cfg: TrainConfig,
               total_iters: int, run: PhaseRun, device: torch.device,
               resume: dict[str, Any] | None = None, dist: DistInfo = DistInfo(),
@@ -308,8 +352,15 @@ def run_phase(model: DISNet, phase: Phase, sources: Sequence[Source], cfg: Train
         scheduler.load_state_dict(resume["scheduler"])
         if resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
-        set_rng_state(resume["rng"])
+        set_rng_state(resume["rng"], device)
         start = int(resume["iteration"])
+        # one line through the reporter (the CLI prints it on stderr): a re-run that silently
+        # skipped work, or silently redid it, could not be told apart
+        place = " ".join(f"{k} {v}" for k, v in run.extra.items() if k in ("step", "round"))
+        if "step" not in run.extra:  # pretrain's phases are its steps; a round has phases
+            place = f"{place} {phase.name}".strip()
+        reporter.log(f"resuming {run.stage} {place} at iteration {start} of {total_iters} "
+                     f"(from {run.checkpoint})")
     if dist.is_main:
         _trim_log(run.log, run, phase.name, start)
 
@@ -319,7 +370,7 @@ def run_phase(model: DISNet, phase: Phase, sources: Sequence[Source], cfg: Train
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if use_amp else {}, "stage": run.stage,
                 "phase": phase.name, "iteration": iteration, "total_iters": total_iters,
-                "done": done, "rng": rng_state(), "config": cfg.to_dict(),
+                "done": done, "rng": rng_state(device), "config": cfg.to_dict(),
                 "inference": cfg.inference_settings(), **run.extra}
 
     sampler = PlannedBatches([len(s.dataset) for s in sources],  # type: ignore[arg-type]
@@ -334,37 +385,58 @@ def run_phase(model: DISNet, phase: Phase, sources: Sequence[Source], cfg: Train
     reporter.start(f"{run.stage} {phase.name}", total_iters)
     reporter.advance(start)
     tic = time.perf_counter()
-    for iteration, batch in enumerate(loader, start=start + 1):
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            losses = compute_losses(net, batch, phase, cfg, device)
-        values = {k: float(v.detach()) for k, v in losses.items()}
-        check_finite(values, iteration, run, phase, cfg, dist)  # before any weight changes
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses["loss"]).backward()
-        if cfg.clip_grad_norm > 0:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the AMP-scaled ones
-            nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        lr = optimizer.param_groups[-1]["lr"]
-        reporter.advance(1, loss=values["loss"], lr=lr)
-        if dist.is_main and (iteration % cfg.log_every == 0 or iteration == total_iters):
-            record = {"stage": run.stage, "phase": phase.name, "iter": iteration, "lr": lr,
-                      "time": round(time.perf_counter() - tic, 3), **values, **run.extra}
-            append(run.log, record, run.mirror)
-        if cfg.val and (iteration == total_iters
-                        or (cfg.val_every and iteration % cfg.val_every == 0)):
-            val_miou = validate(model, cfg, device)
-            set_train_modes(model, phase, cfg.freeze_bn)
-            if dist.is_main:
-                append(run.log, {"stage": run.stage, "phase": phase.name, "iter": iteration,
-                                 "val_miou": val_miou, **run.extra}, run.mirror)
-            reporter.log(f"{run.stage} {phase.name} iteration {iteration}: validation mIoU "
-                         f"{100 * val_miou:.1f}")
-        if iteration < total_iters and iteration % cfg.ckpt_every == 0 and dist.is_main:
-            save_checkpoint(run.checkpoint, state(iteration, done=False))
+    finished = start  # the last iteration whose step is complete: a state safe to save
+    stopped = False
+    with DeferredInterrupts() as interrupts:
+        for iteration, batch in enumerate(_fetch(loader, interrupts), start=start + 1):
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                losses = compute_losses(net, batch, phase, cfg, device)
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            check_finite(values, iteration, run, phase, cfg, dist)  # before any weight changes
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(losses["loss"]).backward()
+            if cfg.clip_grad_norm > 0:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the AMP-scaled ones
+                nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            lr = optimizer.param_groups[-1]["lr"]
+            reporter.advance(1, loss=values["loss"], lr=lr)
+            if dist.is_main and (iteration % cfg.log_every == 0 or iteration == total_iters):
+                record = {"stage": run.stage, "phase": phase.name, "iter": iteration, "lr": lr,
+                          "time": round(time.perf_counter() - tic, 3), **values, **run.extra}
+                append(run.log, record, run.mirror)
+            if cfg.val and (iteration == total_iters
+                            or (cfg.val_every and iteration % cfg.val_every == 0)):
+                val_miou = validate(model, cfg, device)
+                set_train_modes(model, phase, cfg.freeze_bn)
+                if dist.is_main:
+                    append(run.log, {"stage": run.stage, "phase": phase.name, "iter": iteration,
+                                     "val_miou": val_miou, **run.extra}, run.mirror)
+                reporter.log(f"{run.stage} {phase.name} iteration {iteration}: validation mIoU "
+                             f"{100 * val_miou:.1f}")
+            if iteration < total_iters and iteration % cfg.ckpt_every == 0 and dist.is_main:
+                save_checkpoint(run.checkpoint, state(iteration, done=False))
+            finished = iteration
+            if interrupts.stop(dist):
+                stopped = True
+                break
+        if finished < total_iters:  # stopped early by SIGINT / SIGTERM: keep what is done
+            kept = f"no iteration of {run.stage} {phase.name} had finished"
+            if finished > 0:
+                if finished > start and finished % cfg.ckpt_every and dist.is_main:
+                    save_checkpoint(run.checkpoint, state(finished, done=False))
+                kept = (f"kept {run.checkpoint} at {run.stage} {phase.name} iteration "
+                        f"{finished} of {total_iters}")
+            raise Interrupted(interrupts.signum, f"{kept}; rerun the same command to continue "
+                                                 f"from there (files of finished steps and "
+                                                 f"rounds are kept)")
     final = state(total_iters, done=True)
     if dist.is_main:
         save_checkpoint(run.checkpoint, final)
+    if stopped:  # the signal came during the last iteration: the phase is whole, stop after it
+        raise Interrupted(interrupts.signum, f"{run.stage} {phase.name} finished: kept "
+                                             f"{run.checkpoint}; rerun the same command to "
+                                             f"continue from there")
     return final

@@ -20,7 +20,10 @@ import torch
 from discli.storage import atomic_write
 from discli.backbones import backbone_options
 from discli.checkpoint import load_checkpoint, model_from_checkpoint
-from discli.distributed import barrier, init_distributed, resolve_device
+from discli.errors import CorruptError, warn
+from discli.storage import same_bytes
+from discli.distributed import (barrier, check_batch_split, dist_info, resolve_device,
+                                setup_distributed)
 from discli.errors import BadInputError, IncompatibleError, UsageError
 from discli.lock import lock_folder
 from discli.storage import make_folder, remove_stale_temps
@@ -87,14 +90,32 @@ def pretrain(cfg: TrainConfig, steps: Sequence[int] = (1, 2, 3),
         raise UsageError("no run folder given ({opt:out})")
     require_tensorboard(tensorboard)
     device = resolve_device(cfg.device)
-    dist = init_distributed(device)
-    if cfg.batch_size % dist.world_size:
-        raise UsageError(f"{{opt:batch_size}} {cfg.batch_size} is not divisible by the "
-                         f"{dist.world_size} processes")
+    check_batch_split(cfg.batch_size, dist_info().world_size)  # before joining the job
+    device, dist = setup_distributed(device)
     out = Path(cfg.out) / "pretrain"
     make_folder(out)
     with lock_folder(out):
         return _pretrain(cfg, steps, reporter, out, device, dist, tensorboard)
+
+
+def _recover(out: Path, exc: CorruptError, dist: Any) -> dict[str, Any]:
+    """``last.pth`` is corrupt: continue from the last finished step whose file reads back
+    (the steps after it are redone), or say what to delete."""
+    for step in (3, 2, 1):
+        path = step_file(out, step)
+        try:
+            state = load_checkpoint(path) if path.exists() else None
+        except CorruptError:
+            continue
+        if state is None:
+            continue
+        if dist.is_main:
+            warn(f"{exc}; continuing from {path.name} (step {step} finished; what followed it "
+                 f"is redone)")
+            atomic_write(out / "last.pth", lambda f: f.write(path.read_bytes()))
+        return state
+    raise CorruptError(f"{exc.template}; no finished step file reads back either: delete it to "
+                       f"start this run afresh", exc.path)
 
 
 def step_file(out: Path, step: int) -> Path:
@@ -111,7 +132,10 @@ def _pretrain(cfg: TrainConfig, steps: Sequence[int], reporter: Reporter | None,
     if dist.is_main:
         remove_stale_temps(out)  # checkpoint writes torn by a kill
     last = out / "last.pth"
-    state = load_checkpoint(last) if last.exists() else None
+    try:
+        state = load_checkpoint(last) if last.exists() else None
+    except CorruptError as exc:
+        state = _recover(out, exc, dist)
     if state is not None:  # the folder holds a run: continue it only with its own settings
         check_same_run(out, held_settings(out, state), cfg, "pretrain")
     manifest, dataset = labelled_dataset(cfg)
@@ -119,8 +143,13 @@ def _pretrain(cfg: TrainConfig, steps: Sequence[int], reporter: Reporter | None,
         check_same_architecture(state, cfg, manifest.classes, last)
         model = model_from_checkpoint(state, last)
         finished = step_file(out, int(state["step"]))
-        if state["done"] and dist.is_main and not finished.exists():
-            # killed between the step's last checkpoint and its copy: finish the copy now
+        if state["done"] and dist.is_main and not same_bytes(finished, last):
+            # killed between the step's last checkpoint and its copy (no copy), or the copy was
+            # damaged since (truncated, a flipped bit): last.pth, verified as it was loaded,
+            # holds the same state, so the copy is made again rather than reported broken
+            if finished.exists():
+                warn(f"does not match {last.name}, of which it is a copy (truncated or "
+                     f"corrupt); rebuilt it from {last.name}", finished)
             atomic_write(finished, lambda f: f.write(last.read_bytes()))
     else:
         model = new_model(cfg, manifest.classes)
