@@ -55,11 +55,17 @@ def dist_info() -> DistInfo:
 
 
 def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group when launched by torchrun (nccl on CUDA, gloo on CPU)."""
+    """Join the process group when launched by torchrun (nccl on CUDA, gloo on CPU). Commands
+    call :func:`setup_distributed`, which also makes ``device`` this process's CUDA device."""
     info = dist_info()
     if info.enabled and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        if device.type == "cuda":
+            # Bound to the rank's GPU, barrier() and NCCL's communicators use it; without
+            # device_id they guess (rank mod GPU count, or the current device: cuda:0 on every
+            # rank until set_device), which hangs or reports duplicate GPUs.
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
         atexit.register(_drain)
         info = dist_info()
     return info
@@ -85,15 +91,21 @@ def _drain() -> None:
 
 
 def setup_distributed(device: str | torch.device) -> tuple[torch.device, DistInfo]:
-    """:func:`init_distributed` for a job on ``device``; returns the device this rank uses and
-    its :class:`DistInfo`. Under torchrun an unindexed ``cuda`` becomes ``cuda:LOCAL_RANK`` and
-    the current CUDA device (NCCL and the object collectives need it); world size 1 changes
+    """The one entry of every command (pretrain, finetune, infer, evaluate) into torchrun: joins
+    the process group for a job on ``device`` and returns the device this rank uses and its
+    :class:`DistInfo`. Under torchrun with CUDA the rank's GPU is ``cuda:LOCAL_RANK``: it becomes
+    the current CUDA device (the object collectives and the CPU-tensor path of
+    :func:`all_reduce_sum` allocate there) and the process group's ``device_id``; a device of
+    another index is refused (every rank would otherwise share it). World size 1 changes
     nothing."""
     device = torch.device(device)
     info = dist_info()
     if info.enabled and device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", info.local_rank)
+        if device.index != info.local_rank:
+            raise UsageError(f"{{opt:device}}: this process (LOCAL_RANK {info.local_rank}) "
+                             f"must use cuda:{info.local_rank}, not {device}")
         torch.cuda.set_device(device)
     return device, init_distributed(device)
 
@@ -102,17 +114,25 @@ def _initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def collective_device() -> torch.device:
+    """Where this rank's collectives allocate their tensors: its GPU under NCCL (the one
+    :func:`setup_distributed` made current), the CPU under gloo."""
+    if _initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier() -> None:
     if _initialized():
         dist.barrier()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over the ranks, in place (a CPU tensor under NCCL goes through the
-    current CUDA device and back)."""
+    """Sum ``tensor`` over the ranks, in place (a CPU tensor under NCCL goes through this rank's
+    GPU and back)."""
     if _initialized():
         if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
-            moved = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            moved = tensor.to(collective_device())
             dist.all_reduce(moved, op=dist.ReduceOp.SUM)
             tensor.copy_(moved)
         else:
@@ -206,17 +226,49 @@ def gather_to_main(obj: T) -> list[T] | None:
 
 def resolve_device(name: str | None = "auto") -> torch.device:
     """The device behind a ``--device`` value: ``None``/"" /"auto" is cuda when available, else
-    cpu; an unknown name or an absent cuda is a UsageError; an unindexed cuda is this rank's
-    GPU (``cuda:LOCAL_RANK``; ``cuda:0`` without torchrun)."""
+    cpu; an unindexed cuda is this rank's GPU (``cuda:LOCAL_RANK``; ``cuda:0`` without
+    torchrun). UsageError for an unknown name, an absent cuda, an index beyond the visible GPUs,
+    and any ``cuda:N`` under torchrun (world size > 1): the same command line runs on every
+    rank, so one index would put every rank on one GPU; ``cuda`` gives each its own."""
     if name in (None, "", "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"{{opt:device}}: unknown device {name!r} (use cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise UsageError("{opt:device=cuda}: CUDA is not available on this machine (use "
                          "{opt:device=cpu})")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", dist_info().local_rank)
+    info = dist_info()
+    if device.index is not None and info.enabled:
+        raise UsageError(f"{{opt:device}}: {device} under torchrun ({info.world_size} "
+                         f"processes) would put every process on one GPU; use "
+                         f"{{opt:device=cuda}} (each process takes cuda:LOCAL_RANK)")
+    if device.index is None:
+        device = torch.device("cuda", info.local_rank)
+    count = torch.cuda.device_count()
+    if device.index >= count:
+        why = (f" (LOCAL_RANK {info.local_rank}: start at most {count} processes per node)"
+               if info.enabled else "")
+        raise UsageError(f"{{opt:device}}: {device} is not a visible GPU: this machine shows "
+                         f"{count} CUDA device{'s' if count != 1 else ''}{why}")
     return device
+
+
+def check_batch_split(batch_size: int, world_size: int) -> None:
+    """``batch_size`` is the global batch: every process takes ``batch_size / world_size``
+    images of each batch, which must be a whole number of at least one (a process with an empty
+    share cannot form a batch, and a remainder would be dropped silently)."""
+    if world_size <= 1:
+        return
+    if batch_size < world_size:
+        raise UsageError(f"{{opt:batch_size}} {batch_size} is smaller than the {world_size} "
+                         f"processes: each needs at least one image of every batch (use "
+                         f"{world_size} or a multiple of it, or fewer processes)")
+    if batch_size % world_size:
+        raise UsageError(f"{{opt:batch_size}} {batch_size} is not divisible by the "
+                         f"{world_size} processes (use a multiple of {world_size}, e.g. "
+                         f"{batch_size - batch_size % world_size} or "
+                         f"{batch_size - batch_size % world_size + world_size})")

@@ -31,12 +31,17 @@ Two implementations of the same iterations (``InferenceConfig.method``):
   to it when the model's subnet-1/subnet-3 are not the plain 3x3 conv / linear layer the
   reduction assumes (a subclass overriding the heads, hooks on them, another conv geometry).
 
-Features are refined in float32 (float64 when they come in float64), outside autocast.
+Features are refined in float32 (float64 when they come in float64), outside autocast and
+without TF32 (:func:`ieee_float32`): on Ampere and later GPUs cuDNN runs float32 convolutions in
+TF32 by default (about 1e-3 relative error), and that error compounds over the refinement's
+steps (the low-rank and autograd methods would no longer agree to 1e-4). The backbone's forward
+pass keeps the process's settings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -88,6 +93,33 @@ def _result(heads: dict[str, torch.Tensor], losses: list[torch.Tensor], steps: i
                            losses=torch.stack(losses, dim=1), steps=steps)
 
 
+def _tf32_switches() -> list[tuple[object, str]]:
+    """The (object, attribute) pairs that let CUDA float32 matmuls and convolutions use TF32.
+    Newer torch (2.14 included) has per-operation ``fp32_precision`` strings and refuses to
+    read the older ``allow_tf32`` booleans once the two have been mixed, so the newer ones are
+    used where they exist."""
+    cudnn = torch.backends.cudnn
+    if hasattr(cudnn, "conv") and hasattr(cudnn.conv, "fp32_precision"):
+        return [(torch.backends.cuda.matmul, "fp32_precision"), (cudnn.conv, "fp32_precision"),
+                (cudnn.rnn, "fp32_precision")]
+    return [(torch.backends.cuda.matmul, "allow_tf32"), (cudnn, "allow_tf32")]
+
+
+@contextmanager
+def ieee_float32() -> Iterator[None]:
+    """Full float32 precision (no TF32) for CUDA matmuls and convolutions while it is open; the
+    previous settings come back after, also on an error. The settings are process-wide."""
+    switches = _tf32_switches()
+    saved = [getattr(obj, name) for obj, name in switches]
+    for obj, name in switches:
+        setattr(obj, name, "ieee" if name == "fp32_precision" else False)
+    try:
+        yield
+    finally:
+        for (obj, name), value in zip(switches, saved):
+            setattr(obj, name, value)
+
+
 def _work_dtype(u1: torch.Tensor) -> torch.dtype:
     return torch.float64 if u1.dtype == torch.float64 else torch.float32
 
@@ -117,7 +149,7 @@ def refine_features(model: DISNet, u1: torch.Tensor, v1: torch.Tensor, images: t
     u1_0, v1_0 = u1.detach().to(dtype), v1.detach().to(dtype)
     target = recon_target(images.to(dtype), u1.shape[-2:])
     tags = None if tags is None else tags.to(dtype)
-    with torch.autocast(u1.device.type, enabled=False):
+    with torch.autocast(u1.device.type, enabled=False), ieee_float32():
         if resolve_method(model, cfg) == "lowrank":
             return _refine_lowrank(model, u1_0, v1_0, target, tags, cfg, wanted)
         return _refine_autograd(model, u1_0, v1_0, target, tags, cfg, wanted)

@@ -24,12 +24,31 @@ def _config(data, out, **kw):
     return config(data, out, device="cuda", amp=True, **kw)  # test_train's tiny run, on CUDA
 
 
+def _changed(a, b, prefix):
+    return any(not torch.equal(a[k].float().cpu(), b[k].float().cpu())
+               for k in a if k.startswith(prefix) and a[k].is_floating_point())
+
+
 def test_amp_pretrain_and_finetune_on_cuda(data, tmp_path):
+    """The gradient scaler skips every step whose gradients overflow, and a run that skipped
+    them all would still end finite: each phase must also have moved the weights it trains."""
+    from discli.data.manifest import read_manifest
+    from discli.train.pretrain import new_model
+
     cfg = _config(data, tmp_path)
     pretrain(cfg)
     finetune(cfg)
     state = load_checkpoint(tmp_path / "finetune/final.pth")
     assert all(torch.isfinite(v.float()).all() for v in state["model"].values())
+    start = new_model(cfg, read_manifest(cfg.labelled).classes).state_dict()
+    step1, step2, step3 = (load_checkpoint(tmp_path / f"pretrain/{name}.pth")["model"]
+                           for name in ("step1", "step2", "final"))
+    assert _changed(start, step1, "backbone")
+    assert _changed(step1, step2, "subnet2")
+    assert _changed(step2, step3, "backbone")
+    assert _changed(step3, state["model"], "backbone")
+    print(f"AMP: every phase moved its weights; final gradient scale "
+          f"{(state.get('scaler') or {}).get('scale')}")
 
 
 @pytest.mark.parametrize("method", ["lowrank", "autograd"])

@@ -183,9 +183,12 @@ def test_resolve_device_is_the_one_device_rule(monkeypatch):
     with pytest.raises(UsageError, match="CUDA is not available"):
         resolve_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert resolve_device("cuda") == torch.device("cuda", 1)  # this rank's GPU
     assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(UsageError, match="cuda:2 is not a visible GPU.*2 CUDA devices"):
+        resolve_device("cuda:2")
 
 
 def test_plan_batches_are_the_streamed_batches():
