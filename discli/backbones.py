@@ -1,13 +1,15 @@
 """Backbones: image -> (pixel features u1, image-level vector v1).
 
 Every backbone is a module with ``out_channels`` (C) and ``output_stride`` attributes whose
-forward returns ``u1`` of shape (B, C, H/8, W/8) and ``v1`` of shape (B, C).
+forward returns ``u1`` of shape (B, C, H/s, W/s), s its output stride (8; 16 for
+MobileNetV3-Large), and ``v1`` of shape (B, C).
 
 The image-level vector ``v1`` comes from a branch of its own (:class:`ImageBranch`): global *max*
 pooling of an earlier stage, projected to C channels by a learned linear layer and a ReLU. It is
 deliberately not ``avgpool(u1)``: subnet-3 already adds ``avgpool(u1)`` to it (``v2 = avgpool(u1)
 + v1``), and max pooling of mid-level features answers "is there evidence of class X anywhere",
-which complements the average. For the ResNets the branch reads ``layer3`` (1024 channels).
+which complements the average. For the ResNets the branch reads ``layer3`` (1024 channels),
+for MobileNetV3-Large the stage before its last (112 channels).
 
 Factories are registered by name in :data:`BACKBONES`; third-party packages add their own
 through the ``dis.backbones`` entry-point group.
@@ -72,6 +74,22 @@ def _load_into(module: nn.Module, path: str | Path, ignore_prefixes: tuple[str, 
     module.load_state_dict(state, strict=not ignore_prefixes)
 
 
+def _init_torchvision(net: nn.Module, weights: str | None, imagenet: object, name: str,
+                      head: str) -> None:
+    """Initialise a torchvision classifier ``net`` in place: ``"imagenet"`` from the torch hub
+    cache (downloaded when missing, see :mod:`discli.weights.imagenet`), a path from a local
+    state dict in torchvision's key layout (its classifier ``head`` may be missing or of any
+    size), None/""/"none" left random."""
+    if weights in (None, "", "none"):
+        return
+    if weights == "imagenet":
+        from discli.weights.imagenet import imagenet_state_dict
+
+        net.load_state_dict(imagenet_state_dict(imagenet, name))
+    else:
+        _load_into(net, weights, ignore_prefixes=(head,))
+
+
 class ResNetBackbone(nn.Module):
     """A torchvision ResNet with layer3/4 dilated (output stride 8), as in DeepLab."""
 
@@ -83,12 +101,8 @@ class ResNetBackbone(nn.Module):
 
         builders = {50: torchvision.models.resnet50, 101: torchvision.models.resnet101}
         enums = {50: torchvision.models.ResNet50_Weights, 101: torchvision.models.ResNet101_Weights}
-        tv_weights = None
-        if weights == "imagenet":  # a download into the torch hub cache on a user's machine
-            tv_weights = enums[depth].IMAGENET1K_V2
-        net = builders[depth](weights=tv_weights, replace_stride_with_dilation=[False, True, True])
-        if weights not in (None, "", "none", "imagenet"):
-            _load_into(net, weights, ignore_prefixes=("fc.",))
+        net = builders[depth](weights=None, replace_stride_with_dilation=[False, True, True])
+        _init_torchvision(net, weights, enums[depth].IMAGENET1K_V2, f"resnet{depth}", "fc.")
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = (
             net.layer1, net.layer2, net.layer3, net.layer4)
@@ -99,6 +113,36 @@ class ResNetBackbone(nn.Module):
         x = self.layer2(self.layer1(self.stem(images)))
         mid = self.layer3(x)
         return self.layer4(mid), self.image_branch(mid)
+
+
+class MobileNetV3Backbone(nn.Module):
+    """torchvision's MobileNetV3-Large as its ``deeplabv3_mobilenet_v3_large`` builds it: the
+    last stage (C5) dilated instead of strided, u1 the final 960-channel features at output
+    stride 16. The image branch reads the stage before C5 (112 channels, stride 16), as the
+    ResNets' reads layer3. About 3 M backbone parameters against ResNet-101's 43 M: the
+    backbone for real photos on a CPU or a small GPU.
+
+    Stride 16, not 8, because that is what its ImageNet weights are used at by torchvision's
+    own segmentation models; a 321 px crop gives 21x21 cells (the ResNets: 41x41)."""
+
+    output_stride = 16
+
+    def __init__(self, weights: str | None = None):
+        super().__init__()
+        import torchvision
+
+        net = torchvision.models.mobilenet_v3_large(weights=None, dilated=True)
+        _init_torchvision(net, weights, torchvision.models.MobileNet_V3_Large_Weights
+                          .IMAGENET1K_V1, "mobilenet_v3_large", "classifier.")
+        features = net.features
+        c5 = [i for i, block in enumerate(features) if getattr(block, "_is_cn", False)][-1]
+        self.early, self.late = features[:c5], features[c5:]
+        self.out_channels = features[-1].out_channels
+        self.image_branch = ImageBranch(features[c5 - 1].out_channels, self.out_channels)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mid = self.early(images)
+        return self.late(mid), self.image_branch(mid)
 
 
 def _conv_bn_relu(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -180,6 +224,11 @@ def resnet101(weights: str | None = None, **_: object) -> nn.Module:
 @BACKBONES.register("resnet50")
 def resnet50(weights: str | None = None, **_: object) -> nn.Module:
     return ResNetBackbone(50, weights)
+
+
+@BACKBONES.register("mobilenet_v3_large")
+def mobilenet_v3_large(weights: str | None = None, **_: object) -> nn.Module:
+    return MobileNetV3Backbone(weights)
 
 
 def shipped_weights(backbone: str, channels: int, weights: str | None) -> str | None:

@@ -156,7 +156,8 @@ def evaluate(model: DISNet, manifest: Any, steps: Sequence[int] = (0,),
              num_workers: int = 0, limit: int | None = None,
              checkpoint: str | None = None, reporter: Reporter | None = None,
              save_dir: str | Path | None = None, opacity: float = DEFAULT_OPACITY,
-             scales: Sequence[float] = (1.0,), flip: bool = False) -> dict[str, Any]:
+             scales: Sequence[float] = (1.0,), flip: bool = False,
+             overlay_format: str = "jpg") -> dict[str, Any]:
     """Evaluate ``model`` on the labelled records of ``manifest`` (a
     :class:`discli.data.manifest.Manifest`) at every t in ``steps`` (+ their ensemble).
 
@@ -168,8 +169,8 @@ def evaluate(model: DISNet, manifest: Any, steps: Sequence[int] = (0,),
 
     ``save_dir``: also write what was scored (:class:`PredictionSaver`): per setup a folder
     (``t0``, ``t10``, ``ensemble``) with ``<id>.png``, the prediction as a VOC palette PNG,
-    and ``<id>_overlay.jpg``, the image with the prediction blended over its labelled
-    non-background pixels at ``opacity``; and ``confusion.png``, the confusion matrix of every
+    and ``<id>_overlay.jpg`` (``overlay_format`` "png": ``.png``), the image with the
+    prediction blended over its labelled non-background pixels at ``opacity``; and ``confusion.png``, the confusion matrix of every
     setup.
 
     ``scales`` / ``flip``: multi-scale and flip testing (:mod:`discli.runtime`): every t is
@@ -197,7 +198,7 @@ def evaluate(model: DISNet, manifest: Any, steps: Sequence[int] = (0,),
     dataset = SegDataset(data, transform=None, use_labelmaps=True)
     model = model.to(device).eval()
     acc = Evaluator(len(classes), steps, ensemble, boundary_tolerance)
-    saver = (PredictionSaver(save_dir, data, acc.names, opacity)
+    saver = (PredictionSaver(save_dir, data, acc.names, opacity, overlay_format)
              if save_dir is not None else None)
     if info.enabled:
         batches, total = _sharded_batches(dataset, data, batch_size, num_workers, info)
@@ -212,7 +213,7 @@ def evaluate(model: DISNet, manifest: Any, steps: Sequence[int] = (0,),
         if saver is not None:
             saver.write(batch, preds)
         latest = acc.confusion[acc.names[-1]].compute()
-        reporter.advance(len(batch), mIoU=latest["miou"])
+        reporter.advance(len(batch), mIoU=100 * latest["miou"])  # percent, as every table
     if info.enabled:
         acc.all_reduce()  # every rank, those with no image included
     if acc.images == 0:
@@ -220,7 +221,8 @@ def evaluate(model: DISNet, manifest: Any, steps: Sequence[int] = (0,),
     report = _finite(acc.result(classes))
     if saver is not None and info.is_main:
         saver.write_confusion(report["setups"], classes)
-    return {"manifest": str(manifest.path), "checkpoint": checkpoint, "split": split,
+    shown = str(manifest.path) if manifest.path is not None else "<stdin>"  # "-" read
+    return {"manifest": shown, "checkpoint": checkpoint, "split": split,
             "classes": classes, "steps": steps, "boundary_tolerance": boundary_tolerance,
             **report}
 
@@ -294,16 +296,19 @@ def setup_folder(name: str) -> str:
 class PredictionSaver:
     """Writes the predictions an evaluation scores (``evaluate(save_dir=...)``), as
     mmsegmentation's ``--show-dir`` does: ``<dir>/<setup>/<id>.png`` (VOC palette PNG, the
-    palette index is the class), ``<dir>/<setup>/<id>_overlay.jpg`` and ``<dir>/confusion.png``.
+    palette index is the class), ``<dir>/<setup>/<id>_overlay.jpg`` (or ``.png``, by
+    ``overlay_format``) and ``<dir>/confusion.png``.
     Every file is written atomically; a folder that would put an output on an input image or
     labelmap of the manifest is refused before anything is written."""
 
-    def __init__(self, folder: str | Path, manifest: Any, names: Sequence[str], opacity: float):
-        from discli.visual import check_opacity
+    def __init__(self, folder: str | Path, manifest: Any, names: Sequence[str], opacity: float,
+                 overlay_format: str = "jpg"):
+        from discli.visual import check_opacity, check_overlay_format
 
         self.folder = Path(folder)
         self.names = list(names)
         self.opacity = check_opacity(opacity)
+        self.overlay_format = check_overlay_format(overlay_format)
         inputs = {p.resolve() for rec in manifest.records
                   for p in (manifest.image_path(rec), manifest.labelmap_path(rec)) if p}
         for rec in manifest.records:
@@ -318,30 +323,23 @@ class PredictionSaver:
 
     def paths(self, name: str, image_id: str) -> tuple[Path, Path]:
         sub = self.folder / setup_folder(name)
-        return sub / f"{image_id}.png", sub / f"{image_id}_overlay.jpg"
+        return sub / f"{image_id}.png", sub / f"{image_id}_overlay.{self.overlay_format}"
 
     def write(self, batch: list[dict[str, Any]], preds: dict[str, torch.Tensor]) -> None:
-        import io
-
-        from PIL import Image
-
         from discli.data.dataset import denormalize
         from discli.storage import atomic_write
         from discli.data.voc import write_palette_png
-        from discli.visual import overlay
+        from discli.visual import overlay_bytes
 
         for i, item in enumerate(batch):
             rgb = (denormalize(torch.as_tensor(item["image"])).permute(1, 2, 0).numpy() * 255)
             rgb = rgb.round().astype("uint8")
             for name in self.names:
                 labelmap = preds[name][i].numpy().astype("uint8")
-                png, jpg = self.paths(name, str(item["id"]))
+                png, blend = self.paths(name, str(item["id"]))
                 write_palette_png(png, labelmap)
-                buffer = io.BytesIO()
-                Image.fromarray(overlay(rgb, labelmap, self.opacity)).save(
-                    buffer, format="JPEG", quality=90)
-                data = buffer.getvalue()
-                atomic_write(jpg, lambda f, data=data: f.write(data), durable=False)
+                data = overlay_bytes(rgb, labelmap, self.opacity, self.overlay_format)
+                atomic_write(blend, lambda f, data=data: f.write(data), durable=False)
 
     def write_confusion(self, setups: list[dict[str, Any]], classes: Sequence[str]) -> Path:
         from discli.plots import write_confusions

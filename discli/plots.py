@@ -257,9 +257,31 @@ def plot_demo(report: dict[str, Any], out: Path, source: Path) -> Path:
     return _save(fig, out, [source])
 
 
+def _compact(count: float) -> str:
+    """A pixel count in at most 4 characters (``"987"``, ``"12k"``, ``"3.4M"``): a 21-class
+    matrix has no room for ``"1234567"`` in a cell."""
+    for limit, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= limit:
+            value = count / limit
+            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
+    return f"{int(count)}"
+
+
+def _cell_points(ax: Any, k: int) -> float:
+    """The side of one matrix cell in points, from the axes' share of the figure (before
+    tight_layout shrinks it a little: 0.85)."""
+    box = ax.get_position()
+    width, height = ax.figure.get_size_inches()
+    return 0.85 * 72 * min(box.width * width, box.height * height) / k
+
+
 def draw_confusion(ax: Any, matrix: Sequence[Sequence[int]], classes: Sequence[str],
                    title: str = "") -> None:
-    """Rows = true class, columns = predicted; colour = share of the row, text = pixels."""
+    """Rows = true class, columns = predicted; colour = share of the row, text = pixels.
+
+    Font sizes follow the cell size, so that 21 classes in a small panel do not overlap: class
+    names at most one cell high (the x labels turned upright when there are many), counts
+    in compact form (12k) and left out when even that does not fit (the colours remain)."""
     import numpy as np
 
     counts = np.asarray(matrix, dtype=np.float64)
@@ -267,21 +289,27 @@ def draw_confusion(ax: Any, matrix: Sequence[Sequence[int]], classes: Sequence[s
     shares = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
     ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     k = len(classes)
+    cell = _cell_points(ax, k)
+    label_size = max(2.5, min(7.0, cell / 1.4))  # a text line is ~1.2 font sizes high
     ax.set_xticks(range(k))
     ax.set_yticks(range(k))
-    ax.set_xticklabels(classes, rotation=45, ha="right", fontsize=7)
-    ax.set_yticklabels(classes, fontsize=7)
+    if k > 8:
+        ax.set_xticklabels(classes, rotation=90, ha="center", fontsize=label_size)
+    else:
+        ax.set_xticklabels(classes, rotation=45, ha="right", fontsize=label_size)
+    ax.set_yticklabels(classes, fontsize=label_size)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     if title:
         ax.set_title(title, fontsize=8)
-    if k <= 25:
-        for i in range(k):
-            for j in range(k):
-                if counts[i, j]:
-                    ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center",
-                            fontsize=5 if k > 10 else 6,
-                            color="white" if shares[i, j] > 0.5 else "black")
+    texts = {(i, j): _compact(counts[i, j]) for i in range(k) for j in range(k) if counts[i, j]}
+    widest = max((len(t) for t in texts.values()), default=1)
+    number_size = min(6.0, cell / (0.65 * widest + 0.5))  # a digit is ~0.6 font sizes wide
+    if number_size < 3.0:
+        return  # unreadable however drawn
+    for (i, j), text in texts.items():
+        ax.text(j, i, text, ha="center", va="center", fontsize=number_size,
+                color="white" if shares[i, j] > 0.5 else "black")
 
 
 def write_confusions(path: Path, matrices: dict[str, Sequence[Sequence[int]]],

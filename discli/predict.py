@@ -4,7 +4,8 @@ Outputs for an image with id ``ID`` under ``out_dir`` (an id may contain "/": su
 
     ID.png           class indices, 8-bit greyscale ('L'), at the image's own resolution
     ID_color.png     the same labelmap with the VOC palette ('P')
-    ID_overlay.jpg   (overlay=True) the image with the labelmap's non-background pixels blended
+    ID_overlay.jpg   (overlay=True; ID_overlay.png with overlay_format="png") the image with
+                     the labelmap's non-background pixels blended
                      with their class colour at ``opacity`` (background left as it is)
 
 Final probabilities (stride 8) are upsampled bilinearly (align_corners=False) to the image size
@@ -70,7 +71,8 @@ from discli.runtime import (check_scales, image_sizes, infer_views, normalize_ba
                             plan_batches, size_batches, synchronize)
 from discli.safety import refuse_overlap
 from discli.storage import make_folder, remove_stale_temps
-from discli.visual import write_color_png, write_index_png, write_overlay
+from discli.visual import (check_overlay_format, write_color_png, write_index_png,
+                           write_overlay)
 
 
 def infer_checkpoint(inputs: Sequence[str], checkpoint: str | Path, *,
@@ -119,7 +121,7 @@ def predict(model: DISNet, inputs: Sequence[InputImage], *, classes: Sequence[st
             overlay: bool = False, probs_path: str | Path | None = None, overwrite: bool = False,
             checkpoint_hash: str = "", reporter: Reporter | None = None, opacity: float = 0.5,
             protect: Iterable[tuple[str | Path, str]] = (), scales: Sequence[float] = (1.0,),
-            flip: bool = False) -> Iterator[dict[str, Any]]:
+            flip: bool = False, overlay_format: str = "jpg") -> Iterator[dict[str, Any]]:
     """Infer every input and write its outputs; yields one summary dict per image.
 
     Summary: ``id``, ``image`` (path), ``size`` [H, W], ``skipped`` (outputs already there),
@@ -154,6 +156,10 @@ def predict(model: DISNet, inputs: Sequence[InputImage], *, classes: Sequence[st
         settings["views"] = views
     plans = [(item, output_paths(out, item.id, overlay) if out is not None else {})
              for item in inputs]
+    if check_overlay_format(overlay_format) != "jpg":  # write_overlay goes by the suffix
+        for _, paths in plans:
+            if "overlay" in paths:
+                paths["overlay"] = paths["overlay"].with_suffix(f".{overlay_format}")
     targets = [p for _, paths in plans for p in paths.values()]
     if len(set(targets)) != len(targets):
         raise BadInputError("two images would write the same output file (an id ending in "

@@ -6,7 +6,8 @@
   (and void) are blended with their class colour at ``opacity``; background and void pixels keep
   the image's own pixels, so the picture is not darkened where nothing was found.
 - :func:`write_index_png`, :func:`write_color_png`, :func:`write_overlay`: ``dis infer``'s
-  outputs (class indices as 8-bit greyscale, the VOC palette PNG, the overlay JPEG), written
+  outputs (class indices as 8-bit greyscale, the VOC palette PNG, the overlay JPEG or PNG),
+  written
   atomically (:func:`discli.storage.atomic_write`).
 - :func:`legend`: swatches with class names; :func:`grid`: a figure of aspect-preserving
   tiles under column headings, with a legend of the class colours below (the demo's
@@ -91,10 +92,34 @@ def write_color_png(path: Path, labelmap: np.ndarray) -> None:
     _save_image(path, image, "PNG")
 
 
+OVERLAY_FORMATS = ("jpg", "png")  # jpg: small; png: exact colours, no ringing at edges
+
+
+def check_overlay_format(fmt: str) -> str:
+    if fmt not in OVERLAY_FORMATS:
+        raise UsageError(f"{{opt:overlay_format}} must be {' or '.join(OVERLAY_FORMATS)}, got "
+                         f"{fmt!r}")
+    return fmt
+
+
+def overlay_bytes(image: np.ndarray, labelmap: np.ndarray, opacity: float = 0.5,
+                  fmt: str = "jpg") -> bytes:
+    """:func:`overlay` encoded as ``fmt``: a JPEG of quality 90, or a PNG."""
+    buffer = io.BytesIO()
+    picture = Image.fromarray(overlay(image, labelmap, opacity))
+    if check_overlay_format(fmt) == "png":
+        picture.save(buffer, format="PNG")
+    else:
+        picture.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
 def write_overlay(path: Path, image: np.ndarray, labelmap: np.ndarray,
                   opacity: float = 0.5) -> None:
-    """:func:`overlay` as a JPEG (quality 90)."""
-    _save_image(path, Image.fromarray(overlay(image, labelmap, opacity)), "JPEG", quality=90)
+    """:func:`overlay` as a PNG when ``path`` ends in .png, else a JPEG (quality 90)."""
+    data = overlay_bytes(image, labelmap, opacity,
+                         "png" if Path(path).suffix.lower() == ".png" else "jpg")
+    atomic_write(path, lambda f: f.write(data))
 
 
 def font(size: int = 11) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:

@@ -17,10 +17,10 @@ def reporter(quiet: bool) -> RichReporter:
 def bad_table(bad: list[dict[str, str]]) -> None:
     if not bad:
         return
-    from rich.table import Table
+    from discli.cli.output import table as titled
 
-    table = Table("file", "problem", title=f"{len(bad)} bad item(s) skipped",
-                  title_style="bold yellow")
+    table = titled("file", "problem", title=f"{len(bad)} bad item(s) skipped",
+                   title_style="bold yellow", title_justify="center")
     for item in bad:
         table.add_row(item["path"], item["problem"])
     err_console.print(table)

@@ -82,7 +82,7 @@ def show(
     json_out: bool = JSON,
 ) -> None:
     """Per class: the noisy tag, the probability after inference, the cleaned tag."""
-    from rich.table import Table
+    from discli.cli.output import table as titled
 
     from discli import tags
 
@@ -90,7 +90,7 @@ def show(
     if json_out:
         print_json({k: v for k, v in info.items() if k != "table"})
         return
-    table = Table("class", "noisy", "prob", "cleaned", "", title=image_id, title_justify="left")
+    table = titled("class", "noisy", "prob", "cleaned", "", title=image_id)
     for row in info["table"]:
         change = ("added" if row["cleaned"] and not row["noisy"]
                   else "removed" if row["noisy"] and not row["cleaned"] else "")
@@ -107,7 +107,7 @@ def diff_cmd(
     json_out: bool = JSON,
 ) -> None:
     """Tags added and removed by cleaning, per image, and counts per class."""
-    from rich.table import Table
+    from discli.cli.output import table as titled
 
     from discli import tags
 
@@ -118,9 +118,9 @@ def diff_cmd(
     for image in result["images"]:
         parts = [f"+{c}" for c in image["added"]] + [f"-{c}" for c in image["removed"]]
         typer.echo(f"{image['id']}\t{' '.join(parts)}")
-    table = Table("class", "noisy", "cleaned", "added", "removed", title_justify="left",
-                  title=f"{result['changed_images']} of {result['total_images']} images changed "
-                        f"(threshold {threshold:g})")
+    table = titled("class", "noisy", "cleaned", "added", "removed",
+                   title=f"{result['changed_images']} of {result['total_images']} images "
+                         f"changed (threshold {threshold:g})")
     for name, c in result["per_class"].items():
         table.add_row(name, str(c["noisy"]), str(c["cleaned"]), str(c["added"]),
                       str(c["removed"]))
@@ -132,13 +132,14 @@ def diff_cmd(
 @app.command()
 def stats(
     cache: Path = typer.Argument(..., help="Pseudo-label cache."),
-    truth: str = typer.Option(..., "--truth", help='Ground-truth tags, JSON Lines {"id": ..., '
-                              '"tags": [names]} (- = stdin).'),
+    truth: str = typer.Option(..., "--truth", help='Ground-truth tags: JSON Lines {"id": ..., '
+                              '"tags": [names]}, or a dis manifest of the same images (its '
+                              'tags from labelmaps, not captions); - = stdin.'),
     threshold: float = THRESHOLD,
     json_out: bool = JSON,
 ) -> None:
     """Precision, recall and F1 (per class, micro) of noisy and cleaned tags vs ground truth."""
-    from rich.table import Table
+    from discli.cli.output import table as titled
 
     from discli import tags
     from discli.cli.output import warn
@@ -151,9 +152,8 @@ def stats(
     if json_out:
         print_json(result)
         return
-    table = Table("class", "support", "noisy P", "noisy R", "noisy F1", "clean P", "clean R",
-                  "clean F1", title=f"{result['images']} images, threshold {threshold:g}",
-                  title_justify="left")
+    table = titled("class", "support", "noisy P", "noisy R", "noisy F1", "clean P", "clean R",
+                   "clean F1", title=f"{result['images']} images, threshold {threshold:g}")
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
     for name, n in result["noisy"]["per_class"].items():
         c = result["cleaned"]["per_class"][name]
@@ -193,6 +193,7 @@ def run(
 
     The inference settings not given here come from the checkpoint (those it was trained with).
     """
+    opt.check_inputs([(manifest, None)], checkpoint)  # before torch is imported
     from discli import tags
 
     overrides = {"lr": lr, "momentum": momentum, "tag_weight": tag_weight}

@@ -61,28 +61,33 @@ def keys(stage: str | None = StageOpt, json_out: bool = JsonOpt) -> None:
 def show(name: str = typer.Argument(..., metavar="NAME_OR_PATH",
                                     help="A shipped preset (demo, quick, ...) or a TOML file."),
          stage: str | None = StageOpt, json_out: bool = JsonOpt) -> None:
-    """A preset or config file resolved: every key with the value a run would get.
+    """A preset or config file resolved: every key a command uses, with the value a run would
+    get.
 
-    The output is itself a config file: without --stage, the keys both commands get the same
-    value of in shared [train.<group>] tables, the others in [pretrain] and [finetune] tables;
-    with --stage, one [<stage>] table.
+    The output is itself a config file: without --stage, the keys both commands use and get
+    the same value of in shared [train.<group>] tables, then a [pretrain] and a [finetune]
+    table with the keys only that command uses (or gets another value of); with --stage, one
+    [<stage>] table.
     """
     stage = _stage(stage)
     path = resolve_config_path(name)
     stages = [stage] if stage else list(SECTIONS)
     configs = {s: load_config(path, section=s) for s in stages}
+    # a key of the other command (iters_step1 under [finetune]) would read as if it mattered
+    used = {s: [k.name for k in config_keys() if k.stage in (None, s)] for s in stages}
     if json_out:
-        print_json({s: asdict(cfg) for s, cfg in configs.items()})
+        print_json({s: {k: v for k, v in asdict(cfg).items() if k in used[s]}
+                    for s, cfg in configs.items()})
         return
-    text = f"# {name} ({path}), resolved: every key\n"
+    text = f"# {name} ({path}), resolved: every key each command uses\n"
     if len(configs) == 1:
-        text += "".join(dump_toml(cfg, table=s) for s, cfg in configs.items())
+        text += "".join(dump_toml(cfg, table=s, keys=used[s]) for s, cfg in configs.items())
     else:
         pre, fine = asdict(configs["pretrain"]), asdict(configs["finetune"])
-        same = [k for k in pre if pre[k] == fine[k]]
-        differ = [k for k in pre if pre[k] != fine[k]]
-        text += dump_toml(configs["pretrain"], "train", keys=same)
+        shared = [k for k in used["pretrain"] if k in used["finetune"] and pre[k] == fine[k]]
+        text += dump_toml(configs["pretrain"], "train", keys=shared)
         for s, cfg in configs.items():
-            text += "\n" + dump_toml(cfg, table=s, keys=differ, grouped=False)
+            own = [k for k in used[s] if k not in shared]
+            text += "\n" + dump_toml(cfg, table=s, keys=own, grouped=False)
     tomllib.loads(text)  # what we print must read back
     sys.stdout.write(text)

@@ -17,10 +17,10 @@ def _pct(value: float | None) -> str:
 
 def render(report: dict[str, Any]) -> None:
     from discli.cli.output import console
-    from rich.table import Table
+    from discli.cli.output import table as titled
 
     setups = report["setups"]
-    table = Table(title=f"{report['manifest']} ({report['images']} images)", title_justify="left")
+    table = titled(title=f"{report['manifest']} ({report['images']} images)")
     table.add_column("class")
     for setup in setups:
         table.add_column(setup["name"], justify="right")
@@ -61,9 +61,11 @@ def evaluate(
     flip: bool = opt.FlipOpt,
     save_dir: Path | None = typer.Option(None, "--save-dir", help="Also write the scored "
                                          "predictions: <setup>/<id>.png (VOC palette), "
-                                         "<setup>/<id>_overlay.jpg, and confusion.png."),
+                                         "<setup>/<id>_overlay.jpg (--overlay-format), and "
+                                         "confusion.png."),
     opacity: float = typer.Option(0.5, "--opacity", min=0.0, max=1.0, help="Overlay colour "
                                   "weight over labelled non-background pixels (--save-dir)."),
+    overlay_format: str = opt.OverlayFormatOpt,
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout (with "
                                   "each setup's confusion matrix: rows true, columns predicted, "
                                   "pixels)."),
@@ -76,15 +78,19 @@ def evaluate(
     from the checkpoint (those it was trained with). Under torchrun the ranks share the images and
     rank 0 alone prints the report of the whole set.
     """
-    from discli.distributed import dist_info
     from discli.errors import UsageError
-    from discli.evaluate import evaluate_checkpoint, parse_steps
+    from discli.visual import check_overlay_format
 
     if (manifest is None) == (manifest_opt is None):
         raise UsageError("give the manifest once: as the argument or with --manifest")
     manifest = manifest or manifest_opt
-    steps = parse_steps(t_ts) if t_ts is not None else None
+    check_overlay_format(overlay_format)
+    steps = opt.steps_of(t_ts)  # the options first (exit 2), then the files (exit 3)
     view_scales = opt.scales_of(scales)
+    opt.check_inputs([(manifest, root)], checkpoint)  # before torch is imported
+    from discli.distributed import dist_info
+    from discli.evaluate import evaluate_checkpoint
+
     workers = num_workers if old_workers is None else old_workers  # --workers: older spelling
     main = dist_info().is_main  # rank 0 alone prints
     with RichReporter(quiet=quiet or not main) as reporter:
@@ -93,7 +99,8 @@ def evaluate(
                                      ensemble=ensemble, batch_size=batch_size, amp=amp,
                                      boundary_tolerance=boundary_tol, split=split,
                                      num_workers=workers, limit=limit, reporter=reporter,
-                                     save_dir=save_dir, opacity=opacity)
+                                     save_dir=save_dir, opacity=opacity,
+                                     overlay_format=overlay_format)
     if not main:
         return
     if json_out:

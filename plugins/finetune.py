@@ -49,6 +49,9 @@ def finetune(
     Re-running continues where it stopped (other settings are refused; more --rounds extend it).
     --only/--round run one piece.
     A table of the rounds goes to stderr, the final checkpoint's path to stdout.
+
+    The defaults shown below are the library's; a --config preset sets its own
+    (`dis config show demo` lists them), and an option given here wins over both.
     """
     cfg = opt.build_config(config, sets, section="finetune", labelled=labelled, tagged=tagged,
                            out=out, init=init, t_tr=t_tr, rounds=rounds, mstep_iters=mstep_iters,
@@ -56,11 +59,13 @@ def finetune(
                            crop_size=crop_size, lr=lr, seed=seed, device=device,
                            num_workers=num_workers, amp=amp, root=root, val=val,
                            val_every=val_every)
+    opt.train_inputs(cfg, "finetune")  # before torch is imported
     from discli.distributed import dist_info
     from discli.train.finetune import finetune as run_finetune
 
     main_rank = dist_info().is_main  # under torchrun only rank 0 talks
-    with RichReporter(quiet=quiet or not main_rank) as reporter:
+    with RichReporter(quiet=quiet or not main_rank) as reporter, \
+            opt.no_empty_run_folder(cfg.out, "finetune"):
         summary = run_finetune(cfg, only=only, round_=round_, reporter=reporter, force=force,
                                tensorboard=tensorboard)
     if main_rank:

@@ -15,12 +15,13 @@ def infer(
                                        "paths (one per line) from stdin."),
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Model checkpoint."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder: <id>.png (class "
-                                    "indices), <id>_color.png (VOC palette), <id>_overlay.jpg."),
+                                    "indices), <id>_color.png (VOC palette), <id>_overlay.jpg (--overlay)."),
     t_ts: str | None = typer.Option(None, "--t-ts", help="Test-time inference iterations, "
                                     "comma-separated as for evaluate (0 = plain forward; "
                                     "default: the checkpoint's t_ts). Several values write "
                                     "one subfolder each under --out (t0/, t30/)."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write image/labelmap blends."),
+    overlay_format: str = opt.OverlayFormatOpt,
     opacity: float = typer.Option(0.5, "--opacity", min=0.0, max=1.0, help="Overlay colour "
                                   "weight over labelled non-background pixels (background "
                                   "pixels stay as they are)."),
@@ -44,15 +45,19 @@ def infer(
     The inference settings not given here come from the checkpoint (those it was trained
     with). Under torchrun the ranks share the images; rank 0 alone prints (every image's summary).
     """
-    from discli.distributed import dist_info
     from discli.errors import UsageError
-    from discli.evaluate import parse_steps
-    from discli.predict import infer_checkpoint
 
     if out is None and probs is None and not json_out:
         raise UsageError("nothing to write: pass --out DIR, --probs FILE and/or --json")
-    steps = parse_steps(t_ts) if t_ts is not None else None
+    from discli.visual import check_overlay_format
+
+    check_overlay_format(overlay_format)
+    steps = opt.steps_of(t_ts)  # the options first (exit 2), then the files (exit 3)
     view_scales = opt.scales_of(scales)
+    opt.check_inputs(checkpoint=checkpoint)  # before torch is imported
+    from discli.distributed import dist_info
+    from discli.predict import infer_checkpoint
+
     main = dist_info().is_main  # rank 0 reports every image
     written = skipped = 0
     with RichReporter(quiet=quiet or not main) as reporter:
@@ -61,7 +66,8 @@ def infer(
                                         batch_size=batch_size, amp=amp, overlay=overlay,
                                         probs_path=probs, overwrite=overwrite,
                                         reporter=reporter, opacity=opacity,
-                                        scales=view_scales, flip=flip):
+                                        scales=view_scales, flip=flip,
+                                        overlay_format=overlay_format):
             if not main:
                 continue
             skipped += summary["skipped"]

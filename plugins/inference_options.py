@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from dis_plugins.options import DEVICE_HELP, FlipOpt, ScalesOpt, json_option, scales_of
+from dis_plugins.options import (DEVICE_HELP, FlipOpt, ScalesOpt, check_inputs, json_option,
+                                 scales_of, steps_of)
 from dis_plugins.options import InfAmpOpt as AmpOpt
 from dis_plugins.options import InfBatchOpt as BatchOpt
 from dis_plugins.options import InfDeviceOpt as DeviceOpt
@@ -12,6 +13,8 @@ from dis_plugins.options import InfMomentumOpt as MomentumOpt
 from dis_plugins.options import InfQuietOpt as QuietOpt
 from dis_plugins.options import InfOldWorkersOpt as OldWorkersOpt
 from dis_plugins.options import InfWorkersOpt as WorkersOpt
+from dis_plugins.options import OverlayFormatOpt
 
 __all__ = ["AmpOpt", "BatchOpt", "DEVICE_HELP", "DeviceOpt", "FlipOpt", "LrOpt", "MomentumOpt",
-           "OldWorkersOpt", "QuietOpt", "ScalesOpt", "WorkersOpt", "json_option", "scales_of"]
+           "OldWorkersOpt", "OverlayFormatOpt", "QuietOpt", "ScalesOpt", "WorkersOpt",
+           "check_inputs", "json_option", "scales_of", "steps_of"]

@@ -17,6 +17,8 @@
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,8 @@ def _refuse_overwriting_inputs(cfg: TrainConfig, config: Path | None,
     if not cfg.out or section is None:
         return
     folder = Path(cfg.out) / section
+    if config is not None and _is_run_record(Path(config), folder / "config.toml", section):
+        config = None  # the run's own record, as dis wrote it: rewriting it loses nothing
     reads = [(config, "--config file"), (cfg.labelled or None, "labelled manifest"),
              (getattr(cfg, "tagged", "") or None, "tagged manifest"),
              (getattr(cfg, "val", "") or None, "validation manifest"),
@@ -110,6 +114,80 @@ def _refuse_overwriting_inputs(cfg: TrainConfig, config: Path | None,
     refuse_overlap([(folder / name, f"run's {name}") for name in ("config.toml", "log.jsonl",
                                                                    "last.pth", "final.pth")],
                    reads, advice="choose another --out, or copy the file elsewhere first")
+
+
+def _is_run_record(config: Path, record: Path, section: str) -> bool:
+    """Whether ``--config`` is the run folder's own ``config.toml`` as dis wrote it: the refusal
+    of changed settings points the user at that file, so passing it back must work. Its rewrite
+    (with the same keys, or other values of the keys that change no result) loses nothing; a
+    file of the user's own at that path (notes, another layout) is still protected."""
+    import os
+
+    from discli.errors import DisError
+    from discli.train.config import dump_toml
+
+    try:
+        if not os.path.samefile(config, record):
+            return False
+        return record.read_text(encoding="utf-8") == dump_toml(load_config(record,
+                                                                           section=section))
+    except (OSError, UnicodeDecodeError, DisError):
+        return False
+
+
+def check_inputs(manifests: Iterable[tuple[str | Path | None, str | Path | None]] = (),
+                 checkpoint: str | Path | None = None) -> None:
+    """Read the manifests (``(path, root)`` pairs; None, "" and stdin's "-" skipped) and check
+    that the checkpoint exists, before a command imports the library's torch code: a mistyped
+    path is then refused in a fraction of a second instead of after seconds of imports, and
+    before any output folder is made. The library reads them again (a manifest is small)."""
+    from discli.data.manifest import read_manifest
+
+    for path, root in manifests:
+        if path is not None and str(path) not in ("", "-"):
+            read_manifest(str(path), root=root or None)
+    if checkpoint is not None and not Path(checkpoint).exists():
+        raise BadInputError("checkpoint not found", checkpoint)
+
+
+def train_inputs(cfg: TrainConfig, section: str) -> None:
+    """:func:`check_inputs` of the manifests and --init checkpoint a training command reads."""
+    stages = {f.name: f.metadata["stage"] for f in fields(TrainConfig)}
+    check_inputs([(getattr(cfg, key), cfg.root) for key in ("labelled", "tagged", "val")
+                  if stages[key] in (None, section)],
+                 checkpoint=(cfg.init or None) if section == "finetune" else None)
+
+
+@contextmanager
+def no_empty_run_folder(out: str | Path, section: str) -> Iterator[None]:
+    """The folders (``<out>/<section>`` and up) a training command creates are removed when it
+    fails before writing anything but its lock (a refused or mistyped input), so that a
+    failed first try leaves no run folder behind that looks like a started run."""
+    folder = Path(out) / section
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
+    try:
+        yield
+    except BaseException:
+        for path in created:
+            _remove_if_only_lock(path)
+        raise
+
+
+def _remove_if_only_lock(folder: Path) -> None:
+    from discli.errors import BusyError
+    from discli.lock import LOCK_NAME, lock_folder
+
+    try:
+        if any(not p.name.startswith(LOCK_NAME) for p in folder.iterdir()):
+            return
+        # holding the lock while unlinking it: a process that opened it meanwhile is refused
+        # (BusyError) instead of locking a file that no longer has a name
+        with lock_folder(folder):
+            for lock in folder.glob(LOCK_NAME + "*"):
+                lock.unlink()
+        folder.rmdir()
+    except (OSError, BusyError):
+        pass  # something else is there now: leave it
 
 
 def parse_ints(values: list[str] | None, option: str) -> list[int]:
@@ -187,6 +265,9 @@ InfAmpOpt = typer.Option(True, "--amp/--no-amp", help="float16 backbone forward 
 InfLrOpt = typer.Option(None, "--lr", help="Inference step size (default: the checkpoint's).")
 InfMomentumOpt = typer.Option(None, "--momentum", help="Inference momentum (default: the "
                               "checkpoint's).")
+OverlayFormatOpt = typer.Option("jpg", "--overlay-format", metavar="jpg|png",
+                                help="File format of the overlays: jpg (small) or png (exact "
+                                "colours, no compression artefacts at class edges).")
 NoProgressOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 InfQuietOpt = NoProgressOpt
 
@@ -195,9 +276,23 @@ DecodeOpt = typer.Option(False, "--decode", help="Decode every image fully (find
                          "files; slower). Default: headers only.")
 SkipBadOpt = typer.Option(False, "--skip-bad", help="Leave bad images out and list them, "
                           "instead of stopping at the first.")
+
+
+def steps_of(text: str | None) -> list[int] | None:
+    """The value of ``--t-ts`` (``0,10,30``), checked; None when not given."""
+    if text is None:
+        return None
+    from discli.evaluate import parse_steps  # (torch: only when the option is given)
+
+    return parse_steps(text)
+
+
 def scales_of(text: str) -> tuple[float, ...]:
     """The value of ``--scales`` (``0.75,1.0,1.25``), checked: a bad one is a usage error."""
     from discli.errors import UsageError
+
+    if text.replace(" ", "") in ("1", "1.0"):
+        return (1.0,)  # the default: no parsing, and no torch import before inputs are checked
     from discli.runtime import parse_scales  # (torch: only once a command runs)
 
     try:

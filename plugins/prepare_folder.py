@@ -18,7 +18,9 @@ def prepare_folder(
                                  "IMAGES_DIR/a/b.jpg, MASKS_DIR/a/b.png (or b_mask.png, "
                                  "b_label.png, b_gt.png, .mat); class indices, 255 = void."),
     classes: str = typer.Option(..., "--classes", help="Comma list or a file, one name a "
-                                "line, in mask-value order; background (value 0) first."),
+                                "line, in mask-value order; background (value 0) first; or a "
+                                "named list: voc (the 21 VOC classes), coco (background + "
+                                "COCO's 80)."),
     out: str = typer.Option(..., "--out", "-o", help="Manifest to write, or - for stdout."),
     split: str = typer.Option("train", "--split", help="Split name written in every record."),
     allow_unlabelled: bool = typer.Option(False, "--allow-unlabelled", help="Keep images "
@@ -45,9 +47,9 @@ def prepare_folder(
     if json_out:
         print_json(report)
         return
-    from rich.table import Table
+    from discli.cli.output import table as titled
 
-    table = Table("class", "images", title=f"prepare-folder: {report['records']} images "
+    table = titled("class", "images", title=f"prepare-folder: {report['records']} images "
                   f"({report['with_labelmap']} with a mask) -> {report['out']}")
     for name, count in report["tag_counts"].items():
         table.add_row(name, str(count))

@@ -48,9 +48,9 @@ def prepare_idw(
     if json_out:
         print_json(report)
         return
-    from rich.table import Table
+    from discli.cli.output import table as titled
 
-    table = Table("class", "images tagged", title=f"prepare-idw: {report['records']} images "
+    table = titled("class", "images tagged", title=f"prepare-idw: {report['records']} images "
                   f"({report['format']}) -> {report['out']}")
     for name, count in report["tag_counts"].items():
         table.add_row(name, str(count))

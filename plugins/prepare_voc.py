@@ -39,12 +39,16 @@ def prepare_voc(
     with reporter(quiet) as rep:
         report = run(voc, out, sbd=sbd, splits=split_list, classes=names, skip_bad=skip_bad,
                      decode=decode, reporter=rep)
+    from discli.cli.output import warn
+
+    for path in report["skipped"]:
+        warn(f"{path} not found: that split was skipped")
     if json_out:
         print_json(report)
         return
-    from rich.table import Table
+    from discli.cli.output import table as titled
 
-    table = Table("manifest", "records", "with labelmap", "path", title="prepare-voc")
+    table = titled("manifest", "records", "with labelmap", "path", title="prepare-voc")
     for name, m in report["manifests"].items():
         table.add_row(name, str(m["records"]), str(m["with_labelmap"]), m["path"])
     err_console.print(table)

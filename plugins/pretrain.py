@@ -45,6 +45,9 @@ def pretrain(
     Re-running the same command on the same --out continues where it stopped.
     Other settings are refused.
     A table of the steps goes to stderr, the final checkpoint's path to stdout.
+
+    The defaults shown below are the library's; a --config preset sets its own
+    (`dis config show demo` lists them), and an option given here wins over both.
     """
     step_iters = {}
     if iters:
@@ -58,11 +61,13 @@ def pretrain(
                            batch_size=batch_size, crop_size=crop_size, lr=lr, seed=seed,
                            device=device, num_workers=num_workers, amp=amp, root=root,
                            **step_iters, val=val, val_every=val_every)
+    opt.train_inputs(cfg, "pretrain")  # before torch is imported
     from discli.distributed import dist_info
     from discli.train.pretrain import pretrain as run_pretrain
 
     main_rank = dist_info().is_main  # under torchrun only rank 0 talks
-    with RichReporter(quiet=quiet or not main_rank) as reporter:
+    with RichReporter(quiet=quiet or not main_rank) as reporter, \
+            opt.no_empty_run_folder(cfg.out, "pretrain"):
         summary = run_pretrain(cfg, steps=opt.parse_ints(step, "--step") or (1, 2, 3),
                                reporter=reporter, tensorboard=tensorboard)
     if main_rank:

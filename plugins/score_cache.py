@@ -14,31 +14,46 @@ def score_cache(
     truth: Path = typer.Argument(..., help="Manifest of the same images with their true "
                                  "labelmaps (e.g. a synthetic benchmark's "
                                  "manifests/tagged_oracle.jsonl)."),
-    confidence: float = typer.Option(0.0, "--confidence", min=0.0, max=1.0, help="Also score "
-                                     "only the pixels at or above this confidence (the ones an "
-                                     "M-step with this threshold trains on)."),
+    confidence: float | None = typer.Option(None, "--confidence", min=0.0, max=1.0,
+                                            help="Also score only the pixels at or above this "
+                                            "confidence (the ones an M-step with this "
+                                            "threshold trains on).",
+                                            show_default="the run's confidence from the "
+                                            "config.toml beside round-N/, else 0"),
     root: Path | None = typer.Option(None, "--root", help="Override the manifest's root."),
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ) -> None:
     """mIoU and per-class IoU of a cache's pseudo-labelmaps (VOC protocol), over all pixels
     and over the confident ones, with the cache's own statistics (mean confidence, tags the
     E-step changed)."""
-    from rich.table import Table
-
-    from discli.cli.output import console
+    from discli.cli.output import console, note
+    from discli.cli.output import table as titled
     from discli.data.manifest import read_manifest
+    from discli.export import run_settings
+
+    truth_manifest = read_manifest(truth, root=root)  # before torch (pseudo_stats) is imported
     from discli.pseudo_stats import cache_stats
     from discli.pseudo_stats import score_cache as run_score
     from discli.tags import open_cache
 
     pseudo = open_cache(cache)
-    report = {"cache": str(cache), "truth": str(truth),
-              **run_score(pseudo, read_manifest(truth, root=root), confidence),
+    if confidence is None:  # the pixels the run's own M-step trained on (as clean-tags export)
+        settings = run_settings(cache)
+        confidence = float(settings.get("confidence", 0.0))
+        record = Path(cache).absolute().parent.parent / "config.toml"  # run_settings' file
+        source = (f"the run's, from {record}" if "confidence" in settings
+                  else "the default: no run config.toml beside the cache")
+    else:
+        source = "--confidence"
+    note(f"confidence {confidence:g} ({source})")
+    report = {"cache": str(cache), "truth": str(truth), "confidence": confidence,
+              "confidence_from": source,
+              **run_score(pseudo, truth_manifest, confidence),
               "stats": cache_stats(pseudo, confidence)}
     if json_out:
         print_json(report)
         return
-    table = Table(title=f"{cache} ({report['images']} images)", title_justify="left")
+    table = titled(title=f"{cache} ({report['images']} images)")
     for column in ("class", "IoU (all pixels)", f"IoU (confidence >= {confidence:g})"):
         table.add_column(column, justify="left" if column == "class" else "right")
 

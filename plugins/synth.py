@@ -18,6 +18,9 @@ def synth(
     n_labelled: int = typer.Option(30, "--n-labelled", help="Pixel-labelled training images."),
     n_tagged: int = typer.Option(400, "--n-tagged", help="Images with noisy captions only."),
     n_test: int = typer.Option(100, "--n-test", help="Test images (labelled)."),
+    n_dev: int = typer.Option(100, "--n-dev", help="Validation images (labelled; "
+                              "manifests/dev.jsonl): choose settings on these, report the test "
+                              "images once."),
     min_size: int = typer.Option(48, "--min-size", help="Smallest image side in pixels."),
     max_size: int = typer.Option(96, "--max-size", help="Largest image side in pixels."),
     classes: str | None = typer.Option(None, "--classes", help="Comma list of object classes "
@@ -45,9 +48,10 @@ def synth(
 
     names = parse_classes(classes) if classes else None
     with reporter(quiet) as rep:
-        rep.start("synth", total=n_labelled + n_tagged + n_test)
+        rep.start("synth", total=n_labelled + n_tagged + n_test + n_dev)
         result = generate_benchmark(out, seed=seed, n_labelled=n_labelled, n_tagged=n_tagged,
-                                    n_test=n_test, min_size=min_size, max_size=max_size,
+                                    n_test=n_test, n_dev=n_dev, min_size=min_size,
+                                    max_size=max_size,
                                     classes=names, miss_rate=miss_rate,
                                     spurious_rate=spurious_rate, difficulty=difficulty,
                                     manifests=manifests,
@@ -57,7 +61,8 @@ def synth(
         return
     stats = result["stats"]
     err_console.print(
-        f"wrote {n_labelled} labelled, {n_tagged} tagged and {n_test} test images to {out}\n"
+        f"wrote {n_labelled} labelled, {n_tagged} tagged, {n_dev} validation and {n_test} test "
+        f"images to {out}\n"
         f"caption tags vs truth: precision {stats['caption_tag_precision']:.2f}, recall "
         f"{stats['caption_tag_recall']:.2f}, F1 {stats['caption_tag_f1']:.2f}",
         markup=False, highlight=False)

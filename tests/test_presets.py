@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_presets_are_shipped():
-    assert PRESETS == ("demo", "quick", "voc-resnet101")
+    assert PRESETS == ("demo", "photos", "quick", "voc-resnet101")
     for name in PRESETS:
         assert preset_path(name) == preset_path(f"{name}.toml")
         assert preset_path(name).is_file() and preset_path(name).parent.name == "configs"
@@ -110,12 +110,13 @@ def test_section_keys_win_over_train(tmp_path):
 
 def test_unknown_preset_fails_with_exit_3(capsys, tmp_path):
     with pytest.raises(BadInputError,
-                       match=r"config file not found \(presets: demo, quick, voc-resnet101\)"):
+                       match=r"config file not found \(presets: demo, photos, quick, "
+                             r"voc-resnet101\)"):
         load_config("nosuch", section="pretrain")
     for command in ("pretrain", "finetune"):
         code, _, err = cli(capsys, command, "--config", "nosuch", "--out", str(tmp_path))
         assert code == 3
-        assert "nosuch: config file not found (presets: demo, quick, voc-resnet101)" in err
+        assert "nosuch: config file not found (presets: demo, photos, quick, voc-resnet101)" in err
         assert len(err.strip().splitlines()) == 1
 
 
@@ -175,12 +176,21 @@ def test_config_show_prints_a_preset_resolved(capsys, name, tmp_path):
     assert code == 0, err
     path = tmp_path / "shown.toml"
     path.write_text(out)
+    from discli.train.config import config_keys
+
     for section in ("pretrain", "finetune"):  # the output is a config file: the same configs
-        assert load_config(path, section=section) == load_config(name, section=section)
+        used = [k.name for k in config_keys() if k.stage in (None, section)]
+        shown, preset = (load_config(p, section=section) for p in (path, name))
+        assert [getattr(shown, k) for k in used] == [getattr(preset, k) for k in used]
+    # each command's table holds the keys that command uses, not the other's
+    tables = tomllib.loads(out)
+    assert "iters_step1" not in tables["finetune"] and "rounds" not in tables["pretrain"]
+    assert "iters_step1" in tables["pretrain"] and "mstep_iters" in tables["finetune"]
     code, out, _ = cli(capsys, "config", "show", name, "--stage", "finetune")
     assert out.count("[finetune]") == 1 and "[pretrain]" not in out
+    assert "iters_step1" not in out and "mstep_iters" in out
     code, _, err = cli(capsys, "config", "show", "nosuch")
-    assert code == 3 and "presets: demo, quick, voc-resnet101" in err
+    assert code == 3 and "presets: demo, photos, quick, voc-resnet101" in err
 
 
 def test_unknown_set_key_suggests_the_close_one(capsys, tmp_path):

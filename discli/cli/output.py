@@ -36,6 +36,12 @@ def warn(message: str) -> None:
     sys.stderr.write(f"dis: warning: {message}\n")
 
 
+def note(message: str) -> None:
+    """One plain line on stderr saying what a command chose for the user (a default it took
+    from a run, a step it resumed), apart from the data on stdout."""
+    sys.stderr.write(f"dis: {message}\n")
+
+
 def error(message: str) -> None:
     # Exactly one line, whatever the message quotes: control characters (a newline in a file
     # name) are escaped and the length is capped (DisError caps its parts already; this also
@@ -60,6 +66,20 @@ def print_json(data: Any) -> None:
     """One line of strict JSON (non-finite numbers as null) on stdout."""
     sys.stdout.write(json.dumps(finite_json(data), default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def table(*headers: Any, title: str | None = None, **options: Any) -> Any:
+    """A rich ``Table`` whose title is never wrapped: rich fits a title into the table's own
+    width, so a path over narrow columns broke mid-word (``manifests/one.json`` over ``l``);
+    the table is made at least as wide as its title, which is plain text (a path's
+    [brackets] are not markup). Left-justified unless ``title_justify`` says otherwise."""
+    from rich.table import Table
+    from rich.text import Text
+
+    if title is not None:
+        options.setdefault("title_justify", "left")
+        options["min_width"] = max(options.get("min_width") or 0, len(title))
+    return Table(*headers, title=Text(title) if title is not None else None, **options)
 
 
 class RichReporter:

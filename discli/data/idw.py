@@ -237,7 +237,14 @@ def prepare_idw(source: str | Path, out: str | Path, root: str | Path | None = N
                 raise BadInputError(str(exc), item.where) from None
             if rec_id in taken:
                 raise BadInputError(f"duplicate id {rec_id!r}", item.where)
-            read_image(image_root / image)
+            path = image_root / image
+            if not path.exists():  # name the path looked at: "w1.jpg" alone says not where
+                base = ("{opt:root}" if root is not None
+                        else "the caption file's folder; give {opt:root} the folder that holds "
+                             "the images")
+                raise BadInputError(f"image not found (paths of {source.name} are relative to "
+                                    f"{base})", path.absolute())
+            read_image(path)
             taken.add(rec_id)
             records.append(Record(id=rec_id, image=image,
                                   tags=parse_captions(item.captions, classes, lexicon),

@@ -284,17 +284,50 @@ def write_manifest(path: str | Path, manifest: Manifest) -> None:
     write_text(path, format_manifest(manifest, root_text))
 
 
-def parse_classes(spec: str | Sequence[str]) -> list[str]:
-    """Classes from a comma list (``"cat,dog"``), a file (one name a line) or a sequence.
+# COCO's 80 object classes in their usual (category id) order; masks index them 1..80.
+COCO_THINGS = (
+    "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant "
+    "stop_sign parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe "
+    "backpack umbrella handbag tie suitcase frisbee skis snowboard sports_ball kite "
+    "baseball_bat baseball_glove skateboard surfboard tennis_racket bottle wine_glass cup fork "
+    "knife spoon bowl banana apple sandwich orange broccoli carrot hot_dog pizza donut cake "
+    "chair couch potted_plant bed dining_table toilet tv laptop mouse remote keyboard "
+    "cell_phone microwave oven toaster sink refrigerator book clock vase scissors teddy_bear "
+    "hair_drier toothbrush").split()
 
-    ``background`` is put first when missing; anywhere but first it is an error.
+
+def named_classes(name: str) -> list[str] | None:
+    """A shipped class list by name: ``voc`` (the 21 VOC12 classes), ``coco`` (background and
+    COCO's 80 objects, spaces as ``_``); None for any other name."""
+    if name == "voc":
+        from discli.data.voc import VOC_CLASSES  # (voc imports this module)
+
+        return list(VOC_CLASSES)
+    if name == "coco":
+        return ["background", *COCO_THINGS]
+    return None
+
+
+def parse_classes(spec: str | Sequence[str]) -> list[str]:
+    """Classes from a comma list (``"cat,dog"``), a file (one name a line), a named list
+    (:func:`named_classes`: ``"voc"``, ``"coco"``) or a sequence.
+
+    ``background`` is put first when missing; anywhere but first it is an error. A single name
+    that is neither a file nor a named list is refused: it is far more often a mistyped file or
+    list name than a one-class problem (which ``"background,NAME"`` still gives).
     """
     path = None
     if isinstance(spec, str):
         candidate = Path(spec)
+        named = named_classes(spec.strip()) if "," not in spec else None
+        if named is not None and not candidate.is_file():
+            return named
         if "," not in spec and candidate.is_file():
             path = candidate
             names = [line.split("#", 1)[0].strip() for line in read_text(path).splitlines()]
+        elif "," not in spec and spec.strip() and spec.strip() != "background":
+            raise UsageError(f"{{opt:classes}} {quote(spec)}: no such file and not a named list "
+                             "(voc, coco); for a single class give background,NAME")
         else:
             names = [part.strip() for part in spec.split(",")]
         names = [n for n in names if n]

@@ -56,7 +56,9 @@ def prepare_voc(voc: str | Path, out_dir: str | Path, sbd: str | Path | None = N
                 splits: Sequence[str] | None = None, classes: Sequence[str] = VOC_CLASSES,
                 skip_bad: bool = False, decode: bool = False,
                 reporter: Reporter | None = None) -> dict[str, Any]:
-    """Write the manifests; returns a report: ``{"out", "manifests": {name: summary}, "bad"}``.
+    """Write the manifests; returns a report: ``{"out", "manifests": {name: summary}, "bad",
+    "skipped"}`` (``skipped``: the split lists asked for, or train/val when ``splits`` is None,
+    that the tree lacks; the others are written; with none of them there, UsageError).
 
     ``decode=True`` decodes every image fully (catches truncated JPEGs; slower); by default
     only image headers are read, which still catches missing, empty, unidentifiable, oversized
@@ -68,11 +70,16 @@ def prepare_voc(voc: str | Path, out_dir: str | Path, sbd: str | Path | None = N
     sbd_root = find_sbd_root(sbd).absolute() if sbd is not None else None
     out_dir = Path(out_dir)
     available = voc_splits(voc_root)
-    wanted = list(splits) if splits else available
+    # without splits: every list there, and the usual train and val are expected
+    wanted = list(splits) if splits else [*available,
+                                          *(s for s in ("train", "val") if s not in available)]
     missing = [s for s in wanted if s not in available]
-    if missing:
+    if missing and len(missing) == len(wanted):
         raise UsageError(f"split(s) {', '.join(missing)} not in {voc_root}/ImageSets/"
                          f"Segmentation (available: {', '.join(available) or 'none'})")
+    # A tree with train.txt but no val.txt is common (a VOC subset): the splits that exist are
+    # still worth writing; the report lists the skipped ones for the caller to warn about.
+    wanted = [s for s in wanted if s in available]
     if sbd_root is not None:  # train_aug needs VOC's train labelmaps and val list
         wanted += [s for s in ("train", "val") if s in available and s not in wanted]
     sbd_splits = [s for s in ("train", "val") if sbd_root and (sbd_root / f"{s}.txt").is_file()]
@@ -109,4 +116,5 @@ def prepare_voc(voc: str | Path, out_dir: str | Path, sbd: str | Path | None = N
         write_manifest(path, manifest)
         out[name] = _summary(path, manifest)
     reporter.log(f"wrote {len(out)} manifest(s) to {out_dir}")
-    return {"out": str(out_dir), "manifests": out, "bad": problems.items}
+    skipped = [f"{voc_root / 'ImageSets' / 'Segmentation' / s}.txt" for s in missing]
+    return {"out": str(out_dir), "manifests": out, "bad": problems.items, "skipped": skipped}

@@ -35,10 +35,22 @@ def find_voc_root(path: str | Path) -> Path:
     for parent in (path, path / "VOCdevkit"):
         if parent.is_dir():
             candidates += sorted(p for p in parent.glob("VOC20*") if p.is_dir())
+    halves = []  # folders with one of the two: the message names what the other lacks
     for c in candidates:
-        if (c / "JPEGImages").is_dir() and (c / "ImageSets" / "Segmentation").is_dir():
+        images, lists = (c / "JPEGImages").is_dir(), (c / "ImageSets" / "Segmentation").is_dir()
+        if images and lists:
             return c
-    raise BadInputError("not a VOCdevkit tree (no JPEGImages/ and ImageSets/Segmentation/ in "
+        if images or lists:
+            halves.append((c, images))
+    if halves:
+        folder, images = halves[0]
+        if images:
+            raise BadInputError("JPEGImages/ is there but ImageSets/Segmentation/ is missing (it "
+                                "holds the split lists, e.g. train.txt and val.txt: one image id "
+                                "a line)", folder)
+        raise BadInputError("ImageSets/Segmentation/ is there but JPEGImages/ (the images) is "
+                            "missing", folder)
+    raise BadInputError("not a VOCdevkit tree (no JPEGImages/ nor ImageSets/Segmentation/ in "
                         "it, its VOC2012/ or VOCdevkit/VOC2012/)", path)
 
 

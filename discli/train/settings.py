@@ -72,7 +72,8 @@ def check_same_run(folder: Path, held: dict[str, Any] | None, cfg: TrainConfig,
     changes = changed_settings(held, cfg, stage)
     if changes:
         record = folder / "config.toml"
-        where = f" (they are in {record})" if record.is_file() else ""
+        where = (f" (they are in {record}: {{opt:config={record}}} gives them)"
+                 if record.is_file() else "")
         raise UsageError(f"{folder} holds a {stage} run with other settings ("
                          f"{', '.join(changes)}): give the same settings to continue it{where}, "
                          "or another {opt:out}")
