@@ -1,21 +1,29 @@
-"""Does the dual loop pay off? The demo preset's baseline, then fine-tuning at several t_tr with
-any fine-tuning settings changed, on one synthetic benchmark; prints test mIoU and the
-pseudo-label mIoU of every round (against the tagged images' true labelmaps) as one JSON line.
+"""Does the dual loop pay off, and does training-time inference? The preset's baseline, then
+fine-tuning at several t_tr with any fine-tuning settings changed, on one synthetic benchmark.
+Prints one JSON line: mIoU on the validation images (``--eval dev``, the default: choose settings
+here) or the test images (``--eval test``: report once, afterwards), the t_tr = 30 - t_tr = 0
+difference, and per round the pseudo-label mIoU (against the tagged images' true labelmaps) and
+the tag F1 of the captions and of the cleaned tags (against their true tags):
 
     python benchmarks/dual_loop.py --difficulty bold --seed 2 --n-labelled 20 --t-tr 0,30 \\
-        --set tagged_ratio=0.25 --out /tmp/dual
+        --set tag_rule=\\"evidence\\" --out /tmp/dual >> study.jsonl
+    python benchmarks/dual_loop.py --summary study.jsonl
 
 The benchmark and the baseline are made once per (difficulty, seed, n-labelled) under --out and
-reused by later runs with other --set values; each variant trains into its own folder. This is
-the script behind the README's study of the M-step (one thread: the tiny model's convolutions
-do not split over threads; two studies can run side by side on 2 cores).
+reused by later runs with other --set values; each variant trains into its own folder, and a
+finished one is only evaluated again. ``--summary`` prints a table of JSON-line files, one row
+per benchmark and variant, with the means over benchmarks. One thread: the tiny model's
+convolutions do not split over threads; two studies can run side by side on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -24,19 +32,119 @@ from dis_plugins.train_options import parse_sets
 from discli.cache import PseudoCache
 from discli.checkpoint import inference_config, inference_settings, load_model
 from discli.data.manifest import read_manifest
-from discli.synth import generate_benchmark
 from discli.evaluate import evaluate, parse_steps
 from discli.pseudo_stats import score_cache
+from discli.synth import generate_benchmark
+from discli.tags import read_truth, tag_stats
 from discli.train.config import load_config
 from discli.train.finetune import finetune
 from discli.train.pretrain import pretrain
 
 
-def test_miou(checkpoint: Path, val: object, steps: list[int]) -> dict[str, float]:
+def test_miou(checkpoint: Path, images: object, steps: list[int]) -> dict[str, float]:
     model, state = load_model(checkpoint)
-    report = evaluate(model, val, steps=steps, ensemble=False,
+    report = evaluate(model, images, steps=steps, ensemble=False,
                       cfg=inference_config(inference_settings(state, checkpoint)))
     return {s["name"]: round(100 * s["miou"], 1) for s in report["setups"]}
+
+
+def round_scores(cache_path: Path, oracle: object, truth: dict[str, set[str]], cfg: object
+                 ) -> dict[str, float]:
+    """Pseudo-label mIoU and tag F1 (captions, cleaned by the run's rule) of one E-step."""
+    cache = PseudoCache(cache_path)
+    try:
+        pixels = score_cache(cache, oracle, cfg.confidence)["all"]["miou"]
+        tags = tag_stats(cache, truth, cfg.tag_cleaning())
+    finally:
+        cache.close()
+    return {"pseudo_miou": round(100 * pixels, 1),
+            "caption_f1": round(100 * tags["noisy"]["micro"]["f1"], 1),
+            "cleaned_f1": round(100 * tags["cleaned"]["micro"]["f1"], 1)}
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    torch.set_num_threads(1)
+    sets = parse_sets(args.sets)
+    root = Path(args.out) / (f"{args.difficulty}-s{args.seed}-l{args.n_labelled}-t{args.n_tagged}"
+                             f"-px{args.min_size}-{args.max_size}")
+    bench = root / "bench"
+    if not (bench / "manifests" / "dev.jsonl").exists():
+        generate_benchmark(bench, seed=args.seed, n_labelled=args.n_labelled,
+                           n_tagged=args.n_tagged, n_dev=args.n_dev, min_size=args.min_size,
+                           max_size=args.max_size, difficulty=args.difficulty, overwrite=True)
+    m = {name: bench / "manifests" / f"{name}.jsonl"
+         for name in ("train", "val", "dev", "tagged", "tagged_oracle")}
+    images = read_manifest(m["dev" if args.eval == "dev" else "val"])
+    oracle = read_manifest(m["tagged_oracle"])
+    truth = read_truth(bench / "idw" / "true_tags.jsonl", oracle.classes)
+    steps = parse_steps(args.t_ts)
+    tic = time.perf_counter()
+    base_cfg = load_config(args.preset, {"out": str(root / "baseline"), "labelled": str(m["train"]),
+                                         "seed": args.seed}, section="pretrain")
+    pretrain(base_cfg)
+    baseline = root / "baseline" / "pretrain" / "final.pth"
+    result: dict[str, object] = {"difficulty": args.difficulty, "seed": args.seed,
+                                 "n_labelled": args.n_labelled, "eval": args.eval,
+                                 "set": args.sets, "preset": args.preset,
+                                 "baseline": test_miou(baseline, images, steps)}
+    tag = "-".join(sorted(args.sets)).replace("/", "_").replace('"', "") or "preset"
+    if args.preset != "demo":
+        tag = f"{Path(args.preset).stem}-{tag}"
+    for t in parse_steps(args.t_tr):
+        out = root / f"t{t}-{tag}"
+        cfg = load_config(args.preset, {"out": str(out), "init": str(baseline), "t_tr": t,
+                                        "labelled": str(m["train"]), "tagged": str(m["tagged"]),
+                                        "seed": args.seed, **sets}, section="finetune")
+        finetune(cfg)
+        rounds = [round_scores(out / "finetune" / f"round-{r}" / "cache.h5", oracle, truth, cfg)
+                  for r in range(1, cfg.rounds + 1)]
+        result[f"t_tr={t}"] = {"miou": test_miou(out / "finetune" / "final.pth", images, steps),
+                               "rounds": rounds}
+    if "t_tr=0" in result and "t_tr=30" in result:
+        result["t30_minus_t0"] = {k: round(v - result["t_tr=0"]["miou"][k], 1)
+                                  for k, v in result["t_tr=30"]["miou"].items()}
+    result["seconds"] = round(time.perf_counter() - tic)
+    return result
+
+
+def summary(paths: list[str]) -> None:
+    """One row per benchmark and variant, then the means over benchmarks per variant."""
+    rows = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines()
+            if line.strip().startswith("{")]
+    by_variant: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_variant[f"{r.get('preset', 'demo')} {' '.join(r['set']) or '(preset)'} "
+                   f"[{r.get('eval', 'test')}]"].append(r)
+    for variant, rs in by_variant.items():
+        print(f"\n## {variant}")
+        print("| benchmark | baseline | t_tr=0 | t_tr=30 | 30-0 | tags caption / t0 / t30 "
+              "(last round) | pseudo t0 / t30 (by round) |")
+        print("|---|---|---|---|---|---|---|")
+        diffs, gains0, gains30 = [], [], []
+        for r in rs:
+            t0, t30 = r.get("t_tr=0"), r.get("t_tr=30")
+            name = f"{r['difficulty']} s{r['seed']} l{r['n_labelled']}"
+            def at(x: dict | None) -> str:
+                return "-" if x is None else f"{x['miou']['t_ts=0']:.1f}"
+            d = (t30["miou"]["t_ts=0"] - t0["miou"]["t_ts=0"]) if t0 and t30 else None
+            if d is not None:
+                diffs.append(d)
+            tags = "-"
+            if t0 and t30:
+                last0, last30 = t0["rounds"][-1], t30["rounds"][-1]
+                tags = (f"{last30['caption_f1']:.1f} / {last0['cleaned_f1']:.1f} / "
+                        f"{last30['cleaned_f1']:.1f}")
+                gains0.append(last0["cleaned_f1"] - last0["caption_f1"])
+                gains30.append(last30["cleaned_f1"] - last30["caption_f1"])
+            pseudo = " ; ".join("/".join(f"{x['pseudo_miou']:.1f}" for x in t["rounds"])
+                                for t in (t0, t30) if t)
+            print(f"| {name} | {r['baseline']['t_ts=0']:.1f} | {at(t0)} | {at(t30)} | "
+                  f"{'-' if d is None else f'{d:+.1f}'} | {tags} | {pseudo} |")
+        if diffs:
+            print(f"\nmean t_tr=30 - t_tr=0: {statistics.mean(diffs):+.2f} (min {min(diffs):+.1f}, "
+                  f"{len(diffs)} benchmarks); cleaned - caption tag F1, last round: t_tr=0 "
+                  f"{statistics.mean(gains0):+.1f}, t_tr=30 {statistics.mean(gains30):+.1f} "
+                  f"(min {min(gains30):+.1f})")
 
 
 def main() -> None:
@@ -47,52 +155,23 @@ def main() -> None:
     parser.add_argument("--min-size", type=int, default=72, help="smallest image side (px)")
     parser.add_argument("--max-size", type=int, default=120, help="largest image side (px)")
     parser.add_argument("--n-tagged", type=int, default=400)
+    parser.add_argument("--n-dev", type=int, default=100, help="validation images")
+    parser.add_argument("--eval", choices=("dev", "test"), default="dev",
+                        help="score on the validation (dev) or the test images")
     parser.add_argument("--t-tr", default="0,30")
     parser.add_argument("--t-ts", default="0,30")
     parser.add_argument("--preset", default="demo")
     parser.add_argument("--set", dest="sets", action="append", default=[],
                         help="fine-tuning key=value (TOML syntax), repeatable")
     parser.add_argument("--out", default="dual-loop-study")
+    parser.add_argument("--summary", nargs="+", metavar="JSONL",
+                        help="print the table of earlier results instead of running")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    sets = parse_sets(args.sets)
-    root = Path(args.out) / (f"{args.difficulty}-s{args.seed}-l{args.n_labelled}-t{args.n_tagged}"
-                             f"-px{args.min_size}-{args.max_size}")
-    bench = root / "bench"
-    if not (bench / "benchmark.json").exists():
-        generate_benchmark(bench, seed=args.seed, n_labelled=args.n_labelled,
-                           n_tagged=args.n_tagged, min_size=args.min_size,
-                           max_size=args.max_size, difficulty=args.difficulty, overwrite=True)
-    m = {name: bench / "manifests" / f"{name}.jsonl"
-         for name in ("train", "val", "tagged", "tagged_oracle")}
-    val, oracle = read_manifest(m["val"]), read_manifest(m["tagged_oracle"])
-    steps = parse_steps(args.t_ts)
-    tic = time.perf_counter()
-    base_cfg = load_config(args.preset, {"out": str(root / "baseline"), "labelled": str(m["train"]),
-                                         "seed": args.seed}, section="pretrain")
-    pretrain(base_cfg)
-    baseline = root / "baseline" / "pretrain" / "final.pth"
-    result: dict[str, object] = {"difficulty": args.difficulty, "seed": args.seed,
-                                 "n_labelled": args.n_labelled, "set": args.sets,
-                                 "baseline": test_miou(baseline, val, steps)}
-    tag = "-".join(sorted(args.sets)).replace("/", "_") or "preset"
-    for t in parse_steps(args.t_tr):
-        out = root / f"t{t}-{tag}"
-        cfg = load_config(args.preset, {"out": str(out), "init": str(baseline), "t_tr": t,
-                                        "labelled": str(m["train"]), "tagged": str(m["tagged"]),
-                                        "seed": args.seed, **sets}, section="finetune")
-        finetune(cfg)
-        pseudo = []
-        for r in range(1, cfg.rounds + 1):
-            cache = PseudoCache(out / "finetune" / f"round-{r}" / "cache.h5")
-            pseudo.append(round(100 * score_cache(cache, oracle, cfg.confidence)["all"]["miou"],
-                                1))
-            cache.close()
-        result[f"t_tr={t}"] = {"test": test_miou(out / "finetune" / "final.pth", val, steps),
-                               "pseudo_label_miou_by_round": pseudo}
-    result["seconds"] = round(time.perf_counter() - tic)
-    print(json.dumps(result), flush=True)
+    if args.summary:
+        summary(args.summary)
+        return
+    print(json.dumps(run(args)), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -349,11 +349,15 @@ def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, An
         for r in range(1, cfg.rounds + 1):
             cache = PseudoCache(runs / f"dis-t{t}" / "finetune" / f"round-{r}" / "cache.h5")
             score = score_cache(cache, oracle, cfg.confidence)
+            # the tags as the run's M-step saw them (its cleaning rule)
+            round_tags = tag_stats(cache, truth, cfg.tag_cleaning())
             rounds.append({"round": r, "miou": score["all"]["miou"],
                            "kept_miou": score["kept"]["miou"], "kept_share": score["kept_share"],
-                           "iou": score["all"]["iou"]})
+                           "iou": score["all"]["iou"],
+                           "caption_f1": round_tags["noisy"]["micro"]["f1"],
+                           "cleaned_f1": round_tags["cleaned"]["micro"]["f1"]})
             if r == cfg.rounds:
-                tags[f"t_tr={t}"] = tag_stats(cache, truth)
+                tags[f"t_tr={t}"] = round_tags
             cache.close()
         pseudo[f"t_tr={t}"] = rounds
 

@@ -18,11 +18,14 @@ import torch
 from discli.cache import PseudoCache
 from discli.errors import BadInputError
 from discli.metrics import ConfusionMatrix, IGNORE_INDEX
-from discli.model import BACKGROUND
+from discli.tags import DEFAULT_THRESHOLD, TagRule, as_rule, entry_tags
 
 
-def cache_stats(cache: PseudoCache, confidence: float = 0.0, tag_threshold: float = 0.5
-                ) -> dict[str, Any]:
+def cache_stats(cache: PseudoCache, confidence: float = 0.0,
+                rule: TagRule | float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+    """The cache's own statistics; tags changed by cleaning with ``rule`` (a
+    :class:`discli.tags.TagRule` or a probability threshold)."""
+    rule = as_rule(rule)
     pixels = kept = 0
     conf_sum = 0.0
     added = removed = changed_images = 0
@@ -31,9 +34,7 @@ def cache_stats(cache: PseudoCache, confidence: float = 0.0, tag_threshold: floa
         pixels += conf.size
         conf_sum += float(conf.sum())
         kept += int(((conf >= confidence) & (entry.labelmap != IGNORE_INDEX)).sum())
-        cleaned = entry.tag_probs >= tag_threshold
-        noisy = entry.noisy_tags.astype(bool)
-        cleaned[BACKGROUND] = noisy[BACKGROUND] = True
+        noisy, cleaned = entry_tags(entry, rule)
         added += int((cleaned & ~noisy).sum())
         removed += int((noisy & ~cleaned).sum())
         changed_images += int((cleaned != noisy).any())

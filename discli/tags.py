@@ -1,9 +1,15 @@
 """`dis clean-tags` as a library: the noisy and cleaned tags of a pseudo-label cache.
 
-A finetune cache (:mod:`discli.cache`) holds, per image, the tags it came with (``noisy_tags``)
-and the tag probabilities after training-time inference (``tag_probs`` = sigmoid(v3)). The
-*cleaned* tags are the classes with probability >= ``threshold`` (default 0.5). Background (class
-0) is present in every image and is never listed as a tag.
+A finetune cache (:mod:`discli.cache`) holds, per image, the tags it came with (``noisy_tags``),
+the tag probabilities after training-time inference (``tag_probs`` = sigmoid(v3)) and the
+pseudo-labelmap. The *cleaned* tags are what a :class:`TagRule` makes of them: ``threshold``
+(the classes with probability >= ``threshold``, default 0.5: v3 alone) or ``evidence`` (the
+caption corrected by the model's evidence: a caption tag is kept when its score is >= ``keep``,
+a class the caption does not name is added when its score is >= ``add``; the score is the mean
+of the tag probability and the class's share of the pseudo-labelmap, x10 and capped at 1, so
+that a tenth of the image counts as sure). The evidence rule starts from the caption, so a weak
+tag head cannot make the tags much worse than their input. Background (class 0) is present in
+every image and is never listed as a tag.
 
 Export formats (one line per image, cache order):
 
@@ -27,11 +33,52 @@ import numpy as np
 
 from discli.cache import PseudoCache
 from discli.errors import BadInputError, UsageError
-from discli.metrics import tag_scores
 
 FORMATS = ("jsonl", "csv", "tsv")
 DEFAULT_THRESHOLD = 0.5
 LIST_SEP = ";"
+
+
+@dataclass(frozen=True)
+class TagRule:
+    """How the cleaned tags of an image are made (module docstring)."""
+    kind: str = "threshold"
+    threshold: float = DEFAULT_THRESHOLD
+    keep: float = 0.4
+    add: float = 0.25
+
+    def clean(self, noisy: np.ndarray, probs: np.ndarray, labelmap: np.ndarray | None
+              ) -> np.ndarray:
+        """The cleaned tags, bool (K,), of an image with caption tags ``noisy`` (K,), tag
+        probabilities ``probs`` (K,) and pseudo-labelmap ``labelmap`` (255 = ignored)."""
+        probs = np.asarray(probs, dtype=np.float64)
+        if self.kind == "threshold":
+            return probs >= self.threshold
+        if self.kind != "evidence":
+            raise ValueError(f"tag rule must be one of {', '.join(TAG_RULES)}, got {self.kind!r}")
+        if labelmap is None:
+            raise ValueError("the evidence rule needs the pseudo-labelmap")
+        k = len(probs)
+        area = np.bincount(labelmap.ravel(), minlength=256)[:k] / max(labelmap.size, 1)
+        score = 0.5 * probs + 0.5 * np.minimum(area / AREA_SURE, 1.0)
+        caption = np.asarray(noisy).astype(bool)
+        return (caption & (score >= self.keep)) | (~caption & (score >= self.add))
+
+
+TAG_RULES = ("threshold", "evidence")
+AREA_SURE = 0.1  # share of the image at which a class's pixels count as full evidence
+
+
+def threshold_rule(threshold: float = DEFAULT_THRESHOLD) -> TagRule:
+    return TagRule("threshold", check_threshold(threshold))
+
+
+def entry_tags(entry: Any, rule: TagRule) -> tuple[np.ndarray, np.ndarray]:
+    """(caption tags, cleaned tags) of a cache entry, bool (K,), background set in both."""
+    noisy = np.asarray(entry.noisy_tags).astype(bool)
+    cleaned = rule.clean(noisy, entry.tag_probs, entry.labelmap)
+    noisy[0] = cleaned[0] = True  # background is always there
+    return noisy, cleaned
 
 
 @dataclass
@@ -52,27 +99,31 @@ def open_cache(path: str | Path) -> PseudoCache:
     return PseudoCache(path)
 
 
-def _row(entry: Any, threshold: float) -> TagRow:
-    probs = np.asarray(entry.tag_probs, dtype=np.float64)
-    noisy = np.asarray(entry.noisy_tags).astype(bool)
-    cleaned = probs >= threshold
-    noisy[0] = cleaned[0] = True  # background is always there
-    return TagRow(entry.id, noisy, probs, cleaned)
+def _row(entry: Any, rule: TagRule) -> TagRow:
+    noisy, cleaned = entry_tags(entry, rule)
+    return TagRow(entry.id, noisy, np.asarray(entry.tag_probs, dtype=np.float64), cleaned)
 
 
-def entry_rows(cache: PseudoCache, threshold: float = DEFAULT_THRESHOLD
+def as_rule(rule: TagRule | float) -> TagRule:
+    """A rule, or a plain probability threshold (the ``--threshold`` of the commands)."""
+    return rule if isinstance(rule, TagRule) else threshold_rule(rule)
+
+
+def entry_rows(cache: PseudoCache, threshold: TagRule | float = DEFAULT_THRESHOLD
                ) -> Iterator[tuple[Any, TagRow]]:
-    """(cache entry, its tag row) for every image, each entry read once."""
-    check_threshold(threshold)
+    """(cache entry, its tag row) for every image, each entry read once; ``threshold``: the
+    cleaning rule, or the probability threshold of :func:`threshold_rule`."""
+    rule = as_rule(threshold)
     k = len(cache.classes)
     for entry in cache:
         if len(entry.tag_probs) != k:
             raise BadInputError(f"entry {entry.id!r} has {len(entry.tag_probs)} tag probabilities "
                                 f"for {k} classes (corrupt cache?)", cache.path)
-        yield entry, _row(entry, threshold)
+        yield entry, _row(entry, rule)
 
 
-def rows(cache: PseudoCache, threshold: float = DEFAULT_THRESHOLD) -> Iterator[TagRow]:
+def rows(cache: PseudoCache, threshold: TagRule | float = DEFAULT_THRESHOLD
+         ) -> Iterator[TagRow]:
     return (row for _, row in entry_rows(cache, threshold))
 
 
@@ -127,10 +178,10 @@ def read_export(stream: TextIO, fmt: str = "jsonl") -> list[dict[str, Any]]:
 def show(cache: PseudoCache, image_id: str, threshold: float = DEFAULT_THRESHOLD
          ) -> dict[str, Any]:
     """One image: per class its noisy tag, probability and cleaned tag, plus what changed."""
-    check_threshold(threshold)
+    rule = threshold_rule(threshold)
     if image_id not in cache:
         raise BadInputError(f"no image with id {image_id!r} in the cache", cache.path)
-    row = _row(cache.get(image_id), threshold)
+    row = _row(cache.get(image_id), rule)
     classes = cache.classes
     added, removed = _changes(row, classes)
     return {**row_dict(row, classes), "added": added, "removed": removed,
@@ -171,12 +222,16 @@ def diff(cache: PseudoCache, threshold: float = DEFAULT_THRESHOLD,
 
 
 def read_truth(path: str | Path, classes: Sequence[str]) -> dict[str, set[str]]:
-    """Ground-truth tags, JSON Lines ``{"id": ..., "tags": [names]}``; ``-`` reads stdin."""
+    """Ground-truth tags, JSON Lines ``{"id": ..., "tags": [names]}``, or a dis manifest (the
+    tags of its records that are not from captions); ``-`` reads stdin."""
     from discli.data.fileio import json_loads, read_text
 
     known = set(classes[1:])
     truth: dict[str, set[str]] = {}
-    for n, line in enumerate(read_text(path, "ground-truth tag file").splitlines(), start=1):
+    text = read_text(path, "ground-truth tag file")
+    if _manifest_header(text):
+        return _manifest_truth(text, path, known)
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -196,14 +251,46 @@ def read_truth(path: str | Path, classes: Sequence[str]) -> dict[str, set[str]]:
     return truth
 
 
+def _manifest_header(text: str) -> bool:
+    from discli.data.fileio import json_loads
+    from discli.data.manifest import FORMAT
+
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        header = json_loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(header, dict) and header.get("format") == FORMAT
+
+
+def _manifest_truth(text: str, path: str | Path, known: set[str]) -> dict[str, set[str]]:
+    """The tags of a manifest's records as ground truth: those from labelmaps or set by hand;
+    caption tags are the noisy input being scored, never the truth."""
+    from discli.data.manifest import parse_manifest
+
+    name = "<stdin>" if str(path) == "-" else path
+    manifest = parse_manifest(text, name, base=Path(str(path)).absolute().parent)
+    truth = {r.id: set(r.tags) for r in manifest.records if r.tag_source != "caption"}
+    if not truth:
+        raise BadInputError("every record's tags come from captions (tag_source caption): "
+                            "not ground truth", path)
+    unknown = sorted({t for tags in truth.values() for t in tags} - known)
+    if unknown:
+        raise BadInputError(f"unknown class(es) {unknown} (classes of the cache: "
+                            f"{', '.join(sorted(known))})", path)
+    return truth
+
+
 def tag_stats(cache: PseudoCache, truth: dict[str, set[str]],
-              threshold: float = DEFAULT_THRESHOLD, truth_path: str | Path = "truth"
+              threshold: TagRule | float = DEFAULT_THRESHOLD, truth_path: str | Path = "truth"
               ) -> dict[str, Any]:
-    """Precision / recall / F1 (per class and micro) of the noisy and of the cleaned tags."""
+    """Precision / recall / F1 (per class and micro) of the noisy and of the cleaned tags
+    (cleaned by ``threshold``: a :class:`TagRule` or a probability threshold)."""
     classes = cache.classes
+    rule = as_rule(threshold)
     noisy, cleaned, true = [], [], []
     missing = []
-    for row in rows(cache, threshold):
+    for row in rows(cache, rule):
         if row.id not in truth:
             missing.append(row.id)
             continue
@@ -213,8 +300,10 @@ def tag_stats(cache: PseudoCache, truth: dict[str, set[str]],
     if not true:
         raise BadInputError(f"no image of cache {cache.path} has ground-truth tags here",
                             truth_path)
+    from discli.metrics import tag_scores  # (torch: keep `import discli.tags` light)
+
     return {"images": len(true), "missing_truth": len(missing),
-            "missing_examples": missing[:5], "threshold": threshold,
+            "missing_examples": missing[:5], "threshold": rule.threshold, "rule": rule.kind,
             "noisy": tag_scores(np.stack(noisy), np.stack(true), classes),
             "cleaned": tag_scores(np.stack(cleaned), np.stack(true), classes)}
 

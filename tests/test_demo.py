@@ -32,7 +32,13 @@ def test_demo_quick_end_to_end(tmp_path):
     for rounds in report["pseudo_labels"].values():
         assert [r["round"] for r in rounds] == [1]  # the quick preset runs one round
         assert all(0.0 <= r["miou"] <= 1.0 and 0.0 < r["kept_share"] <= 1.0 for r in rounds)
+        assert all(0.0 <= r["caption_f1"] <= 1.0 and 0.0 <= r["cleaned_f1"] <= 1.0
+                   for r in rounds)
     md = (out / "report.md").read_text()
+    t0 = {s["name"]: s["miou"] for s in report["scores"]["t_tr=0"]["setups"]}
+    t30 = {s["name"]: s["miou"] for s in report["scores"]["t_tr=30"]["setups"]}
+    assert (f"t_tr=30 minus t_tr=0 (mIoU points): t_ts=0 {100 * (t30['t=0'] - t0['t=0']):+.1f}"
+            in md)
     assert "| setup |" in md and "fully supervised bound" in md and "cleaned F1" in md
     assert "Pseudo-labels of the tagged images" in md
     assert "dis pretrain --config quick" in md and "dis finetune --config quick" in md

@@ -19,6 +19,7 @@ from discli.train.config import TrainConfig
 from discli.train.engine import poly
 from discli.train.finetune import finetune, mstep_records
 from discli.train.pretrain import pretrain
+from discli.tags import TagRule
 from discli.train.pseudo import class_thresholds, cutmix_box, gate_labelmap, paste, tag_target
 
 CLASSES = ["background", "aeroplane", "bird", "car"]
@@ -26,13 +27,31 @@ CLASSES = ["background", "aeroplane", "bird", "car"]
 
 def test_tag_targets_follow_eq1():
     noisy = np.array([1, 1, 0, 0], np.uint8)  # caption: aeroplane
-    probs = np.array([0.2, 0.1, 0.9, 0.3], np.float32)  # cleaned: bird
-    assert tag_target(noisy, probs, "noisy").tolist() == [1, 1, 0, 0]
-    assert tag_target(noisy, probs, "cleaned").tolist() == [1, 0, 1, 0]
-    assert tag_target(noisy, probs, "mix").tolist() == [1, 0.5, 0.5, 0]
-    assert tag_target(noisy, probs, "cleaned", threshold=0.25).tolist() == [1, 0, 1, 1]
+    probs = np.array([0.2, 0.1, 0.9, 0.3], np.float32)
+    cleaned = TagRule("threshold", 0.5).clean(noisy, probs, None)  # bird
+    assert tag_target(noisy, cleaned, "noisy").tolist() == [1, 1, 0, 0]
+    assert tag_target(noisy, cleaned, "cleaned").tolist() == [1, 0, 1, 0]
+    assert tag_target(noisy, cleaned, "mix").tolist() == [1, 0.5, 0.5, 0]
+    assert tag_target(noisy, TagRule("threshold", 0.25).clean(noisy, probs, None),
+                      "cleaned").tolist() == [1, 0, 1, 1]
     with pytest.raises(ValueError, match="tag target"):
-        tag_target(noisy, probs, "both")
+        tag_target(noisy, cleaned, "both")
+
+
+def test_evidence_rule_corrects_the_caption_by_probability_and_area():
+    rule = TagRule("evidence", keep=0.4, add=0.25)
+    noisy = np.array([1, 1, 1, 0, 0], np.uint8)  # caption: classes 1 and 2
+    probs = np.array([0.9, 0.05, 0.6, 0.2, 0.1], np.float32)
+    labelmap = np.zeros((10, 10), np.uint8)
+    labelmap[0, :6] = 1    # 6% of the image: score 0.5 * 0.05 + 0.5 * 0.6 = 0.325 < keep
+    labelmap[1:3, :] = 3   # 20%: score 0.5 * 0.2 + 0.5 = 0.6 >= add, though v3 says 0.2
+    labelmap[5, 0] = 255   # ignored pixels count for no class
+    # class 2: no pixels, probability 0.6 -> score 0.3 < keep; class 4: 0.05 < add
+    assert rule.clean(noisy, probs, labelmap).tolist() == [True, False, False, True, False]
+    labelmap[6, :5] = 2    # 5% more evidence for class 2: 0.3 + 0.25 = 0.55 -> kept
+    assert rule.clean(noisy, probs, labelmap).tolist() == [True, False, True, True, False]
+    with pytest.raises(ValueError, match="pseudo-labelmap"):
+        rule.clean(noisy, probs, None)
 
 
 def test_gate_ignores_absent_classes_never_background():
@@ -158,6 +177,20 @@ def test_pseudo_entries_ignore_what_the_tags_suppressed():
     marked = pseudo_entries(final_probs(u3, v3), v3, batch, u3=u3)[0]
     assert marked.labelmap.tolist() == [[255, 255], [2, 0]]
     assert marked.noisy_tags.tolist() == [1, 1, 0]
+
+
+def test_suppressed_pixels_ignored_under_either_pseudo_map():
+    from discli.train.estep import cache_entries
+
+    labelmap_probs = torch.tensor([[0.1, 0.8, 0.1], [0.7, 0.2, 0.1]]).T.reshape(1, 3, 1, 2)
+    final = torch.tensor([[0.6, 0.3, 0.1], [0.7, 0.2, 0.1]]).T.reshape(1, 3, 1, 2)  # 1 -> bg
+    batch = {"id": ["x"], "tags": torch.tensor([[1., 0, 0]])}
+    tags = torch.tensor([[0.9, 0.1, 0.1]])
+    kept = cache_entries(labelmap_probs, tags, batch)[0]
+    assert kept.labelmap.tolist() == [[1, 0]]
+    # the labelmap head's map, its pixel that the tags re-weight to background ignored
+    assert cache_entries(labelmap_probs, tags, batch, final)[0].labelmap.tolist() == [[255, 0]]
+    assert cache_entries(final, tags, batch, labelmap_probs)[0].labelmap.tolist() == [[255, 0]]
 
 
 def test_untagged_images_left_out_of_the_mstep(tmp_path):

@@ -39,6 +39,7 @@ class SynthConfig:
     spurious_rate: float = 0.15
     jpeg_quality: int = 90
     difficulty: str = "medium"
+    n_dev: int = 0  # validation images, for choosing settings without touching the test images
 
     def check(self) -> None:
         unknown = [c for c in self.classes[1:] if c not in SHAPES]
@@ -53,12 +54,12 @@ class SynthConfig:
         if self.difficulty not in DIFFICULTIES:
             raise UsageError(f"unknown difficulty {self.difficulty!r}: choose one of "
                              f"{', '.join(DIFFICULTIES)}")
-        if min(self.n_labelled, self.n_tagged, self.n_test) < 0:
+        if min(self.n_labelled, self.n_tagged, self.n_test, self.n_dev) < 0:
             raise UsageError("image counts must be >= 0")
 
 
-PARTS = {"labelled": 0, "tagged": 1, "test": 2}
-PREFIX = {"labelled": "lab", "tagged": "web", "test": "test"}
+PARTS = {"labelled": 0, "tagged": 1, "test": 2, "dev": 3}
+PREFIX = {"labelled": "lab", "tagged": "web", "test": "test", "dev": "dev"}
 
 
 def _jpeg(path: Path, image: np.ndarray, quality: int) -> None:
@@ -101,24 +102,26 @@ def generate_benchmark(out_dir: str | Path, seed: int = 0, n_labelled: int = 30,
                        max_size: int = 96, classes: Sequence[str] | None = None,
                        miss_rate: float = 0.25, spurious_rate: float = 0.15,
                        jpeg_quality: int = 90, difficulty: str = "medium",
-                       manifests: bool = True,
+                       n_dev: int = 0, manifests: bool = True,
                        overwrite: bool = False,
                        progress: Callable[[], None] | None = None) -> dict[str, Any]:
     """Write the benchmark under ``out_dir``; returns its paths and measured statistics.
 
     ``out_dir`` must be new or empty; ``overwrite=True`` replaces an earlier benchmark there
-    (recognised by its ``benchmark.json``), never another folder's contents.
+    (recognised by its ``benchmark.json``), never another folder's contents. ``n_dev`` > 0 adds
+    a validation split (``ImageSets/Segmentation/dev.txt``, ``manifests/dev.jsonl``) drawn from
+    its own generators: the other images do not change with it.
     """
     cfg = SynthConfig(seed, n_labelled, n_tagged, n_test, min_size, max_size,
                       list(classes) if classes is not None else list(DEFAULT_CLASSES),
-                      miss_rate, spurious_rate, jpeg_quality, difficulty)
+                      miss_rate, spurious_rate, jpeg_quality, difficulty, n_dev)
     cfg.check()
     out = Path(out_dir)
     _prepare_output(out, overwrite)
     voc = out / "VOCdevkit" / "VOC2012"
     idw = out / "idw"
-    split_ids: dict[str, list[str]] = {"labelled": [], "test": []}
-    for part in ("labelled", "test"):
+    split_ids: dict[str, list[str]] = {"labelled": [], "test": [], "dev": []}
+    for part in ("labelled", "test", "dev"):
         for i in range(getattr(cfg, f"n_{part}")):
             _, scene = _scene(cfg, part, i)
             image_id = f"{PREFIX[part]}_{i:04d}"
@@ -130,6 +133,8 @@ def generate_benchmark(out_dir: str | Path, seed: int = 0, n_labelled: int = 30,
     seg = voc / "ImageSets" / "Segmentation"
     write_text(seg / "train.txt", "".join(f"{i}\n" for i in split_ids["labelled"]))
     write_text(seg / "val.txt", "".join(f"{i}\n" for i in split_ids["test"]))
+    if split_ids["dev"]:
+        write_text(seg / "dev.txt", "".join(f"{i}\n" for i in split_ids["dev"]))
 
     captions, truth = [], []
     tp = fp = fn = 0
@@ -188,7 +193,8 @@ def oracle_manifest(bench_dir: str | Path) -> Manifest:
 
 def write_benchmark_manifests(bench_dir: str | Path) -> dict[str, str]:
     """Run the real preparation on the benchmark: ``manifests/train.jsonl`` (pixel-labelled),
-    ``val.jsonl`` (test), ``tagged.jsonl`` (caption tags) and ``tagged_oracle.jsonl``."""
+    ``val.jsonl`` (test), ``dev.jsonl`` (validation, where the benchmark has one),
+    ``tagged.jsonl`` (caption tags) and ``tagged_oracle.jsonl``."""
     bench = Path(bench_dir)
     mdir = bench / "manifests"
     classes = parse_classes(str(bench / "classes.txt"))

@@ -38,16 +38,17 @@ PART_IMAGES = 64  # images per crash-safe part file: a kill loses at most this m
 
 
 def cache_entries(probs: torch.Tensor, tag_probs: torch.Tensor, batch: dict[str, Any],
-                  plain: torch.Tensor | None = None) -> list[CacheEntry]:
+                  other: torch.Tensor | None = None) -> list[CacheEntry]:
     """Cache entries of a batch from image-size probabilities (B,K,H,W): the pseudo-labelmap
-    (their argmax), its per-pixel confidence and the cleaned tag probabilities. With ``plain``
-    (the labelmap head's image-size softmax(u3)), pixels whose class the tag re-weighting changed
-    (a class the tags call absent, taken over by another or by the background) are marked 255:
-    the tags say what they are not, not what they are."""
+    (their argmax), its per-pixel confidence and the cleaned tag probabilities. With ``other``
+    (the other of the two maps: the labelmap head's softmax(u3) when ``probs`` is the final
+    map re-weighted by the tags, or the final map when ``probs`` is softmax(u3)), pixels whose
+    class the tag re-weighting changes (a class the tags call absent, taken over by another or
+    by the background) are marked 255: the tags say what they are not, not what they are."""
     confidence, labelmap = probs.max(dim=1)
     labelmap = labelmap.to(torch.uint8)
-    if plain is not None:
-        labelmap[plain.argmax(dim=1) != labelmap] = IGNORE_INDEX
+    if other is not None:
+        labelmap[other.argmax(dim=1) != labelmap] = IGNORE_INDEX
     return [CacheEntry(id=batch["id"][i], labelmap=labelmap[i].cpu().numpy(),
                        confidence=confidence[i].half().cpu().numpy(),
                        tag_probs=tag_probs[i].float().cpu().numpy(),
@@ -122,10 +123,11 @@ def _run_estep(model: DISNet, manifest: Any, cache_path: Path, *, t_tr: int,
         images = batch["image"].to(device)
         full = infer_views(model, images, [t_tr], cfg, flip=flip, amp=amp,
                            tags=batch["tags"].to(device), labelmap_probs=labelmap_probs)[t_tr]
-        probs = full.probs if pseudo_map == "final" else full.labelmap_probs
+        probs, other = ((full.probs, full.labelmap_probs) if pseudo_map == "final"
+                        else (full.labelmap_probs, full.probs))
         assert probs is not None
         pending += cache_entries(probs, full.tag_probs, batch,
-                                 full.labelmap_probs if ignore_suppressed else None)
+                                 other if ignore_suppressed else None)
         if len(pending) >= part_images:
             writer.write(pending)
             pending = []

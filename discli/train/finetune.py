@@ -5,11 +5,15 @@ Round ``r`` starts from the model of round ``r-1`` (round 1 from the pretrained 
 - E-step: that model, frozen, infers pseudo-labelmaps and cleaned tags for every tagged image
   (:func:`discli.train.estep.run_estep`) into ``round-r/cache.h5``, stamped with the hash of
   the model file that produced it.
-- M-step: all weights train on batches mixing pixel-labelled images (their labelmaps and tags)
-  and tagged images (their cached pseudo-labelmaps and cleaned tags as ground truth) at
-  ``tagged_ratio``, with the reconstruction loss on both; then, with ``subnet2_refit_iters``,
-  subnet-2 alone is refitted on the reconstruction loss to the new model's labelmaps
-  (``refit.pth`` while it runs); the result is ``round-r/model.pth``.
+- M-step (Eq. 1): all weights train on batches mixing pixel-labelled images (their labelmaps
+  and tags) and tagged images at ``tagged_ratio``. A tagged image's ground truth is its cached
+  pseudo-labelmap (pixels below ``confidence``, and those of classes that ``tag_gate``'s tags
+  call absent, ignored) and, as tag target (``mstep_tags``), its caption tags T^w, its cleaned
+  tags T̂^w (made by the run's :class:`discli.tags.TagRule`) or both; the reconstruction loss
+  joins with ``loss_img`` > 0 (the paper's; the ``demo`` preset has 0). Then, with
+  ``subnet2_refit_iters``, subnet-2 alone is refitted on the reconstruction loss to the new
+  model's labelmaps (``refit.pth`` while it runs; not in the paper); the result is
+  ``round-r/model.pth``.
 
 Everything a round has finished is a file, so the state of the loop is read off the folder:
 ``model.pth`` present = round done; ``cache.h5`` present = E-step done; ``last.pth`` = M-step in
@@ -30,10 +34,11 @@ from discli.cache import PseudoCache
 from discli.data.dataset import train_transform
 from discli.storage import atomic_write
 from discli.checkpoint import file_hash, load_checkpoint, model_from_checkpoint
-from discli.distributed import barrier, init_distributed, resolve_device
-from discli.errors import BadInputError, UsageError
+from discli.distributed import (barrier, check_batch_split, dist_info, resolve_device,
+                                setup_distributed)
+from discli.errors import BadInputError, CorruptError, UsageError, warn
 from discli.lock import lock_folder
-from discli.storage import make_folder, remove_stale_temps
+from discli.storage import make_folder, remove_stale_temps, same_bytes
 from discli.progress import NullReporter, Reporter
 from discli.train.config import TrainConfig, dump_toml
 from discli.train.engine import PHASES, PhaseRun, Source, run_phase
@@ -76,7 +81,7 @@ def log_estep(log: Path, cache_path: Path, cfg: TrainConfig, r: int,
 
     cache = PseudoCache(cache_path)
     try:
-        stats = cache_stats(cache, cfg.confidence, cfg.tag_threshold)
+        stats = cache_stats(cache, cfg.confidence, cfg.tag_cleaning())
     finally:
         cache.close()
     record = {"stage": "finetune", "phase": "estep", "round": r, "t_tr": cfg.t_tr, **stats}
@@ -121,7 +126,9 @@ def finetune(cfg: TrainConfig, only: str | None = None, round_: int | None = Non
         raise UsageError(f"{{opt:round}} must be in 1..{cfg.rounds}, got {round_}")
     reporter = reporter or NullReporter()
     device = resolve_device(cfg.device)
-    dist = init_distributed(device)
+    if only != "estep":  # the E-step shards whole batches and takes any number of processes
+        check_batch_split(cfg.batch_size, dist_info().world_size)  # before joining the job
+    device, dist = setup_distributed(device)
     if not cfg.tagged:
         raise UsageError("no tagged manifest given ({opt:tagged})")
     tagged = read_manifest(cfg.tagged, root=cfg.root or None)
@@ -186,10 +193,45 @@ def _finetune(cfg: TrainConfig, only: str | None, round_: int | None, reporter: 
                  if k not in ("stage", "phase", "round")}
         summary["results"][r] = {**result, "estep": estep}
     if cfg.rounds and final.exists():
-        if dist.is_main and (todo or not (out / "final.pth").exists()):  # new, or repaired
-            atomic_write(out / "final.pth", lambda f: f.write(final.read_bytes()))
+        if dist.is_main:
+            _final_copy(final, out / "final.pth", cfg.rounds,
+                        trained=summary["rounds"].get(cfg.rounds) == "trained")
         summary["checkpoint"] = str(out / "final.pth")
     return summary
+
+
+def _final_copy(model: Path, copy: Path, rounds: int, trained: bool) -> None:
+    """Write ``final.pth`` (a copy of the last round's ``model.pth``), or check it before it is
+    reported again: a copy that differs is rebuilt from ``model.pth`` (verified, unless this
+    run just wrote it), a corrupt ``model.pth`` from a ``final.pth`` that verifies."""
+    if not trained:
+        try:
+            load_checkpoint(model)
+        except CorruptError as exc:
+            try:
+                held = load_checkpoint(copy) if copy.exists() else None
+            except CorruptError:
+                held = None
+            if held is None or held.get("round") != rounds:
+                raise CorruptError(f"{exc.template}; delete it and {copy}, then rerun the same "
+                                   f"command: round {rounds}'s M-step is redone from its cache",
+                                   exc.path) from None
+            warn(f"{exc}; rebuilt it from {copy}, which holds the same round")
+            atomic_write(model, lambda f: f.write(copy.read_bytes()))
+    if not same_bytes(copy, model):
+        if copy.exists() and not trained and _held_round(copy) in (None, rounds):
+            # a copy of an earlier last round (the run was given more rounds) is simply replaced
+            warn(f"does not match {model}, of which it is a copy (truncated or corrupt); "
+                 f"rebuilt it", copy)
+        atomic_write(copy, lambda f: f.write(model.read_bytes()))
+
+
+def _held_round(path: Path) -> int | None:
+    """The round a final.pth holds; None when it does not load."""
+    try:
+        return load_checkpoint(path).get("round")
+    except CorruptError:
+        return None
 
 
 def _rounds(cfg: TrainConfig, only: str | None, rounds: list[int], reporter: Reporter,
@@ -243,7 +285,7 @@ def _rounds(cfg: TrainConfig, only: str | None, rounds: list[int], reporter: Rep
         transform = (train_transform(cfg.crop_size, (cfg.scale_min, cfg.scale_max), strong=True)
                      if cfg.strong_aug else labelled.transform)
         pseudo = PseudoLabelled(mstep_records(tagged, cfg), cache, transform,
-                                cfg.confidence, cfg.tag_threshold, cfg.mstep_tags, cfg.tag_gate,
+                                cfg.confidence, cfg.tag_cleaning(), cfg.mstep_tags, cfg.tag_gate,
                                 cfg.class_keep, cfg.cutmix)
         n_tagged = round(cfg.batch_size * cfg.tagged_ratio)
         sources = mstep_sources(labelled, pseudo, cfg.batch_size - n_tagged, n_tagged)

@@ -17,6 +17,7 @@ from typing import Any
 
 from discli.errors import BadInputError
 from discli.inference_config import InferenceConfig
+from discli.tags import TAG_RULES, TagRule
 
 
 # Every key is declared with `_key(default, help, ...)`: its one-line help (what `dis config keys`
@@ -52,10 +53,11 @@ class TrainConfig:
     backbone: str = _model("tiny", "backbone name (`dis plugins` lists them)")
     backbone_weights: str = _model("", "initial backbone weights: '' (none), 'imagenet', 'shapes' "
                                    "or a local state-dict path", "pretrain")
-    channels: int = _model(64, "width of the tiny/small backbones (ignored by the ResNets)",
+    channels: int = _model(64, "width of the tiny/small backbones (ignored by the ResNets and "
+                           "MobileNetV3)",
                            "pretrain")
     output_stride: int = _model(8, "output stride of the tiny/small backbones, 4 or 8 (the "
-                                "ResNets: 8)", "pretrain")
+                                "ResNets: 8, mobilenet_v3_large: 16)", "pretrain")
     freeze_bn: bool = _model(False, "keep BatchNorm statistics fixed (DeepLab practice for small "
                              "batches)")
     # optimisation (poly schedule; new layers get head_lr_mult x lr). The paper (and DeepLab)
@@ -93,7 +95,19 @@ class TrainConfig:
                                   "finetune")
     class_keep: float = _finetune(0.0, "> 0: each class keeps at least this share of its most "
                                   "confident pseudo-label pixels", "finetune")
-    tag_threshold: float = _finetune(0.5, "cleaned tag = tag probability >= this", "finetune")
+    # How the cleaned tags T̂^w are made (discli.tags.TagRule): "threshold" keeps the classes
+    # whose tag probability sigmoid(v3) is >= tag_threshold; "evidence" corrects the caption by
+    # the model's evidence (tag probability and the class's share of the pseudo-labelmap): a
+    # caption tag stays when its score is >= tag_keep, another class joins when >= tag_add.
+    tag_rule: str = _finetune("threshold", "cleaned tags: 'threshold' (tag probability >= "
+                              "tag_threshold) or 'evidence' (caption corrected by the model)",
+                              "finetune")
+    tag_threshold: float = _finetune(0.5, "tag_rule 'threshold': cleaned tag = tag probability "
+                                     ">= this", "finetune")
+    tag_keep: float = _finetune(0.4, "tag_rule 'evidence': a caption tag is kept when its score "
+                                "is >= this", "finetune")
+    tag_add: float = _finetune(0.25, "tag_rule 'evidence': a class the caption does not name is "
+                               "added when its score is >= this", "finetune")
     # The M-step (Eq. 1). Tag target of a tagged image: its caption tags ("noisy"), its cleaned
     # tags ("cleaned") or their average ("mix"); tag_gate ignores pseudo-label pixels of classes
     # its caption ("noisy") or cleaned tags ("cleaned") call absent; drop_untagged leaves out
@@ -102,7 +116,9 @@ class TrainConfig:
                                 "finetune")
     tag_gate: str = _finetune("noisy", "ignore pseudo-label pixels of classes these tags call "
                               "absent: 'none', 'noisy' or 'cleaned'", "finetune")
-    ignore_suppressed: bool = _finetune(True, "ignore pseudo-label pixels whose class the tag "
+    # Off by default: it used to be on, but under the presets' pseudo_map = "labelmap" it
+    # compared softmax(u3) with itself and ignored nothing; the presets were measured so.
+    ignore_suppressed: bool = _finetune(False, "ignore pseudo-label pixels whose class the tag "
                                         "re-weighting changed", "finetune")
     # E-step labelmap: the "final" map (u3 re-weighted by v3, the paper's) or the labelmap head's
     # softmax(u3) alone ("labelmap"), leaving the tags to tag_gate
@@ -158,6 +174,10 @@ class TrainConfig:
     def inference(self) -> InferenceConfig:
         return InferenceConfig(steps=self.t_tr, lr=self.inf_lr, momentum=self.inf_momentum,
                                tag_weight=self.inf_tag_weight, proximity=self.inf_proximity)
+
+    def tag_cleaning(self) -> TagRule:
+        """The rule that makes the cleaned tags of the tagged images (:mod:`discli.tags`)."""
+        return TagRule(self.tag_rule, self.tag_threshold, self.tag_keep, self.tag_add)
 
     def inference_settings(self) -> dict[str, Any]:
         """The inference settings a checkpoint carries (read back by
@@ -253,7 +273,9 @@ def validate(cfg: TrainConfig, source: str = "config",
               ("cutmix", 0.0 <= cfg.cutmix <= 1.0),
               ("mstep_from", cfg.mstep_from in ("previous", "init")),
               ("pseudo_map", cfg.pseudo_map in ("final", "labelmap")),
-              ("tag_threshold", 0.0 < cfg.tag_threshold < 1.0)]
+              ("tag_threshold", 0.0 < cfg.tag_threshold < 1.0),
+              ("tag_rule", cfg.tag_rule in TAG_RULES),
+              ("tag_keep", 0.0 <= cfg.tag_keep <= 1.0), ("tag_add", 0.0 <= cfg.tag_add <= 1.0)]
     for name, ok in checks:
         if not ok:
             raise BadInputError(f"invalid value {getattr(cfg, name)!r} for {name!r}",

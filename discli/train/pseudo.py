@@ -8,9 +8,11 @@ Each item looks like a :class:`discli.data.dataset.SegDataset` item, but
   for an image agree; ``"noisy"``: its caption, which keeps the forward pass of t_tr = 0 from
   teaching the classes it imagines; ``"none"``: no gate);
 - the tag target follows Eq. 1, whose tag loss runs over T = {T^f, T^w, T̂^w}: ``"noisy"`` trains
-  v3 on the caption tags T^w, ``"cleaned"`` on the cleaned tags T̂^w (tag probability >=
-  ``tag_threshold``), ``"mix"`` on their average (a soft target: 1 where both agree a class is
-  present, 0.5 where they disagree). Background is always present.
+  v3 on the caption tags T^w, ``"cleaned"`` on the cleaned tags T̂^w (made by the run's
+  :class:`discli.tags.TagRule`), ``"mix"`` on both, T^w and T̂^w as two terms of the loss (the
+  binary cross-entropy is linear in its target, so this is the soft target of their average:
+  1 where both agree a class is present, 0.5 where they disagree). Background is always
+  present.
 
 With ``cutmix`` > 0, that share of the items gets a box pasted from another tagged image (the
 box's image, pseudo-labelmap and ignored pixels alike; tags: the union of both targets), the
@@ -35,16 +37,17 @@ from discli.data.manifest import Manifest
 from discli.errors import BadInputError
 from discli.losses import IGNORE_INDEX
 from discli.model import BACKGROUND
+from discli.tags import TagRule
 
 TAG_TARGETS = ("noisy", "cleaned", "mix")
 TAG_GATES = ("none", "noisy", "cleaned")
 
 
-def tag_target(noisy: np.ndarray, tag_probs: np.ndarray, kind: str,
-               threshold: float = 0.5) -> torch.Tensor:
-    """The (K,) tag target of one tagged image for the M-step (see the module docstring)."""
+def tag_target(noisy: np.ndarray, cleaned_tags: np.ndarray, kind: str) -> torch.Tensor:
+    """The (K,) tag target of one tagged image for the M-step from its caption tags and its
+    cleaned tags (bool or 0/1, (K,); see the module docstring)."""
     noisy_t = torch.from_numpy(noisy.astype(np.float32))
-    cleaned = torch.from_numpy((tag_probs >= threshold).astype(np.float32))
+    cleaned = torch.from_numpy(cleaned_tags.astype(np.float32))
     if kind == "noisy":
         target = noisy_t
     elif kind == "cleaned":
@@ -119,7 +122,7 @@ def paste(item: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
 
 class PseudoLabelled(SegDataset):
     def __init__(self, manifest: Manifest, cache: PseudoCache, transform: Transform,
-                 confidence: float = 0.0, tag_threshold: float = 0.5,
+                 confidence: float = 0.0, rule: TagRule = TagRule(),
                  tags: str = "cleaned", tag_gate: str = "none", class_keep: float = 0.0,
                  cutmix: float = 0.0):
         super().__init__(manifest, transform, use_labelmaps=False)
@@ -131,7 +134,7 @@ class PseudoLabelled(SegDataset):
             raise ValueError(f"tag target must be one of {', '.join(TAG_TARGETS)}, got {tags!r}")
         if tag_gate not in TAG_GATES:
             raise ValueError(f"tag gate must be one of {', '.join(TAG_GATES)}, got {tag_gate!r}")
-        self.cache, self.confidence, self.tag_threshold = cache, confidence, tag_threshold
+        self.cache, self.confidence, self.rule = cache, confidence, rule
         self.tags, self.tag_gate, self.cutmix = tags, tag_gate, cutmix
         self.thresholds = (class_thresholds(cache, confidence, class_keep) if class_keep > 0
                            else None)
@@ -154,6 +157,9 @@ class PseudoLabelled(SegDataset):
         image = read_image(self.manifest.image_path(rec))
         entry = self.cache.get(rec.id)
         labelmap = entry.labelmap.copy()
+        # the rule reads the whole pseudo-labelmap (before the confidence threshold), as the
+        # E-step wrote it and `dis clean-tags` reads it
+        cleaned = self.rule.clean(entry.noisy_tags > 0, entry.tag_probs, entry.labelmap)
         if labelmap.shape != image.shape[:2]:
             raise BadInputError(f"cached labelmap of {rec.id!r} is {labelmap.shape}, its image "
                                 f"{image.shape[:2]}", self.cache.path)
@@ -164,8 +170,8 @@ class PseudoLabelled(SegDataset):
             limit = np.append(self.thresholds, np.ones(256 - len(self.thresholds), np.float32))
             labelmap[conf < limit[labelmap]] = IGNORE_INDEX
         if self.tag_gate == "cleaned":
-            labelmap = gate_labelmap(labelmap, entry.tag_probs >= self.tag_threshold)
+            labelmap = gate_labelmap(labelmap, cleaned)
         elif self.tag_gate == "noisy":
             labelmap = gate_labelmap(labelmap, entry.noisy_tags > 0)
-        tags = tag_target(entry.noisy_tags, entry.tag_probs, self.tags, self.tag_threshold)
+        tags = tag_target(entry.noisy_tags, cleaned, self.tags)
         return self.make_item(rec.id, index, image, labelmap, tags, True)
