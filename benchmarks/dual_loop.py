@@ -125,8 +125,8 @@ def summary(paths: list[str]) -> None:
             t0, t30 = r.get("t_tr=0"), r.get("t_tr=30")
             name = f"{r['difficulty']} s{r['seed']} l{r['n_labelled']}"
             def at(x: dict | None) -> str:
-                return "-" if x is None else f"{x['miou']['t_ts=0']:.1f}"
-            d = (t30["miou"]["t_ts=0"] - t0["miou"]["t_ts=0"]) if t0 and t30 else None
+                return "-" if x is None else f"{x['miou']['t=0']:.1f}"
+            d = (t30["miou"]["t=0"] - t0["miou"]["t=0"]) if t0 and t30 else None
             if d is not None:
                 diffs.append(d)
             tags = "-"
@@ -138,7 +138,7 @@ def summary(paths: list[str]) -> None:
                 gains30.append(last30["cleaned_f1"] - last30["caption_f1"])
             pseudo = " ; ".join("/".join(f"{x['pseudo_miou']:.1f}" for x in t["rounds"])
                                 for t in (t0, t30) if t)
-            print(f"| {name} | {r['baseline']['t_ts=0']:.1f} | {at(t0)} | {at(t30)} | "
+            print(f"| {name} | {r['baseline']['t=0']:.1f} | {at(t0)} | {at(t30)} | "
                   f"{'-' if d is None else f'{d:+.1f}'} | {tags} | {pseudo} |")
         if diffs:
             print(f"\nmean t_tr=30 - t_tr=0: {statistics.mean(diffs):+.2f} (min {min(diffs):+.1f}, "
