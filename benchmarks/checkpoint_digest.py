@@ -1,8 +1,9 @@
-"""What verifying a checkpoint's content digest costs, beside the load itself (README, safety).
+"""What verifying a checkpoint's content digest costs, beside the load itself (docs/running.md,
+safety).
 
 A ResNet-101 DISNet (21 classes, random weights) is saved with :func:`save_checkpoint`, then
 loaded ``--reps`` times without and with verification (the file is in the page cache after the
-first read, so the figures are the CPU's, not the disk's). One thread, as the README states.
+first read, so the figures are the CPU's, not the disk's). One thread, as docs/running.md states.
 
     OMP_NUM_THREADS=1 python benchmarks/checkpoint_digest.py [--reps 3] [--optimizer]
 """

@@ -12,7 +12,8 @@ and then applied unchanged to the --test caches. Prints one line per score:
         --dev RUN/finetune/round-2/cache.h5@BENCH/idw/true_tags.jsonl ... \\
         --test DEMO/runs/dis-t30/finetune/round-2/cache.h5@DEMO/bench/idw/true_tags.jsonl ...
 
-This is the script behind the README's note on tag cleaning (no numbers of its own are kept).
+This is the script behind the note on tag cleaning in docs/studies.md (no numbers of its own are
+kept).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ METHODS = ("auto", "autograd", "lowrank")
 @dataclass
 class InferenceConfig:
     steps: int = 0  # t
-    lr: float = 0.003  # the only step measured to help (README, "Test-time inference")
+    lr: float = 0.003  # the only step measured to help (docs/studies.md, "Test-time inference")
     momentum: float = 0.9
     tag_weight: float = 1.0  # only used when noisy tags are given (training-time inference)
     proximity: float = 0.0

@@ -23,9 +23,9 @@ def demo(
                                    "vivid, clear, easy, medium or hard (see `dis synth "
                                    "--help`)."),
     n_labelled: int = typer.Option(20, "--n-labelled", min=1, help="Pixel-labelled images of "
-                                   "the benchmark (the vivid study in the README used 30)."),
+                                   "the benchmark (the vivid study in docs/studies.md used 30)."),
     min_size: int = typer.Option(72, "--min-size", help="Smallest image side of the benchmark "
-                                 "(pixels; the vivid study in the README used 48)."),
+                                 "(pixels; the vivid study in docs/studies.md used 48)."),
     max_size: int = typer.Option(120, "--max-size", help="Largest image side of the benchmark "
                                  "(pixels; the vivid study used 96)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),

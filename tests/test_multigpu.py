@@ -123,7 +123,7 @@ def test_indexed_device_is_refused_under_torchrun_and_checked_against_the_gpus(
 
 @pytest.mark.parametrize("batch, world, message", [
     (1, 2, "batch_size 1 is smaller than the 2 processes"),
-    (8, 16, "batch_size 8 is smaller than the 16 processes"),  # the README's 2 x 8 GPUs
+    (8, 16, "batch_size 8 is smaller than the 16 processes"),  # docs/running.md's 2 x 8 GPUs
     (10, 4, r"batch_size 10 is not divisible by the 4 processes \(use a multiple of 4, e.g. "
             r"8 or 12\)"),
 ])

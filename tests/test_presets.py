@@ -47,7 +47,7 @@ def test_preset_values():
         assert pre.inf_lr == fine.inf_lr and pre.iters_step1 > 0 and fine.mstep_iters > 0
     demo, quick = (load_config(n, section="pretrain") for n in ("demo", "quick"))
     assert quick.iters_step1 < demo.iters_step1
-    # voc-resnet101: the paper's recipe (README "Training on VOC12 + captions")
+    # voc-resnet101: the paper's recipe (docs/running.md "Training on VOC12 + captions")
     voc_pre = load_config("voc-resnet101", section="pretrain")
     voc_fine = load_config("voc-resnet101", section="finetune")
     assert (voc_pre.backbone, voc_pre.backbone_weights, voc_pre.optimizer, voc_pre.lr,

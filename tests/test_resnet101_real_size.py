@@ -29,8 +29,8 @@ def _dis(*args, cwd):
 
 def test_resnet101_pretrains_from_random_weights_and_infers_a_real_size_image(tmp_path):
     manifest = make_split(tmp_path, "voc", 2, 0, True, size=(366, 500))
-    # The README's default SGD recipe (lr 0.01, new layers x10): without gradient clipping the
-    # losses reached 1e4-1e7 within four iterations and step 2 stopped on a NaN.
+    # The default SGD recipe of docs/running.md (lr 0.01, new layers x10): without gradient
+    # clipping the losses reached 1e4-1e7 within four iterations and step 2 stopped on a NaN.
     _dis("pretrain", "--labelled", str(manifest), "--out", "run", "--backbone", "resnet101",
          "--batch-size", "1", "--crop-size", "321", "--device", "cpu", "-q",
          "--set", "iters_step1=2", "--set", "iters_step2=1", "--set", "iters_step3=1",
