@@ -8,6 +8,8 @@ the tag F1 of the captions and of the cleaned tags (against their true tags):
     python benchmarks/dual_loop.py --difficulty bold --seed 2 --n-labelled 20 --t-tr 0,30 \\
         --set tag_rule=\\"evidence\\" --out /tmp/dual >> study.jsonl
     python benchmarks/dual_loop.py --summary study.jsonl
+    python benchmarks/dual_loop.py --difficulty bold --seed 2 --n-labelled 20 --out /tmp/dual \
+        --score-finished --eval test        # every finished run on the test images, once
 
 The benchmark and the baseline are made once per (difficulty, seed, n-labelled) under --out and
 reused by later runs with other --set values; each variant trains into its own folder, and a
@@ -107,6 +109,24 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     return result
 
 
+def score_finished(args: argparse.Namespace) -> None:
+    """One JSON line per finished fine-tuning run of the benchmark (every variant folder with a
+    ``final.pth``) and for the baseline, scored on ``--eval`` without training anything: how the
+    test images are scored once, after the settings were chosen on the validation images."""
+    torch.set_num_threads(1)
+    root = Path(args.out) / (f"{args.difficulty}-s{args.seed}-l{args.n_labelled}-t{args.n_tagged}"
+                             f"-px{args.min_size}-{args.max_size}")
+    split = "dev" if args.eval == "dev" else "val"
+    images = read_manifest(root / "bench" / "manifests" / f"{split}.jsonl")
+    steps = parse_steps(args.t_ts)
+    runs = {"baseline": root / "baseline" / "pretrain" / "final.pth",
+            **{d.name: d / "finetune" / "final.pth" for d in sorted(root.glob("t*-*"))}}
+    for name, checkpoint in runs.items():
+        if checkpoint.exists():
+            print(json.dumps({"benchmark": root.name, "run": name, "eval": args.eval,
+                              "miou": test_miou(checkpoint, images, steps)}), flush=True)
+
+
 def summary(paths: list[str]) -> None:
     """One row per benchmark and variant, then the means over benchmarks per variant."""
     rows = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines()
@@ -166,9 +186,14 @@ def main() -> None:
     parser.add_argument("--out", default="dual-loop-study")
     parser.add_argument("--summary", nargs="+", metavar="JSONL",
                         help="print the table of earlier results instead of running")
+    parser.add_argument("--score-finished", action="store_true",
+                        help="only score the benchmark's finished runs on --eval (no training)")
     args = parser.parse_args()
     if args.summary:
         summary(args.summary)
+        return
+    if args.score_finished:
+        score_finished(args)
         return
     print(json.dumps(run(args)), flush=True)
 

@@ -31,9 +31,12 @@ GATES = ("none", "noisy", "cleaned")
 TAGS_FILE = "tags.jsonl"
 
 
+RUN_KEYS = ("confidence", "tag_gate", "tag_rule", "tag_threshold", "tag_keep", "tag_add")
+
+
 def run_settings(cache_path: Path) -> dict[str, Any]:
-    """``confidence``, ``tag_gate`` of the fine-tuning run a cache belongs to (``{}`` if the
-    cache is not in a run folder)."""
+    """``confidence``, ``tag_gate`` and the tag cleaning keys of the fine-tuning run a cache
+    belongs to (``{}`` if the cache is not in a run folder)."""
     config = Path(cache_path).absolute().parent.parent / "config.toml"
     if not config.is_file():
         return {}
@@ -46,20 +49,38 @@ def run_settings(cache_path: Path) -> dict[str, Any]:
     flat = file_values(data, "finetune")
     for table in ("train", "finetune"):
         flat.update(data.get(table, {}))
-    return {k: flat[k] for k in ("confidence", "tag_gate") if k in flat}
+    return {k: flat[k] for k in RUN_KEYS if k in flat}
 
 
-def export_cache(cache_path: str | Path, out_dir: str | Path, threshold: float = 0.5,
+def run_rule(cache_path: str | Path, threshold: float | None = None) -> Any:
+    """The :class:`discli.tags.TagRule` that made a cache's cleaned tags as its run's M-step
+    saw them: a given probability ``threshold`` (the ``--threshold`` of ``dis clean-tags``)
+    wins; else the run's ``tag_rule`` and its keys; a cache outside a run folder, or of a run
+    that predates the rules, is cleaned at probability 0.5."""
+    from discli.tags import TagRule, threshold_rule
+
+    if threshold is not None:
+        return threshold_rule(threshold)
+    found = run_settings(Path(cache_path))
+    default = TagRule()
+    return TagRule(str(found.get("tag_rule", default.kind)),
+                   float(found.get("tag_threshold", default.threshold)),
+                   float(found.get("tag_keep", default.keep)),
+                   float(found.get("tag_add", default.add)))
+
+
+def export_cache(cache_path: str | Path, out_dir: str | Path, threshold: float | None = None,
                  confidence: float | None = None, gate: str | None = None) -> dict[str, Any]:
     """Write the cache's labelmaps and tags into ``out_dir`` (see the module docstring);
-    returns ``{"out", "tags", "images", "confidence", "gate", "ignored_share"}``."""
+    returns ``{"out", "tags", "images", "confidence", "gate", "ignored_share"}``. The cleaned
+    tags are the run's (:func:`run_rule`) unless a probability ``threshold`` is given."""
     from discli.storage import atomic_write
     from discli.data.voc import IGNORE, write_palette_png
     from discli.inputs import safe_join
-    from discli.tags import check_threshold, entry_rows, open_cache, row_dict
+    from discli.tags import entry_rows, open_cache, row_dict
     from discli.train.pseudo import gate_labelmap
 
-    check_threshold(threshold)
+    rule = run_rule(cache_path, threshold)
     cache_path, out = Path(cache_path), Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"-o {out} is a file: give a folder for the labelmaps")
@@ -75,7 +96,7 @@ def export_cache(cache_path: str | Path, out_dir: str | Path, threshold: float =
     lines = []
     ignored = pixels = 0
     try:
-        for entry, row in entry_rows(cache, threshold):
+        for entry, row in entry_rows(cache, rule):
             labelmap = entry.labelmap.astype(np.uint8)  # a copy
             labelmap[entry.confidence.astype(np.float32) < confidence] = IGNORE
             if gate == "noisy":

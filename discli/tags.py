@@ -73,6 +73,15 @@ def threshold_rule(threshold: float = DEFAULT_THRESHOLD) -> TagRule:
     return TagRule("threshold", check_threshold(threshold))
 
 
+def describe(rule: TagRule) -> dict[str, Any]:
+    """The rule as the JSON of the commands reports it (and ``text``, as their tables do)."""
+    if rule.kind == "threshold":
+        return {"rule": "threshold", "threshold": rule.threshold,
+                "text": f"threshold {rule.threshold:g}"}
+    return {"rule": rule.kind, "keep": rule.keep, "add": rule.add,
+            "text": f"{rule.kind} rule, keep {rule.keep:g}, add {rule.add:g}"}
+
+
 def entry_tags(entry: Any, rule: TagRule) -> tuple[np.ndarray, np.ndarray]:
     """(caption tags, cleaned tags) of a cache entry, bool (K,), background set in both."""
     noisy = np.asarray(entry.noisy_tags).astype(bool)
@@ -175,17 +184,17 @@ def read_export(stream: TextIO, fmt: str = "jsonl") -> list[dict[str, Any]]:
     return out
 
 
-def show(cache: PseudoCache, image_id: str, threshold: float = DEFAULT_THRESHOLD
+def show(cache: PseudoCache, image_id: str, threshold: TagRule | float = DEFAULT_THRESHOLD
          ) -> dict[str, Any]:
     """One image: per class its noisy tag, probability and cleaned tag, plus what changed."""
-    rule = threshold_rule(threshold)
+    rule = as_rule(threshold)
     if image_id not in cache:
         raise BadInputError(f"no image with id {image_id!r} in the cache", cache.path)
     row = _row(cache.get(image_id), rule)
     classes = cache.classes
     added, removed = _changes(row, classes)
     return {**row_dict(row, classes), "added": added, "removed": removed,
-            "threshold": threshold,
+            **describe(rule),
             "table": [{"class": classes[k], "noisy": bool(row.noisy[k]),
                        "prob": float(row.probs[k]), "cleaned": bool(row.cleaned[k])}
                       for k in range(1, len(classes))]}
@@ -195,14 +204,15 @@ def _changes(row: TagRow, classes: Sequence[str]) -> tuple[list[str], list[str]]
     return names(row.cleaned & ~row.noisy, classes), names(row.noisy & ~row.cleaned, classes)
 
 
-def diff(cache: PseudoCache, threshold: float = DEFAULT_THRESHOLD,
+def diff(cache: PseudoCache, threshold: TagRule | float = DEFAULT_THRESHOLD,
          include_unchanged: bool = False) -> dict[str, Any]:
     """Tags added and removed by cleaning, per image and counted per class."""
+    rule = as_rule(threshold)
     classes = cache.classes
     per_class = {c: {"added": 0, "removed": 0, "noisy": 0, "cleaned": 0} for c in classes[1:]}
     images = []
     total = 0
-    for row in rows(cache, threshold):
+    for row in rows(cache, rule):
         total += 1
         added, removed = _changes(row, classes)
         for c in added:
@@ -218,7 +228,7 @@ def diff(cache: PseudoCache, threshold: float = DEFAULT_THRESHOLD,
     return {"images": images, "per_class": per_class, "total_images": total,
             "changed_images": sum(1 for i in images if i["added"] or i["removed"]),
             "added": sum(v["added"] for v in per_class.values()),
-            "removed": sum(v["removed"] for v in per_class.values()), "threshold": threshold}
+            "removed": sum(v["removed"] for v in per_class.values()), **describe(rule)}
 
 
 def read_truth(path: str | Path, classes: Sequence[str]) -> dict[str, set[str]]:
@@ -303,13 +313,13 @@ def tag_stats(cache: PseudoCache, truth: dict[str, set[str]],
     from discli.metrics import tag_scores  # (torch: keep `import discli.tags` light)
 
     return {"images": len(true), "missing_truth": len(missing),
-            "missing_examples": missing[:5], "threshold": rule.threshold, "rule": rule.kind,
+            "missing_examples": missing[:5], **describe(rule),
             "noisy": tag_scores(np.stack(noisy), np.stack(true), classes),
             "cleaned": tag_scores(np.stack(cleaned), np.stack(true), classes)}
 
 
 def export_tags(cache_path: str | Path, output: str | Path = "-", fmt: str = "jsonl",
-                threshold: float = DEFAULT_THRESHOLD) -> int:
+                threshold: TagRule | float = DEFAULT_THRESHOLD) -> int:
     """Write every image's tags (:func:`write_export`) to ``output``: ``"-"`` is stdout, a file
     is written atomically and may not be the cache itself. Returns the number of rows."""
     store = open_cache(cache_path)

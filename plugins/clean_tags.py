@@ -13,8 +13,10 @@ from discli.cli.output import RichReporter, print_json
 app = typer.Typer(help="Noisy vs cleaned image tags of a pseudo-label cache (export, show, "
                   "diff, stats) or of a tagged manifest (run).", no_args_is_help=True)
 
-THRESHOLD = typer.Option(0.5, "--threshold", "-t", min=0.0, max=1.0,
-                         help="A class is a cleaned tag when its probability is >= this.")
+THRESHOLD = typer.Option(None, "--threshold", "-t", min=0.0, max=1.0,
+                         help="A class is a cleaned tag when its probability is >= this "
+                         "(default: the run's own tag cleaning rule, from the config.toml of "
+                         "the run folder the cache is in; else 0.5).")
 JSON = opt.json_option("JSON on stdout.")
 
 
@@ -22,6 +24,12 @@ def _console() -> Any:
     from discli.cli.output import console
 
     return console()
+
+
+def _rule(cache: Path, threshold: float | None) -> Any:
+    from discli.export import run_rule
+
+    return run_rule(cache, threshold)
 
 
 def _is_folder(output: str) -> bool:
@@ -38,7 +46,7 @@ def _is_folder(output: str) -> bool:
 def export(
     cache: Path = typer.Argument(..., help="Pseudo-label cache (cache.h5)."),
     fmt: str = typer.Option("jsonl", "--format", "-f", help="jsonl, csv or tsv."),
-    threshold: float = THRESHOLD,
+    threshold: float | None = THRESHOLD,
     output: str = typer.Option("-", "--output", "-o", help="Output file (- = stdout), or a "
                                "folder (existing, ending with /, or without a suffix): the "
                                "labelmaps as palette PNGs plus tags.jsonl."),
@@ -71,14 +79,14 @@ def export(
         return
     if confidence is not None or gate is not None or json_out:
         raise UsageError("--confidence, --gate and --json go with a folder export (-o DIR)")
-    tags.export_tags(cache, output, fmt, threshold)
+    tags.export_tags(cache, output, fmt, _rule(cache, threshold))
 
 
 @app.command()
 def show(
     cache: Path = typer.Argument(..., help="Pseudo-label cache."),
     image_id: str = typer.Argument(..., metavar="ID", help="Image id."),
-    threshold: float = THRESHOLD,
+    threshold: float | None = THRESHOLD,
     json_out: bool = JSON,
 ) -> None:
     """Per class: the noisy tag, the probability after inference, the cleaned tag."""
@@ -86,7 +94,7 @@ def show(
 
     from discli import tags
 
-    info = tags.show(tags.open_cache(cache), image_id, threshold)
+    info = tags.show(tags.open_cache(cache), image_id, _rule(cache, threshold))
     if json_out:
         print_json({k: v for k, v in info.items() if k != "table"})
         return
@@ -103,7 +111,7 @@ def show(
 @app.command("diff")
 def diff_cmd(
     cache: Path = typer.Argument(..., help="Pseudo-label cache."),
-    threshold: float = THRESHOLD,
+    threshold: float | None = THRESHOLD,
     json_out: bool = JSON,
 ) -> None:
     """Tags added and removed by cleaning, per image, and counts per class."""
@@ -111,7 +119,7 @@ def diff_cmd(
 
     from discli import tags
 
-    result = tags.diff(tags.open_cache(cache), threshold)
+    result = tags.diff(tags.open_cache(cache), _rule(cache, threshold))
     if json_out:
         print_json(result)
         return
@@ -120,7 +128,7 @@ def diff_cmd(
         typer.echo(f"{image['id']}\t{' '.join(parts)}")
     table = titled("class", "noisy", "cleaned", "added", "removed",
                    title=f"{result['changed_images']} of {result['total_images']} images "
-                         f"changed (threshold {threshold:g})")
+                         f"changed ({result['text']})")
     for name, c in result["per_class"].items():
         table.add_row(name, str(c["noisy"]), str(c["cleaned"]), str(c["added"]),
                       str(c["removed"]))
@@ -135,7 +143,7 @@ def stats(
     truth: str = typer.Option(..., "--truth", help='Ground-truth tags: JSON Lines {"id": ..., '
                               '"tags": [names]}, or a dis manifest of the same images (its '
                               'tags from labelmaps, not captions); - = stdin.'),
-    threshold: float = THRESHOLD,
+    threshold: float | None = THRESHOLD,
     json_out: bool = JSON,
 ) -> None:
     """Precision, recall and F1 (per class, micro) of noisy and cleaned tags vs ground truth."""
@@ -145,7 +153,8 @@ def stats(
     from discli.cli.output import warn
 
     store = tags.open_cache(cache)
-    result = tags.tag_stats(store, tags.read_truth(truth, store.classes), threshold, truth)
+    result = tags.tag_stats(store, tags.read_truth(truth, store.classes),
+                            _rule(cache, threshold), truth)
     if result["missing_truth"]:
         warn(f"{result['missing_truth']} image(s) of the cache have no ground truth in {truth} "
              f"and are left out (e.g. {', '.join(result['missing_examples'])})")
@@ -153,7 +162,7 @@ def stats(
         print_json(result)
         return
     table = titled("class", "support", "noisy P", "noisy R", "noisy F1", "clean P", "clean R",
-                   "clean F1", title=f"{result['images']} images, threshold {threshold:g}")
+                   "clean F1", title=f"{result['images']} images, {result['text']}")
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
     for name, n in result["noisy"]["per_class"].items():
         c = result["cleaned"]["per_class"][name]
@@ -175,7 +184,7 @@ def run(
     t_tr: int | None = typer.Option(None, "--t-tr", min=0, help="Training-time inference "
                                     "iterations (default: the checkpoint's)."),
     split: str | None = typer.Option(None, "--split", help="Only records of this split."),
-    threshold: float = THRESHOLD,
+    threshold: float | None = THRESHOLD,
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute an existing cache."),
     batch_size: int = opt.BatchOpt,
     num_workers: int = opt.WorkersOpt,
@@ -200,7 +209,8 @@ def run(
     workers = num_workers if old_workers is None else old_workers  # --workers: older spelling
     with RichReporter(quiet=quiet) as reporter:
         result = tags.run_clean(checkpoint, manifest, out, t_tr=t_tr, overrides=overrides,
-                                threshold=threshold, split=split, batch_size=batch_size,
+                                threshold=0.5 if threshold is None else threshold,
+                                split=split, batch_size=batch_size,
                                 device=device, amp=amp, num_workers=workers,
                                 overwrite=overwrite, reporter=reporter)
     if json_out:
@@ -208,5 +218,5 @@ def run(
         return
     typer.echo(f"{result['cache']}: {result['total_images']} images, "
                f"{result['changed_images']} with changed tags ({result['added']} added, "
-               f"{result['removed']} removed at threshold {threshold:g})"
+               f"{result['removed']} removed, {result['text']})"
                + (" [existing cache reused]" if result["reused"] else ""))

@@ -29,7 +29,7 @@ def score_cache(
     from discli.cli.output import console, note
     from discli.cli.output import table as titled
     from discli.data.manifest import read_manifest
-    from discli.export import run_settings
+    from discli.export import run_rule, run_settings
 
     truth_manifest = read_manifest(truth, root=root)  # before torch (pseudo_stats) is imported
     from discli.pseudo_stats import cache_stats
@@ -49,7 +49,7 @@ def score_cache(
     report = {"cache": str(cache), "truth": str(truth), "confidence": confidence,
               "confidence_from": source,
               **run_score(pseudo, truth_manifest, confidence),
-              "stats": cache_stats(pseudo, confidence)}
+              "stats": cache_stats(pseudo, confidence, run_rule(cache))}
     if json_out:
         print_json(report)
         return

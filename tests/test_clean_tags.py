@@ -256,3 +256,30 @@ def test_export_folder_defaults_to_the_runs_settings(tmp_path, capsys):
     assert result["ignored_share"] == pytest.approx(
         ((want == 255).sum() + (np.where(confidence.astype(np.float32) < 0.7, 255, labelmap)
                                 == 255).sum()) / (2 * labelmap.size))
+
+
+def test_commands_clean_tags_with_the_runs_rule_unless_given_a_threshold(tmp_path, capsys):
+    """In a run folder, show / diff / stats / export clean the tags as that run's M-step did
+    (its tag_rule); --threshold asks for the tag head alone at that probability."""
+    round_dir = tmp_path / "run" / "finetune" / "round-1"
+    round_dir.mkdir(parents=True)
+    (tmp_path / "run" / "finetune" / "config.toml").write_text(
+        '[finetune]\ntag_rule = "evidence"\ntag_keep = 0.0\ntag_add = 0.75\n')
+    path = make_cache(round_dir / "cache.h5")  # all-background labelmaps: evidence = prob / 2
+    code, out, err = cli(capsys, "clean-tags", "diff", str(path), "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    # keep 0 keeps every caption tag, and no probability reaches add 0.75 at half weight
+    assert result["rule"] == "evidence" and result["added"] == result["removed"] == 0
+    code, out, _ = cli(capsys, "clean-tags", "diff", str(path), "--json", "--threshold", "0.5")
+    assert json.loads(out)["rule"] == "threshold" and json.loads(out)["added"] == 2
+    code, out, _ = cli(capsys, "clean-tags", "show", str(path), "b", "--json")
+    assert json.loads(out)["cleaned"] == ["cat", "dog"]  # the caption's cat kept
+    truth = tmp_path / "truth.jsonl"
+    truth.write_text("".join(json.dumps({"id": k, "tags": v}) + "\n" for k, v in TRUTH.items()))
+    code, out, _ = cli(capsys, "clean-tags", "stats", str(path), "--truth", str(truth), "--json")
+    stats = json.loads(out)
+    assert stats["rule"] == "evidence"
+    assert stats["cleaned"]["micro"]["f1"] == pytest.approx(stats["noisy"]["micro"]["f1"])
+    code, out, _ = cli(capsys, "clean-tags", "export", str(path))
+    assert {r["id"]: r["cleaned"] for r in read_export(io.StringIO(out))}["a"] == ["cat"]
