@@ -64,11 +64,16 @@ def round_scores(cache_path: Path, oracle: object, truth: dict[str, set[str]], c
             "cleaned_f1": round(100 * tags["cleaned"]["micro"]["f1"], 1)}
 
 
+def bench_root(args: argparse.Namespace) -> Path:
+    """The folder of one benchmark's study: its data, baseline and every variant's runs."""
+    return Path(args.out) / (f"{args.difficulty}-s{args.seed}-l{args.n_labelled}"
+                             f"-t{args.n_tagged}-px{args.min_size}-{args.max_size}")
+
+
 def run(args: argparse.Namespace) -> dict[str, object]:
     torch.set_num_threads(1)
     sets = parse_sets(args.sets)
-    root = Path(args.out) / (f"{args.difficulty}-s{args.seed}-l{args.n_labelled}-t{args.n_tagged}"
-                             f"-px{args.min_size}-{args.max_size}")
+    root = bench_root(args)
     bench = root / "bench"
     if not (bench / "manifests" / "dev.jsonl").exists():
         generate_benchmark(bench, seed=args.seed, n_labelled=args.n_labelled,
@@ -114,8 +119,7 @@ def score_finished(args: argparse.Namespace) -> None:
     ``final.pth``) and for the baseline, scored on ``--eval`` without training anything: how the
     test images are scored once, after the settings were chosen on the validation images."""
     torch.set_num_threads(1)
-    root = Path(args.out) / (f"{args.difficulty}-s{args.seed}-l{args.n_labelled}-t{args.n_tagged}"
-                             f"-px{args.min_size}-{args.max_size}")
+    root = bench_root(args)
     split = "dev" if args.eval == "dev" else "val"
     images = read_manifest(root / "bench" / "manifests" / f"{split}.jsonl")
     steps = parse_steps(args.t_ts)

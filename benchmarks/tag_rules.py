@@ -27,19 +27,15 @@ import numpy as np
 
 from discli.cache import PseudoCache
 from discli.metrics import tag_scores
-from discli.tags import read_truth
+from discli.tags import area_evidence, evidence_score, read_truth
 
 Arrays = dict[str, np.ndarray]
 
 
-def area_score(d: Arrays) -> np.ndarray:
-    return np.minimum(d["area"] / 0.1, 1.0)
-
-
 SCORES: dict[str, Callable[[Arrays], np.ndarray]] = {
     "P": lambda d: d["probs"],
-    "A": area_score,
-    "PA": lambda d: 0.5 * d["probs"] + 0.5 * area_score(d),
+    "A": lambda d: area_evidence(d["area"]),
+    "PA": lambda d: evidence_score(d["probs"], d["area"]),  # the E-step's evidence rule
 }
 
 

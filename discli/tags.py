@@ -60,13 +60,24 @@ class TagRule:
             raise ValueError("the evidence rule needs the pseudo-labelmap")
         k = len(probs)
         area = np.bincount(labelmap.ravel(), minlength=256)[:k] / max(labelmap.size, 1)
-        score = 0.5 * probs + 0.5 * np.minimum(area / AREA_SURE, 1.0)
+        score = evidence_score(probs, area)
         caption = np.asarray(noisy).astype(bool)
         return (caption & (score >= self.keep)) | (~caption & (score >= self.add))
 
 
 TAG_RULES = ("threshold", "evidence")
 AREA_SURE = 0.1  # share of the image at which a class's pixels count as full evidence
+
+
+def area_evidence(area: np.ndarray) -> np.ndarray:
+    """A class's share of the pseudo-labelmap as evidence in 0..1 (1 from ``AREA_SURE`` up)."""
+    return np.minimum(np.asarray(area) / AREA_SURE, 1.0)
+
+
+def evidence_score(probs: np.ndarray, area: np.ndarray) -> np.ndarray:
+    """The ``evidence`` rule's score: the mean of the tag probability and the area evidence
+    (any shape: one image's (K,) or a study's (N, K))."""
+    return 0.5 * np.asarray(probs) + 0.5 * area_evidence(area)
 
 
 def threshold_rule(threshold: float = DEFAULT_THRESHOLD) -> TagRule:

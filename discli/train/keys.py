@@ -99,15 +99,16 @@ class TrainConfig:
     # whose tag probability sigmoid(v3) is >= tag_threshold; "evidence" corrects the caption by
     # the model's evidence (tag probability and the class's share of the pseudo-labelmap): a
     # caption tag stays when its score is >= tag_keep, another class joins when >= tag_add.
-    tag_rule: str = _finetune("threshold", "cleaned tags: 'threshold' (tag probability >= "
+    # the defaults are TagRule's own, so a cache read outside its run is cleaned the same way
+    tag_rule: str = _finetune(TagRule.kind, "cleaned tags: 'threshold' (tag probability >= "
                               "tag_threshold) or 'evidence' (caption corrected by the model)",
                               "finetune")
-    tag_threshold: float = _finetune(0.5, "tag_rule 'threshold': cleaned tag = tag probability "
-                                     ">= this", "finetune")
-    tag_keep: float = _finetune(0.4, "tag_rule 'evidence': a caption tag is kept when its score "
-                                "is >= this", "finetune")
-    tag_add: float = _finetune(0.25, "tag_rule 'evidence': a class the caption does not name is "
-                               "added when its score is >= this", "finetune")
+    tag_threshold: float = _finetune(TagRule.threshold, "tag_rule 'threshold': cleaned tag = tag "
+                                     "probability >= this", "finetune")
+    tag_keep: float = _finetune(TagRule.keep, "tag_rule 'evidence': a caption tag is kept when "
+                                "its score is >= this", "finetune")
+    tag_add: float = _finetune(TagRule.add, "tag_rule 'evidence': a class the caption does not "
+                               "name is added when its score is >= this", "finetune")
     # The M-step (Eq. 1). Tag target of a tagged image: its caption tags ("noisy"), its cleaned
     # tags ("cleaned") or their average ("mix"); tag_gate ignores pseudo-label pixels of classes
     # its caption ("noisy") or cleaned tags ("cleaned") call absent; drop_untagged leaves out
