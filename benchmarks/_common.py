@@ -94,7 +94,7 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, torch.nn.Module]:
     """Apply --threads, resolve --device, and build the DIS model with random weights (seed 0)
     in eval mode on it."""
     from discli.distributed import resolve_device
-    from discli.model import ModelConfig, build_model
+    from discli.model.net import ModelConfig, build_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from discli.checkpoint import (content_digest, load_checkpoint, model_from_checkpoint,
-                               save_checkpoint)
-from discli.model import ModelConfig, build_model
+from discli.infer.checkpoint import (content_digest, load_checkpoint, model_from_checkpoint,
+                                     save_checkpoint)
+from discli.model.net import ModelConfig, build_model
 
 
 def main() -> None:

@@ -30,14 +30,15 @@ from pathlib import Path
 
 import torch
 
-from dis_plugins.train_options import parse_sets
-from discli.cache import PseudoCache
-from discli.checkpoint import inference_config, inference_settings, load_model
+from dis_plugins.options import parse_sets
+from discli.pseudo.cache import PseudoCache
+from discli.infer.checkpoint import inference_config, inference_settings, load_model
 from discli.data.manifest import read_manifest
-from discli.evaluate import evaluate, parse_steps
-from discli.pseudo_stats import score_cache
+from discli.evaluation.evaluate import evaluate
+from discli.infer.settings import parse_steps
+from discli.pseudo.stats import score_cache
 from discli.synth import generate_benchmark
-from discli.tags import read_truth, tag_stats
+from discli.pseudo.tags import read_truth, tag_stats
 from discli.train.config import load_config
 from discli.train.finetune import finetune
 from discli.train.pretrain import pretrain

@@ -21,7 +21,7 @@ import sys
 import torch
 from _common import add_common_args, describe_machine, interleaved, load_note, median, setup
 
-from discli.inference import InferenceConfig, infer
+from discli.infer.loop import InferenceConfig, infer
 
 
 def peak_rss_mb() -> float:

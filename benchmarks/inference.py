@@ -19,8 +19,8 @@ import argparse
 import torch
 from _common import add_common_args, describe_machine, gflops, interleaved, load_note, median, setup
 
-from discli.inference import InferenceConfig, infer, refine_features
-from discli.inference_lowrank import gram_operators
+from discli.infer.loop import InferenceConfig, infer, refine_features
+from discli.infer.lowrank import gram_operators
 
 
 def bench_batch(model: torch.nn.Module, batch: int, args: argparse.Namespace,

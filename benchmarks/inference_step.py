@@ -3,7 +3,7 @@
     python benchmarks/inference_step.py                 # K = 21, 41x41 (ResNet-101 at 321x321)
     python benchmarks/inference_step.py --threads 1
 
-A low-rank step (discli.inference_lowrank) runs subnet-2 forward, the reconstruction loss and
+A low-rank step (discli.infer.lowrank) runs subnet-2 forward, the reconstruction loss and
 its gradient with respect to u3, then applies the Gram operator to the accumulated momentum.
 This script times those parts on random tensors of the given size, with autograd and with the
 backward written out by hand, with channels_last tensors and with oneDNN off, and the largest
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from _common import describe_machine, load_note
 
-from discli.inference_lowrank import gram_operators
-from discli.model import Subnet2
+from discli.infer.lowrank import gram_operators
+from discli.model.net import Subnet2
 
 
 def per_call_ms(fn: Callable[[], object], reps: int) -> float:

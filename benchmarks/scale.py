@@ -69,11 +69,11 @@ def measure(manifest_path: Path, workdir: Path, t_tr: int, batch: int) -> dict[s
     import torch
     from torch.utils.data import DataLoader
 
-    from discli.cache import PseudoCache
+    from discli.pseudo.cache import PseudoCache
     from discli.data.dataset import collate, train_transform
     from discli.data.manifest import read_manifest
-    from discli.inference import InferenceConfig
-    from discli.model import build_model
+    from discli.infer.loop import InferenceConfig
+    from discli.model.net import build_model
     from discli.train.estep import run_estep
     from discli.train.pseudo import PseudoLabelled
 

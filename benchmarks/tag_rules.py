@@ -25,9 +25,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from discli.cache import PseudoCache
-from discli.metrics import tag_scores
-from discli.tags import area_evidence, evidence_score, read_truth
+from discli.pseudo.cache import PseudoCache
+from discli.evaluation.metrics import tag_scores
+from discli.pseudo.tags import area_evidence, evidence_score, read_truth
 
 Arrays = dict[str, np.ndarray]
 

@@ -28,19 +28,14 @@ import torch
 import torch.nn.functional as F
 from _common import add_common_args, describe_machine, gflops, interleaved, load_note, median, setup
 
-from discli.losses import map_loss, recon_loss, recon_target, tag_loss
+from discli.model.losses import map_loss, recon_loss, recon_target, tag_loss
 
 
 def dis_step_fn(model, images, labelmap, tags, device):
     """A closure running one DIS training step; uses discli.train.engine when present."""
     try:
-        from discli.train.config import TrainConfig
-        from discli.train.engine import (
-            PHASES,
-            compute_losses,
-            param_groups,
-            set_train_modes,
-        )
+        from discli.train.keys import TrainConfig
+        from discli.train.engine import PHASES, compute_losses, param_groups, set_train_modes
     except ImportError:
         engine = None
     else:

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from dis_plugins import inference_options as opt
+from dis_plugins import options as opt
 from discli.cli.output import RichReporter, print_json
 
 app = typer.Typer(help="Noisy vs cleaned image tags of a pseudo-label cache (export, show, "
@@ -27,7 +27,7 @@ def _console() -> Any:
 
 
 def _rule(cache: Path, threshold: float | None) -> Any:
-    from discli.export import run_rule
+    from discli.train.clean import run_rule
 
     return run_rule(cache, threshold)
 
@@ -61,17 +61,17 @@ def export(
 ) -> None:
     """One line per image: id, noisy tags, cleaned tags, tag probabilities; or, with -o DIR,
     every pseudo-labelmap as a VOC palette PNG (ignored pixels 255) plus DIR/tags.jsonl."""
-    from discli import tags
+    from discli.pseudo import tags
     from discli.errors import UsageError
 
     if fmt not in tags.FORMATS:
         raise UsageError(f"--format must be one of {', '.join(tags.FORMATS)}, not {fmt!r}")
     if _is_folder(output):
-        from discli.export import export_cache
+        from discli.train.clean import export_run_cache
 
         if fmt != "jsonl":
             raise UsageError("a folder export writes tags.jsonl: --format must be jsonl")
-        result = export_cache(cache, output, threshold, confidence, gate)
+        result = export_run_cache(cache, output, threshold, confidence, gate)
         if json_out:
             print_json(result)
         else:
@@ -92,7 +92,7 @@ def show(
     """Per class: the noisy tag, the probability after inference, the cleaned tag."""
     from discli.cli.output import table as titled
 
-    from discli import tags
+    from discli.pseudo import tags
 
     info = tags.show(tags.open_cache(cache), image_id, _rule(cache, threshold))
     if json_out:
@@ -117,7 +117,7 @@ def diff_cmd(
     """Tags added and removed by cleaning, per image, and counts per class."""
     from discli.cli.output import table as titled
 
-    from discli import tags
+    from discli.pseudo import tags
 
     result = tags.diff(tags.open_cache(cache), _rule(cache, threshold))
     if json_out:
@@ -149,7 +149,7 @@ def stats(
     """Precision, recall and F1 (per class, micro) of noisy and cleaned tags vs ground truth."""
     from discli.cli.output import table as titled
 
-    from discli import tags
+    from discli.pseudo import tags
     from discli.cli.output import warn
 
     store = tags.open_cache(cache)
@@ -186,33 +186,33 @@ def run(
     split: str | None = typer.Option(None, "--split", help="Only records of this split."),
     threshold: float | None = THRESHOLD,
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute an existing cache."),
-    batch_size: int = opt.BatchOpt,
-    num_workers: int = opt.WorkersOpt,
-    old_workers: int | None = opt.OldWorkersOpt,
-    device: str | None = opt.DeviceOpt,
-    amp: bool = opt.AmpOpt,
-    lr: float | None = opt.LrOpt,
-    momentum: float | None = opt.MomentumOpt,
+    batch_size: int = opt.InfBatchOpt,
+    num_workers: int = opt.InfWorkersOpt,
+    old_workers: int | None = opt.InfOldWorkersOpt,
+    device: str | None = opt.InfDeviceOpt,
+    amp: bool = opt.InfAmpOpt,
+    lr: float | None = opt.InfLrOpt,
+    momentum: float | None = opt.InfMomentumOpt,
     tag_weight: float | None = typer.Option(None, "--tag-weight", help="Weight of the noisy-tag "
                                             "loss in inference (default: the checkpoint's)."),
     json_out: bool = JSON,
-    quiet: bool = opt.QuietOpt,
+    quiet: bool = opt.InfQuietOpt,
 ) -> None:
     """Compute cleaned tags for a tagged manifest (one E-step, no finetune).
 
     The inference settings not given here come from the checkpoint (those it was trained with).
     """
     opt.check_inputs([(manifest, None)], checkpoint)  # before torch is imported
-    from discli import tags
+    from discli.train.clean import run_clean
 
     overrides = {"lr": lr, "momentum": momentum, "tag_weight": tag_weight}
     workers = num_workers if old_workers is None else old_workers  # --workers: older spelling
     with RichReporter(quiet=quiet) as reporter:
-        result = tags.run_clean(checkpoint, manifest, out, t_tr=t_tr, overrides=overrides,
-                                threshold=0.5 if threshold is None else threshold,
-                                split=split, batch_size=batch_size,
-                                device=device, amp=amp, num_workers=workers,
-                                overwrite=overwrite, reporter=reporter)
+        result = run_clean(checkpoint, manifest, out, t_tr=t_tr, overrides=overrides,
+                           threshold=0.5 if threshold is None else threshold,
+                           split=split, batch_size=batch_size,
+                           device=device, amp=amp, num_workers=workers,
+                           overwrite=overwrite, reporter=reporter)
     if json_out:
         print_json(result)
         return

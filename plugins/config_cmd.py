@@ -11,8 +11,8 @@ import typer
 from dis_plugins.options import json_option
 from discli.cli.output import print_json
 from discli.errors import UsageError
-from discli.train.config import (SECTIONS, config_keys, dump_toml, load_config,
-                                 resolve_config_path)
+from discli.train.config import SECTIONS, dump_toml, load_config, resolve_config_path
+from discli.train.keys import config_keys
 
 app = typer.Typer(help="Training configuration: every --set/--config key, presets resolved.",
                   no_args_is_help=True)

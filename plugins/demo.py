@@ -36,9 +36,9 @@ def demo(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Reproduce the paper's ablation (Table 3, Fig. 5) on the built-in synthetic benchmark."""
-    from discli.demo import DemoConfig, run_demo
-    from discli.evaluate import parse_steps
-    from discli.report import table_rows
+    from discli.demo.run import DemoConfig, run_demo
+    from discli.infer.settings import parse_steps
+    from discli.demo.report import table_rows
 
     options = dict(out=str(out), t_tr=parse_steps(t_tr), t_ts=parse_steps(t_ts), seed=seed,
                    device=device, difficulty=difficulty, n_labelled=n_labelled,

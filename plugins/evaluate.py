@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from dis_plugins import inference_options as opt
+from dis_plugins import options as opt
 from discli.cli.output import RichReporter, print_json
 
 
@@ -50,13 +50,13 @@ def evaluate(
     boundary_tol: float = typer.Option(2.0, "--boundary-tol", min=0, help="Boundary F "
                                        "matching tolerance in pixels."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N images."),
-    batch_size: int = opt.BatchOpt,
-    num_workers: int = opt.WorkersOpt,
-    old_workers: int | None = opt.OldWorkersOpt,
-    device: str | None = opt.DeviceOpt,
-    amp: bool = opt.AmpOpt,
-    lr: float | None = opt.LrOpt,
-    momentum: float | None = opt.MomentumOpt,
+    batch_size: int = opt.InfBatchOpt,
+    num_workers: int = opt.InfWorkersOpt,
+    old_workers: int | None = opt.InfOldWorkersOpt,
+    device: str | None = opt.InfDeviceOpt,
+    amp: bool = opt.InfAmpOpt,
+    lr: float | None = opt.InfLrOpt,
+    momentum: float | None = opt.InfMomentumOpt,
     scales: str = opt.ScalesOpt,
     flip: bool = opt.FlipOpt,
     save_dir: Path | None = typer.Option(None, "--save-dir", help="Also write the scored "
@@ -69,7 +69,7 @@ def evaluate(
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout (with "
                                   "each setup's confusion matrix: rows true, columns predicted, "
                                   "pixels)."),
-    quiet: bool = opt.QuietOpt,
+    quiet: bool = opt.InfQuietOpt,
 ) -> None:
     """Score a checkpoint on a labelled manifest (mIoU, pixel accuracy, boundary F).
 
@@ -79,7 +79,7 @@ def evaluate(
     rank 0 alone prints the report of the whole set.
     """
     from discli.errors import UsageError
-    from discli.visual import check_overlay_format
+    from discli.infer.visual import check_overlay_format
 
     if (manifest is None) == (manifest_opt is None):
         raise UsageError("give the manifest once: as the argument or with --manifest")
@@ -89,7 +89,7 @@ def evaluate(
     view_scales = opt.scales_of(scales)
     opt.check_inputs([(manifest, root)], checkpoint)  # before torch is imported
     from discli.distributed import dist_info
-    from discli.evaluate import evaluate_checkpoint
+    from discli.evaluation.evaluate import evaluate_checkpoint
 
     workers = num_workers if old_workers is None else old_workers  # --workers: older spelling
     main = dist_info().is_main  # rank 0 alone prints

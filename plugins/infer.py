@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from dis_plugins import inference_options as opt
+from dis_plugins import options as opt
 from discli.cli.output import RichReporter, print_json
 
 
@@ -29,16 +29,16 @@ def infer(
                                       "probabilities."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute images whose outputs "
                                    "already exist (default: skip them)."),
-    batch_size: int = opt.BatchOpt,
-    device: str | None = opt.DeviceOpt,
-    amp: bool = opt.AmpOpt,
-    lr: float | None = opt.LrOpt,
-    momentum: float | None = opt.MomentumOpt,
+    batch_size: int = opt.InfBatchOpt,
+    device: str | None = opt.InfDeviceOpt,
+    amp: bool = opt.InfAmpOpt,
+    lr: float | None = opt.InfLrOpt,
+    momentum: float | None = opt.InfMomentumOpt,
     scales: str = opt.ScalesOpt,
     flip: bool = opt.FlipOpt,
     json_out: bool = typer.Option(False, "--json", help="One JSON summary line per image on "
                                   "stdout."),
-    quiet: bool = opt.QuietOpt,
+    quiet: bool = opt.InfQuietOpt,
 ) -> None:
     """Predict labelmaps at each image's own resolution (batched by size, resumable).
 
@@ -49,14 +49,14 @@ def infer(
 
     if out is None and probs is None and not json_out:
         raise UsageError("nothing to write: pass --out DIR, --probs FILE and/or --json")
-    from discli.visual import check_overlay_format
+    from discli.infer.visual import check_overlay_format
 
     check_overlay_format(overlay_format)
     steps = opt.steps_of(t_ts)  # the options first (exit 2), then the files (exit 3)
     view_scales = opt.scales_of(scales)
     opt.check_inputs(checkpoint=checkpoint)  # before torch is imported
     from discli.distributed import dist_info
-    from discli.predict import infer_checkpoint
+    from discli.infer.predict import infer_checkpoint
 
     main = dist_info().is_main  # rank 0 reports every image
     written = skipped = 0

@@ -7,10 +7,10 @@
   the key's own (:func:`discli.train.config.config_keys`) and the default it shows is
   TrainConfig's (:func:`key_option`, ``BatchOpt``, ``LrOpt``, ...);
 - the commands that run inference on a checkpoint (`dis infer`, `dis evaluate`, `dis clean-tags
-  run`): ``Inf*Opt`` (re-exported without the prefix by :mod:`dis_plugins.inference_options`).
+  run`): ``Inf*Opt``.
   Their inference settings (step, momentum, iterations, tag weight) default to None: a setting
   not given on the command line comes from the checkpoint
-  (:func:`discli.checkpoint.inference_settings`: what the run was trained with, or the library
+  (:func:`discli.infer.checkpoint.inference_settings`: what the run was trained with, or the library
   defaults for a checkpoint that carries none).
 """
 
@@ -27,8 +27,8 @@ import typer
 
 from discli.configs import PRESETS
 from discli.errors import BadInputError, UsageError
-from discli.train.config import (SECTIONS, TrainConfig, coerce, load_config, split_set_key,
-                                 unknown_key_message)
+from discli.train.config import SECTIONS, load_config, split_set_key
+from discli.train.keys import TrainConfig, coerce, unknown_key_message
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 
@@ -100,7 +100,7 @@ def _refuse_overwriting_inputs(cfg: TrainConfig, config: Path | None,
                                section: str | None) -> None:
     """The files a run writes in ``<out>/<section>/`` may not be files it reads (``--config
     runs/x/pretrain/config.toml --out runs/x`` would replace the file it was configured from)."""
-    from discli.safety import refuse_overlap
+    from discli.storage.safety import refuse_overlap
 
     if not cfg.out or section is None:
         return
@@ -175,7 +175,7 @@ def no_empty_run_folder(out: str | Path, section: str) -> Iterator[None]:
 
 def _remove_if_only_lock(folder: Path) -> None:
     from discli.errors import BusyError
-    from discli.lock import LOCK_NAME, lock_folder
+    from discli.storage.lock import LOCK_NAME, lock_folder
 
     try:
         if any(not p.name.startswith(LOCK_NAME) for p in folder.iterdir()):
@@ -282,7 +282,7 @@ def steps_of(text: str | None) -> list[int] | None:
     """The value of ``--t-ts`` (``0,10,30``), checked; None when not given."""
     if text is None:
         return None
-    from discli.evaluate import parse_steps  # (torch: only when the option is given)
+    from discli.infer.settings import parse_steps
 
     return parse_steps(text)
 
@@ -293,7 +293,7 @@ def scales_of(text: str) -> tuple[float, ...]:
 
     if text.replace(" ", "") in ("1", "1.0"):
         return (1.0,)  # the default: no parsing, and no torch import before inputs are checked
-    from discli.runtime import parse_scales  # (torch: only once a command runs)
+    from discli.infer.runtime import parse_scales  # (torch: only once a command runs)
 
     try:
         return parse_scales(text)

@@ -18,7 +18,7 @@ def plot(
     """Draw training curves (losses, lr, validation mIoU, E-step statistics), a demo's mIoU
     against t_ts per t_tr with per-class IoU, or an evaluation's IoU and confusion matrices.
     Prints the written path."""
-    from discli.plots import plot as draw
+    from discli.evaluation.plots import plot as draw
 
     for path in draw(source, output):
         typer.echo(str(path))

@@ -29,12 +29,12 @@ def score_cache(
     from discli.cli.output import console, note
     from discli.cli.output import table as titled
     from discli.data.manifest import read_manifest
-    from discli.export import run_rule, run_settings
+    from discli.train.clean import run_rule, run_settings
 
     truth_manifest = read_manifest(truth, root=root)  # before torch (pseudo_stats) is imported
-    from discli.pseudo_stats import cache_stats
-    from discli.pseudo_stats import score_cache as run_score
-    from discli.tags import open_cache
+    from discli.pseudo.stats import cache_stats
+    from discli.pseudo.stats import score_cache as run_score
+    from discli.pseudo.tags import open_cache
 
     pseudo = open_cache(cache)
     if confidence is None:  # the pixels the run's own M-step trained on (as clean-tags export)

@@ -19,13 +19,13 @@ import pytest
 import torch
 from PIL import Image
 
-from discli.cache import CacheEntry, CacheWriter, make_attrs
-from discli.checkpoint import save_checkpoint
+from discli.pseudo.cache import CacheEntry, CacheWriter, make_attrs
+from discli.infer.checkpoint import save_checkpoint
 from discli.data.dataset import normalize
 from discli.data.manifest import Manifest, Record, write_manifest
-from discli.labelmap import write_palette_png
-from discli.losses import map_loss, tag_loss
-from discli.model import ModelConfig, build_model
+from discli.data.labelmap import write_palette_png
+from discli.model.losses import map_loss, tag_loss
+from discli.model.net import ModelConfig, build_model
 
 # the classes of the tiny checkpoints (test_infer_cli, test_bad_inputs, ...)
 CLASSES = ["background", "cat", "dog"]

@@ -12,12 +12,12 @@ import pytest
 import torch
 import torchvision
 
-from discli.backbones import BACKBONES, build_backbone
+from discli.model.backbones import BACKBONES, build_backbone
 from discli.errors import (EXIT_BAD_INPUT, EXIT_SYSTEM, BadInputError, IncompatibleError,
                            SystemRefusedError)
-from discli.model import ModelConfig, build_model
+from discli.model.net import ModelConfig, build_model
 from discli.train.config import load_config
-from discli.weights.imagenet import cache_file
+from discli.model.imagenet import cache_file
 
 ROOT = Path(__file__).resolve().parents[1]
 MNV3_FILE = "mobilenet_v3_large-8738ca79.pth"
@@ -134,7 +134,7 @@ def test_cache_folder_that_cannot_be_written_is_the_systems_refusal(monkeypatch,
 def test_registered_through_the_entry_point_group():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     group = project["project"]["entry-points"]["dis.backbones"]
-    assert group["mobilenet_v3_large"] == "discli.backbones:mobilenet_v3_large"
+    assert group["mobilenet_v3_large"] == "discli.model.backbones:mobilenet_v3_large"
     loaded = EntryPoint("mobilenet_v3_large", group["mobilenet_v3_large"], "dis.backbones").load()
     assert loaded is BACKBONES.get("mobilenet_v3_large")
     assert "mobilenet_v3_large" in BACKBONES.names()

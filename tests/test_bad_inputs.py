@@ -29,10 +29,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from discli.cache import CacheEntry
-from discli.checkpoint import file_hash, save_checkpoint
+from discli.pseudo.cache import CacheEntry
+from discli.infer.checkpoint import file_hash, save_checkpoint
 from discli.data.manifest import Manifest, Record, write_manifest
-from discli.data.voc import write_palette_png
+from discli.data.labelmap import write_palette_png
 from factories import (CLASSES, bomb_png, one_thread, save_model, tiny_model,  # noqa: F401
                        write_cache)
 from factories import noise_png as png
@@ -482,7 +482,7 @@ def test_busy_output_folder(env, tmp_path, capfd, monkeypatch):
     """Another process holds the output folder: exit 5 naming it and the holder's pid."""
     out = tmp_path / "out"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from discli.lock import lock_folder\n"
+        [sys.executable, "-c", "import sys, time; from discli.storage.lock import lock_folder\n"
          "with lock_folder(sys.argv[1]):\n print('held', flush=True); time.sleep(60)", str(out)],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -25,8 +25,8 @@ import pytest
 import torch
 from PIL import Image
 
-from discli.checkpoint import load_checkpoint, save_checkpoint
-from discli.data.voc import write_palette_png
+from discli.infer.checkpoint import load_checkpoint, save_checkpoint
+from discli.data.labelmap import write_palette_png
 from factories import CLASSES, one_thread, save_model, tiny_model  # noqa: F401
 from factories import noise_png as png
 from test_bad_inputs import labelled_set, manifest, run_main
@@ -216,7 +216,7 @@ def test_infer_redoes_an_output_whose_input_changed(ckpt, tmp_path, capfd, monke
         assert im.size == (24, 48)
     records = [json.loads(x) for x in (out / ".dis-infer.outputs.jsonl").read_text().split("\n")
                if x]
-    from discli.checkpoint import file_hash
+    from discli.infer.checkpoint import file_hash
 
     assert records[-1]["id"] == "a" and records[-1]["input"] == file_hash(img)
     import h5py
@@ -491,7 +491,7 @@ def test_labelmap_size_mismatch_explained_by_exif_rotation(ckpt, tmp_path, capfd
     assert warning.startswith("dis: warning: ") and "a.jpg" in warning, warning
     line = one_error_line(err)
     assert code == 3 and "a_gt.png" in line and "EXIF" in line and "orientation 6" in line, line
-    from discli.data.voc import check_pair
+    from discli.data.labelmap import check_pair
     from discli.errors import BadInputError
 
     with pytest.raises(BadInputError, match="EXIF rotation"):
@@ -513,7 +513,7 @@ def test_disk_full_while_training_keeps_loadable_checkpoints(tmp_path, capfd, mo
                                           "--iters", "1", "--iters", "1"), None, monkeypatch)
     line = one_error_line(err)
     assert code == 6 and "step2.pth" in line and "no space left" in line, line
-    from discli.checkpoint import load_model
+    from discli.infer.checkpoint import load_model
 
     load_model(tmp_path / "run" / "pretrain" / "step1.pth")
     assert not [p for p in (tmp_path / "run" / "pretrain").iterdir() if ".tmp" in p.name]

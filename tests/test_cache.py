@@ -2,7 +2,7 @@ import h5py
 import numpy as np
 import pytest
 
-from discli.cache import CacheEntry, CacheWriter, PseudoCache, make_attrs
+from discli.pseudo.cache import CacheEntry, CacheWriter, PseudoCache, make_attrs
 from discli.errors import IncompatibleError
 
 
@@ -63,7 +63,7 @@ def test_stale_and_foreign_caches_refused(tmp_path):
 
 
 def test_ids_from_link_names_and_reads_across_reopens(tmp_path, monkeypatch):
-    import discli.cache
+    import discli.pseudo.cache
 
     odd = ["a/b", "50%", "x%2Fy", "plain", "%25/%"]  # the escapes of key_of, and literal ones
     entries = [CacheEntry(i, *(vars(_entry(n))[k] for k in ('labelmap', 'confidence', 'tag_probs',
@@ -74,7 +74,7 @@ def test_ids_from_link_names_and_reads_across_reopens(tmp_path, monkeypatch):
     writer.write(entries)
     cache = PseudoCache(writer.merge())
     assert sorted(cache.ids()) == sorted(odd) and "x%2Fy" in cache and "x/y" not in cache
-    monkeypatch.setattr(discli.cache, "REOPEN_EVERY", 2)  # the file closes every second read
+    monkeypatch.setattr(discli.pseudo.cache, "REOPEN_EVERY", 2)  # the file closes every second read
     for _ in range(2):
         for entry in entries:
             assert np.array_equal(cache.get(entry.id).labelmap, entry.labelmap)

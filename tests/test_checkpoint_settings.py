@@ -8,14 +8,15 @@ import pytest
 from factories import make_split
 from test_infer_cli import cli, one_thread  # noqa: F401
 
-from discli.cache import PseudoCache
-from discli.checkpoint import (default_inference_settings, inference_settings, load_checkpoint,
-                               save_checkpoint)
+from discli.pseudo.cache import PseudoCache
+from discli.infer.checkpoint import (default_inference_settings, inference_settings,
+                                     load_checkpoint, save_checkpoint)
 from discli.errors import BadInputError, IncompatibleError
-from discli.inference import InferenceConfig
-from discli.checkpoint import load_for_inference
-from discli.provenance import RUN_INFO
-from discli.train.config import TrainConfig, load_config
+from discli.infer.loop import InferenceConfig
+from discli.infer.checkpoint import load_for_inference
+from discli.infer.provenance import RUN_INFO
+from discli.train.config import load_config
+from discli.train.keys import TrainConfig
 from discli.train.pretrain import pretrain
 
 SETTINGS = {"t_tr": 2, "t_ts": 3, "lr": 0.007, "momentum": 0.8, "tag_weight": 5.0,

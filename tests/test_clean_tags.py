@@ -7,8 +7,8 @@ import pytest
 from factories import CLASSES, save_tiny, write_cache, write_dataset
 from test_infer_cli import cli, dis, one_thread, tiny_checkpoint  # noqa: F401
 
-from discli.cache import CacheEntry, CacheWriter, PseudoCache, make_attrs
-from discli.tags import diff, read_export, rows, tag_stats
+from discli.pseudo.cache import CacheEntry, CacheWriter, PseudoCache, make_attrs
+from discli.pseudo.tags import diff, read_export, rows, tag_stats
 
 # id: (noisy tags, tag probabilities [bg, cat, dog])
 ENTRIES = {
@@ -163,7 +163,7 @@ def test_run_refuses_a_cache_of_another_class_count(tiny_checkpoint, tmp_path, c
 
 
 def test_run_refuses_a_manifest_of_another_class_count(tmp_path, capsys):
-    from discli.model import ModelConfig, build_model
+    from discli.model.net import ModelConfig, build_model
 
     model = build_model(ModelConfig(backbone="tiny", num_classes=5,
                                     backbone_kwargs={"channels": 16}))
@@ -198,7 +198,7 @@ def _labelled_cache(path):
 def test_export_folder_writes_palette_labelmaps_and_tags(tmp_path, capsys):
     from PIL import Image
 
-    from discli.data.voc import voc_palette
+    from discli.data.labelmap import voc_palette
 
     path, labelmap, confidence = _labelled_cache(tmp_path / "c.h5")
     out = tmp_path / "labels"

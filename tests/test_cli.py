@@ -97,7 +97,7 @@ def test_python_dash_m():
 def test_library_errors_name_keywords_and_the_cli_names_flags(tmp_path, capsys):
     """A library message names an option by its Python keyword; `dis` prints the flag."""
     from discli.errors import IncompatibleError, UsageError
-    from discli.evaluate import parse_steps
+    from discli.infer.settings import parse_steps
 
     err = IncompatibleError("made elsewhere; pass {opt:overwrite=True}, {opt:device=cpu}, "
                             "{opt:steps/step=2} or another {opt:out}", tmp_path / "x.h5")

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from discli.checkpoint import load_checkpoint
-from discli.inference import InferenceConfig, infer
-from discli.model import ModelConfig, build_model
+from discli.infer.checkpoint import load_checkpoint
+from discli.infer.loop import InferenceConfig, infer
+from discli.model.net import ModelConfig, build_model
 from discli.train.finetune import finetune
 from discli.train.pretrain import pretrain
 from test_distributed import _free_port

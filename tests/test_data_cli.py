@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from discli.labelmap import write_palette_png
+from discli.data.labelmap import write_palette_png
 from factories import bomb_png, solid_image
 
 DIS = shutil.which("dis")

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from discli.data.dataset import (IMAGENET_MEAN, SegDataset, collate, denormalize, eval_transform,
                                  normalize, train_transform)
 from discli.data.manifest import Manifest, Record
-from discli.data.voc import write_palette_png
+from discli.data.labelmap import write_palette_png
 from discli.errors import BadInputError
 
 CLASSES = ["background", "cat", "dog"]

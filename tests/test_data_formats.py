@@ -14,8 +14,9 @@ from discli.data.images import probe_image, read_image
 from discli.data.manifest import read_manifest
 from discli.data.prepare import prepare_voc
 from discli.data.sbd import read_sbd_mat
-from discli.data.voc import (VOC_CLASSES, check_pair, labelmap_tags, read_labelmap, voc_palette,
-                             write_palette_png)
+from discli.data.labelmap import (check_pair, labelmap_tags, read_labelmap, voc_palette,
+                                  write_palette_png)
+from discli.data.voc import VOC_CLASSES
 from discli.errors import BadInputError
 from factories import bomb_png
 

@@ -11,7 +11,7 @@ from discli.data.dataset import SegDataset, collate
 from discli.data.images import read_image
 from discli.data.manifest import read_manifest
 from discli.synth import DEFAULT_CLASSES, generate_benchmark, render_scene
-from discli.data.voc import labelmap_tags, read_labelmap
+from discli.data.labelmap import labelmap_tags, read_labelmap
 from discli.errors import UsageError
 
 SMALL = dict(n_labelled=4, n_tagged=12, n_test=3)

@@ -55,7 +55,7 @@ def test_demo_quick_end_to_end(tmp_path):
 def test_demo_folder_refuses_other_settings(tmp_path):
     """Finished stages are reused as they are, so a folder resumes only its own run: other
     settings or a folder from an older version are refused before any work, in one line."""
-    from discli.demo import DemoConfig, check_settings
+    from discli.demo.run import DemoConfig, check_settings
 
     results = tmp_path / "demo" / "results"
     results.mkdir(parents=True)
@@ -90,8 +90,8 @@ def test_listed_commands_rebuild_the_configs_that_ran():
     import shlex
     from pathlib import Path
 
-    from dis_plugins.train_options import build_config
-    from discli.demo import DemoConfig, _train_config, train_command
+    from dis_plugins.options import build_config
+    from discli.demo.run import DemoConfig, _train_config, train_command
 
     for command, section, extra, differs in [
             ("finetune", "finetune", dict(init="base.pth", t_tr=10, labelled="m/train.jsonl",
@@ -119,9 +119,9 @@ def test_figure_keeps_aspect_ratio_labels_columns_and_has_a_legend(tmp_path):
     from factories import CLASSES, save_tiny, trained_tiny, write_dataset
 
     from discli.data.manifest import read_manifest
-    from discli.demo import DemoConfig
-    from discli.report import figure_headings, write_figure
-    from discli.visual import palette
+    from discli.demo.run import DemoConfig
+    from discli.demo.report import figure_headings, write_figure
+    from discli.infer.visual import palette
 
     manifest = read_manifest(write_dataset(tmp_path / "data", [(32, 64), (64, 32)], seed=4))
     model = trained_tiny()
@@ -156,9 +156,9 @@ def test_demo_trains_runs_side_by_side_as_it_would_one_after_the_other(tmp_path)
     import torch
 
     from factories import make_split
-    from discli.demo import run_jobs, train_job
+    from discli.demo.run import run_jobs, train_job
     from discli.errors import BadInputError
-    from discli.train.config import TrainConfig
+    from discli.train.keys import TrainConfig
 
     labelled = make_split(tmp_path, "train", 4, 0, True)
 
@@ -187,7 +187,7 @@ def test_demo_trains_runs_side_by_side_as_it_would_one_after_the_other(tmp_path)
 
 
 def test_demo_workers():
-    from discli.demo import demo_workers
+    from discli.demo.run import demo_workers
 
     assert demo_workers(3, "cpu") == 3 and demo_workers(1, "cpu") == 1
     assert 1 <= demo_workers(0, "cpu") <= 2

@@ -14,12 +14,12 @@ import torch
 
 from factories import make_split, write_dataset
 from test_infer_cli import cli, one_thread, tiny_checkpoint  # noqa: F401
-from discli.cache import PseudoCache
-from discli.checkpoint import load_checkpoint
+from discli.pseudo.cache import PseudoCache
+from discli.infer.checkpoint import load_checkpoint
 from discli.distributed import DistInfo, resolve_device, shard
 from discli.errors import UsageError
-from discli.probs import ProbsWriter
-from discli.runtime import plan_batches, size_batches
+from discli.infer.probs import ProbsWriter
+from discli.infer.runtime import plan_batches, size_batches
 
 
 def _free_port():

@@ -10,17 +10,18 @@ import pytest
 import torch
 
 from factories import make_split, write_cache
-from discli.cache import CacheEntry, PseudoCache
+from discli.pseudo.cache import CacheEntry, PseudoCache
 from discli.data.manifest import read_manifest
-from discli.data.voc import write_palette_png
+from discli.data.labelmap import write_palette_png
 from discli.errors import BadInputError, UsageError
-from discli.pseudo_stats import cache_stats, score_cache
-from discli.train.config import TrainConfig
+from discli.pseudo.stats import cache_stats, score_cache
+from discli.train.keys import TrainConfig
 from discli.train.engine import poly
 from discli.train.finetune import finetune, mstep_records
 from discli.train.pretrain import pretrain
-from discli.tags import TagRule
-from discli.train.pseudo import class_thresholds, cutmix_box, gate_labelmap, paste, tag_target
+from discli.pseudo.tags import TagRule
+from discli.pseudo.tags import gate_labelmap
+from discli.train.pseudo import class_thresholds, cutmix_box, paste, tag_target
 
 CLASSES = ["background", "aeroplane", "bird", "car"]
 
@@ -164,7 +165,7 @@ def test_score_cache_command(tmp_path):
 
 
 def test_pseudo_entries_ignore_what_the_tags_suppressed():
-    from discli.model import final_probs
+    from discli.model.net import final_probs
     from discli.train.estep import pseudo_entries
 
     u3 = torch.zeros(1, 3, 2, 2)
@@ -243,8 +244,8 @@ def test_finetune_logs_estep_stats_and_validation(tmp_path):
 
 
 def test_shipped_backbone_weights_load_by_name():
-    from discli.backbones import build_backbone
-    from discli.weights import weights_file
+    from discli.model.backbones import build_backbone
+    from discli.model.weights import weights_file
 
     path = weights_file("tiny", 64)
     assert path.is_file() and path.with_suffix(".json").is_file()
@@ -259,8 +260,8 @@ def test_shipped_backbone_weights_load_by_name():
 
 
 def test_make_weights_is_reproducible_and_loads(tmp_path):
-    from discli.backbones import build_backbone
-    from discli.weights.make import make_weights
+    from discli.model.backbones import build_backbone
+    from discli.train.ship_weights import make_weights
 
     a = make_weights("tiny", 8, out=tmp_path / "a.pth", n_images=6, iters=3, batch_size=2,
                      workdir=tmp_path)
@@ -301,8 +302,8 @@ def test_training_config_refuses_non_finite_numbers(key, value):
 
 def _estep_setup(tmp_path):
     """Three caption-tagged images, a tiny random model and the inference settings."""
-    from discli.inference import InferenceConfig
-    from discli.model import ModelConfig, build_model
+    from discli.infer.loop import InferenceConfig
+    from discli.model.net import ModelConfig, build_model
 
     tagged = read_manifest(make_split(tmp_path, "web", 3, 1, False, tag_source="caption"))
     torch.manual_seed(0)
@@ -316,7 +317,7 @@ def test_estep_pseudo_map_is_the_chosen_map(tmp_path, pseudo_map):
     import torch.nn.functional as F
 
     from discli.data.dataset import SegDataset
-    from discli.inference import infer
+    from discli.infer.loop import infer
     from discli.train.estep import run_estep
 
     tagged, model, cfg = _estep_setup(tmp_path)
@@ -336,7 +337,7 @@ def test_estep_flip_averages_the_image_and_its_mirror(tmp_path):
     import torch.nn.functional as F
 
     from discli.data.dataset import SegDataset
-    from discli.inference import infer
+    from discli.infer.loop import infer
     from discli.train.estep import run_estep
 
     tagged, model, cfg = _estep_setup(tmp_path)

@@ -7,12 +7,14 @@ import torch.nn.functional as F
 from factories import CLASSES, save_tiny, write_dataset
 from test_infer_cli import cli, dis, one_thread, tiny_checkpoint  # noqa: F401
 
-from discli.checkpoint import load_model
+from discli.infer.checkpoint import load_model
 from discli.data.dataset import normalize
 from discli.data.manifest import read_manifest
-from discli.data.voc import read_image, read_labelmap
-from discli.evaluate import Evaluator, evaluate, parse_steps
-from discli.inference import InferenceConfig, infer
+from discli.data.images import read_image
+from discli.data.labelmap import read_labelmap
+from discli.evaluation.evaluate import Evaluator, evaluate
+from discli.infer.settings import parse_steps
+from discli.infer.loop import InferenceConfig, infer
 
 SIZES = [(32, 40), (32, 40), (40, 32), (48, 48), (32, 40)]
 CFG = InferenceConfig(lr=0.5, momentum=0.9)
@@ -73,7 +75,7 @@ def test_multi_t_and_ensemble_equal_separate_runs(tiny_checkpoint, dataset):
 
 
 def test_ignored_pixels_are_not_counted(tiny_checkpoint, tmp_path):
-    from discli.data.voc import write_palette_png
+    from discli.data.labelmap import write_palette_png
 
     model, _ = load_model(tiny_checkpoint)
     path = write_dataset(tmp_path, [(32, 32), (32, 32)], seed=9)
@@ -128,7 +130,7 @@ def test_one_workers_spelling_in_help_older_one_accepted(tiny_checkpoint, datase
 
 
 def test_class_count_mismatch_is_incompatible(tmp_path, dataset, capsys):
-    from discli.model import ModelConfig, build_model
+    from discli.model.net import ModelConfig, build_model
 
     other = build_model(ModelConfig(backbone="tiny", num_classes=5,
                                     backbone_kwargs={"channels": 16}))
@@ -191,8 +193,8 @@ def test_save_dir_writes_what_was_scored(tiny_checkpoint, dataset, tmp_path):
     leaves background pixels alone; confusion.png with a panel per setup."""
     from PIL import Image
 
-    from discli.data.voc import voc_palette
-    from discli.visual import overlay
+    from discli.data.labelmap import voc_palette
+    from discli.infer.visual import overlay
 
     out = tmp_path / "shown"
     r = dis("evaluate", str(dataset), "-c", str(tiny_checkpoint), "--t-ts", "0,2", "--json",

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from discli.data.dataset import normalize
-from discli.data.voc import voc_palette
+from discli.data.labelmap import voc_palette
 from factories import (CLASSES, make_sample, one_thread, save_tiny, trained_tiny,  # noqa: F401
                        write_dataset)
 
@@ -67,9 +67,9 @@ def images(tmp_path_factory) -> Path:
 
 
 def test_trained_checkpoint_is_not_constant(tiny_checkpoint, images):
-    from discli.checkpoint import load_model
-    from discli.data.voc import read_image
-    from discli.inference import infer
+    from discli.infer.checkpoint import load_model
+    from discli.data.images import read_image
+    from discli.infer.loop import infer
 
     model, _ = load_model(tiny_checkpoint)
     preds = infer(model, normalize(read_image(images / "a.png"))[None], 0).labelmap
@@ -204,7 +204,7 @@ def test_manifest_input(tiny_checkpoint, tmp_path, capsys):
 
 def test_ids_cannot_escape_the_output_folder(tmp_path):
     from discli.errors import BadInputError
-    from discli.inputs import safe_join
+    from discli.infer.inputs import safe_join
 
     out = tmp_path / "out"
     out.mkdir()
@@ -233,7 +233,7 @@ def test_errors_are_one_line(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_size_batches_groups_equal_sizes():
-    from discli.runtime import size_batches
+    from discli.infer.runtime import size_batches
 
     items = [(1, "a"), (2, "b"), (1, "c"), (1, "d"), (3, "e"), (2, "f")]
     batches = list(size_batches(items, lambda x: (x[0],), 2))

@@ -1,6 +1,6 @@
 import torch
 
-from discli.inference import InferenceConfig, infer, infer_steps
+from discli.infer.loop import InferenceConfig, infer, infer_steps
 
 
 def _trained_ish(model):

@@ -5,21 +5,10 @@ import importlib
 import pytest
 import torch
 
-import discli.inference
-from discli.inference import (
-    InferenceConfig,
-    infer,
-    infer_steps,
-    refine_features,
-    resolve_method,
-)
-from discli.inference_lowrank import (
-    apply_gram_u,
-    apply_gram_v,
-    gram_operators,
-    supports_lowrank,
-)
-from discli.model import DISNet
+import discli.infer.loop
+from discli.infer.loop import InferenceConfig, infer, infer_steps, refine_features, resolve_method
+from discli.infer.lowrank import apply_gram_u, apply_gram_v, gram_operators, supports_lowrank
+from discli.model.net import DISNet
 import factories
 
 K = 6
@@ -209,11 +198,11 @@ _REFERENCE_SUITE = importlib.import_module("test_inference")  # tests/test_infer
 @pytest.mark.parametrize("name", sorted(n for n in dir(_REFERENCE_SUITE) if n.startswith("test_")))
 def test_reference_suite_with_each_method(name, method, monkeypatch, tiny_model):
     """Every test of tests/test_inference.py, forced onto one implementation."""
-    monkeypatch.setattr(discli.inference, "resolve_method", lambda model, cfg: method)
+    monkeypatch.setattr(discli.infer.loop, "resolve_method", lambda model, cfg: method)
     calls = []
-    real = discli.inference._refine_lowrank if method == "lowrank" else \
-        discli.inference._refine_autograd
-    monkeypatch.setattr(discli.inference, f"_refine_{method}",
+    real = discli.infer.loop._refine_lowrank if method == "lowrank" else \
+        discli.infer.loop._refine_autograd
+    monkeypatch.setattr(discli.infer.loop, f"_refine_{method}",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     getattr(_REFERENCE_SUITE, name)(tiny_model)
     assert calls

@@ -27,10 +27,10 @@ import pytest
 import torch
 from PIL import Image
 
-from discli.cache import CacheEntry, CacheWriter, PseudoCache, make_attrs
-from discli.checkpoint import load_checkpoint, save_checkpoint
+from discli.pseudo.cache import CacheEntry, CacheWriter, PseudoCache, make_attrs
+from discli.infer.checkpoint import load_checkpoint, save_checkpoint
 from discli.errors import CorruptError, DisWarning, peer_failure
-from discli.labelmap import write_palette_png
+from discli.data.labelmap import write_palette_png
 from discli.data.manifest import Manifest, Record, write_manifest
 from factories import CLASSES, make_split, one_thread, save_tiny, tiny_model  # noqa: F401
 
@@ -154,7 +154,7 @@ def data(tmp_path_factory):
 
 
 def config(data, out: Path, **more):
-    from discli.train.config import TrainConfig
+    from discli.train.keys import TrainConfig
 
     return TrainConfig(labelled=str(data["labelled"]), tagged=str(data["tagged"]), out=str(out),
                        channels=8, batch_size=2, crop_size=24, iters_step1=2, iters_step2=1,

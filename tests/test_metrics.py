@@ -4,8 +4,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from discli.metrics import (BoundaryF, ConfusionMatrix, boundary_counts, boundary_f, iou_per_class,
-                            mean_iou, pixel_accuracy, segmentation_scores, tag_scores)
+from discli.evaluation.metrics import (BoundaryF, ConfusionMatrix, boundary_counts, boundary_f,
+                                       iou_per_class, mean_iou, pixel_accuracy,
+                                       segmentation_scores, tag_scores)
 
 
 def reference_miou(pred: np.ndarray, gt: np.ndarray, k: int) -> tuple[float, list]:

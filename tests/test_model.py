@@ -2,10 +2,10 @@ import pytest
 import torch
 import torchvision
 
-from discli.backbones import BACKBONES, build_backbone
+from discli.model.backbones import BACKBONES, build_backbone
 from discli.errors import IncompatibleError, UsageError
-from discli.losses import IGNORE_INDEX, map_loss, recon_loss, recon_target, tag_loss
-from discli.model import ModelConfig, build_model, final_probs
+from discli.model.losses import IGNORE_INDEX, map_loss, recon_loss, recon_target, tag_loss
+from discli.model.net import ModelConfig, build_model, final_probs
 
 
 @pytest.mark.parametrize("size,feat", [(321, 41), (353, 45)])

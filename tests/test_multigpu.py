@@ -13,9 +13,9 @@ import torch.distributed as tdist
 
 from factories import SPLIT_CLASSES, make_split, one_thread, save_tiny, tiny_model  # noqa: F401
 from discli import distributed
-from discli.checkpoint import load_checkpoint, save_checkpoint
+from discli.infer.checkpoint import load_checkpoint, save_checkpoint
 from discli.errors import UsageError
-from discli.train.config import TrainConfig
+from discli.train.keys import TrainConfig
 from discli.train.engine import rng_state, set_rng_state
 from discli.train.finetune import finetune
 from discli.train.pretrain import pretrain
@@ -259,7 +259,7 @@ def tf32_flags():
 
 
 def test_ieee_float32_turns_tf32_off_and_restores_the_flags(tf32_flags):
-    from discli.inference import ieee_float32
+    from discli.infer.loop import ieee_float32
 
     torch.backends.cuda.matmul.fp32_precision = "tf32"  # a user who opted in
     torch.backends.cudnn.conv.fp32_precision = "tf32"
@@ -275,7 +275,7 @@ def test_ieee_float32_turns_tf32_off_and_restores_the_flags(tf32_flags):
 
 @pytest.mark.parametrize("method", ["lowrank", "autograd"])
 def test_refinement_runs_without_tf32(tf32_flags, monkeypatch, method):
-    import discli.inference as inference
+    import discli.infer.loop as inference
 
     seen = []
     real = {"lowrank": inference._refine_lowrank, "autograd": inference._refine_autograd}[method]

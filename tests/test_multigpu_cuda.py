@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from factories import make_split
-from discli.checkpoint import load_checkpoint, save_checkpoint
-from discli.inference import InferenceConfig, infer
-from discli.model import ModelConfig, build_model
-from discli.train.config import TrainConfig
+from discli.infer.checkpoint import load_checkpoint, save_checkpoint
+from discli.infer.loop import InferenceConfig, infer
+from discli.model.net import ModelConfig, build_model
+from discli.train.keys import TrainConfig
 from discli.train.pretrain import pretrain
 from test_distributed import _free_port
 
@@ -116,11 +116,11 @@ def tf32_on():
 
 
 def test_lowrank_equals_autograd_in_float32_with_tf32_on(tf32_on, monkeypatch):
-    """The refinement runs without TF32 (discli.inference.ieee_float32), so the two methods agree
+    """The refinement runs without TF32 (discli.infer.loop.ieee_float32), so the two methods agree
     to the same 1e-4 in float32 as on CPU, whatever the process's TF32 settings."""
     import contextlib
 
-    import discli.inference as inference
+    import discli.infer.loop as inference
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="tiny", num_classes=6,

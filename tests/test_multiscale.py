@@ -4,9 +4,9 @@ mirrored prediction, views average."""
 import pytest
 import torch
 
-from discli.inference import InferenceConfig
-from discli.runtime import check_scales, infer_views, views
-from discli.runtime import run_inference, upsample_probs
+from discli.infer.loop import InferenceConfig
+from discli.infer.runtime import check_scales, infer_views, views
+from discli.infer.runtime import run_inference, upsample_probs
 
 CFG = InferenceConfig(lr=0.003)
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from test_infer_cli import cli
 
-from discli.plots import plot, read_log, training_series
+from discli.evaluation.plots import plot, read_log, training_series
 
 
 def _write_log(path, records, torn=False):
@@ -100,7 +100,7 @@ def test_plot_demo_and_evaluation_reports(tmp_path, capsys):
 
 
 def test_demo_curves_png(tmp_path):
-    from discli.report import write_curves
+    from discli.evaluation.plots import write_curves
 
     iou = {"background": 0.9}
     report = {"classes": ["background"], "scores": {

@@ -9,11 +9,11 @@ from PIL import Image
 from factories import CLASSES, make_sample
 from test_infer_cli import cli, dis, one_thread, tiny_checkpoint  # noqa: F401
 
-from discli.checkpoint import load_model
+from discli.infer.checkpoint import load_model
 from discli.data.manifest import Manifest, Record, read_manifest
-from discli.data.voc import write_palette_png
-from discli.evaluate import evaluate
-from discli.inference import InferenceConfig
+from discli.data.labelmap import write_palette_png
+from discli.evaluation.evaluate import evaluate
+from discli.infer.loop import InferenceConfig
 
 CFG = InferenceConfig(lr=0.5, momentum=0.9)
 

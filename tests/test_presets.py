@@ -8,7 +8,8 @@ from test_infer_cli import cli
 
 from discli.configs import PRESETS, preset_path
 from discli.errors import BadInputError
-from discli.train.config import TrainConfig, dump_toml, load_config
+from discli.train.config import dump_toml, load_config
+from discli.train.keys import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,7 @@ def test_presets_are_shipped():
 @pytest.mark.parametrize("section", ["pretrain", "finetune"])
 def test_every_preset_loads_and_validates(name, section):
     data = tomllib.loads(preset_path(name).read_text())
-    assert set(data) == {"train", "pretrain", "finetune"}
+    assert set(data) - {"extends"} <= {"train", "pretrain", "finetune"}
     cfg = load_config(name, section=section)  # validated by load_config
     assert isinstance(cfg, TrainConfig)
     assert load_config(preset_path(name), section=section) == cfg
@@ -56,6 +57,40 @@ def test_preset_values():
     assert (voc_pre.iters_step1, voc_pre.iters_step2, voc_pre.iters_step3) == (20000, 5000, 10000)
     assert (voc_fine.t_tr, voc_fine.rounds, voc_fine.mstep_iters) == (30, 3, 10000)
     assert voc_pre.loss_img == voc_fine.loss_img == 1.0
+
+
+def test_quick_extends_demo_and_states_only_what_it_changes():
+    quick = tomllib.loads(preset_path("quick").read_text())
+    assert quick["extends"] == "demo" and "train" not in quick
+    for section in ("pretrain", "finetune"):
+        demo, short = (load_config(n, section=section) for n in ("demo", "quick"))
+        changed = {k for k, v in demo.to_dict().items() if short.to_dict()[k] != v}
+        assert changed == set(quick.get(section, {}))  # every other key is demo's
+    assert load_config("quick", section="finetune").rounds == 1
+
+
+def test_extends_a_file_beside_it_then_overrides(tmp_path):
+    (tmp_path / "base.toml").write_text("[train]\nlr = 0.5\nbatch_size = 3\n"
+                                        "[finetune]\nrounds = 4\n")
+    (tmp_path / "child.toml").write_text('extends = "base.toml"\n[train]\nlr = 0.25\n')
+    cfg = load_config(tmp_path / "child.toml", section="finetune")
+    assert (cfg.lr, cfg.batch_size, cfg.rounds) == (0.25, 3, 4)
+    # a preset name works too, and the command line still wins
+    (tmp_path / "mine.toml").write_text('extends = "demo"\n[finetune]\nrounds = 3\n')
+    mine = load_config(tmp_path / "mine.toml", {"lr": 0.001}, section="finetune")
+    demo = load_config("demo", section="finetune")
+    assert (mine.rounds, mine.lr, mine.mstep_iters) == (3, 0.001, demo.mstep_iters)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('extends = "loop.toml"\n', "loops back"),
+    ('extends = 3\n', "must name a preset or a config file"),
+    ('extends = "nosuch"\n', "config file not found"),
+])
+def test_bad_extends_is_one_clear_line(tmp_path, text, message):
+    (tmp_path / "loop.toml").write_text(text)
+    with pytest.raises(BadInputError, match=message):
+        load_config(tmp_path / "loop.toml", section="pretrain")
 
 
 def _capture(monkeypatch, module: str, function: str) -> list:
@@ -153,7 +188,7 @@ def test_config_keys_lists_every_key_with_default_and_help(capsys):
     import dataclasses
     import json
 
-    from discli.train.config import config_keys
+    from discli.train.keys import config_keys
 
     code, out, err = cli(capsys, "config", "keys")
     assert code == 0, err
@@ -176,7 +211,7 @@ def test_config_show_prints_a_preset_resolved(capsys, name, tmp_path):
     assert code == 0, err
     path = tmp_path / "shown.toml"
     path.write_text(out)
-    from discli.train.config import config_keys
+    from discli.train.keys import config_keys
 
     for section in ("pretrain", "finetune"):  # the output is a config file: the same configs
         used = [k.name for k in config_keys() if k.stage in (None, section)]
@@ -230,7 +265,7 @@ def test_help_shows_every_default_and_out_is_required(capsys, monkeypatch, tmp_p
 
 # ----------------------------------------------------------------------------- groups and tables
 def test_written_config_has_a_table_per_group(tmp_path):
-    from discli.train.config import GROUPS, config_keys, key_group
+    from discli.train.keys import GROUPS, config_keys, key_group
 
     cfg = load_config("demo", section="finetune")
     text = dump_toml(cfg)

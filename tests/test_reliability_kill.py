@@ -32,7 +32,7 @@ import torch
 from factories import make_split
 from PIL import Image
 
-from discli.checkpoint import load_checkpoint
+from discli.infer.checkpoint import load_checkpoint
 
 DIS = shutil.which("dis") or str(Path(sys.executable).with_name("dis"))
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
@@ -195,7 +195,7 @@ def test_pretrain_killed_anywhere_resumes_bit_identically(data, pretrained, tmp_
 def test_killed_between_last_checkpoint_and_step_copy(data, pretrained, tmp_path):
     """The window the kill tests may miss, made exact: step 3 finished (last.pth says done)
     but final.pth was never copied; the re-run must produce it, not skip it."""
-    from discli.train.config import TrainConfig
+    from discli.train.keys import TrainConfig
     from discli.train.pretrain import pretrain
 
     folder = tmp_path / "pretrain"

@@ -17,15 +17,10 @@ import pytest
 import torch
 
 from discli.errors import BusyError, IncompatibleError, UsageError
-from discli.lock import (
-    file_lock_path,
-    folder_lock_path,
-    lock_file,
-    lock_folder,
-)
+from discli.storage.lock import file_lock_path, folder_lock_path, lock_file, lock_folder
 from discli.storage import make_folder, remove_stale_temps
 
-HOLD = ("import sys, time\nfrom discli.lock import lock_folder\n"
+HOLD = ("import sys, time\nfrom discli.storage.lock import lock_folder\n"
         "with lock_folder(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n")
 
 
@@ -111,7 +106,7 @@ def test_train_log_trim_keeps_other_rounds(tmp_path):
 
 
 def test_probs_parts_survive_a_kill(tmp_path):
-    from discli.probs import ProbsWriter
+    from discli.infer.probs import ProbsWriter
 
     attrs = {"format": "dis-probs", "format_version": 1, "classes": '["bg", "a"]', "steps": 0,
              "checkpoint_hash": "h", "inference": "{}"}
@@ -138,9 +133,9 @@ def test_probs_parts_survive_a_kill(tmp_path):
 
 
 def test_interrupted_overwrite_is_finished_only_by_overwrite(tmp_path):
-    from discli.model import ModelConfig, build_model
-    from discli.inputs import InputImage
-    from discli.predict import predict
+    from discli.model.net import ModelConfig, build_model
+    from discli.infer.inputs import InputImage
+    from discli.infer.predict import predict
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="tiny", num_classes=3,

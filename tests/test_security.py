@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from discli.checkpoint import load_checkpoint
+from discli.infer.checkpoint import load_checkpoint
 from discli.errors import IncompatibleError
 from factories import save_tiny, tiny_model
 

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from factories import make_split
-from discli.cache import PseudoCache
-from discli.checkpoint import file_hash, load_checkpoint, save_checkpoint
+from discli.pseudo.cache import PseudoCache
+from discli.infer.checkpoint import file_hash, load_checkpoint, save_checkpoint
 from discli.errors import BadInputError, IncompatibleError, UsageError
-from discli.train.config import TrainConfig, load_config
+from discli.train.config import load_config
+from discli.train.keys import TrainConfig
 from discli.train.finetune import finetune
 from discli.train.pretrain import pretrain
 
@@ -59,7 +60,7 @@ def weights(path):
 
 
 def _fixed_batch_losses(path, manifest_path):
-    from discli.checkpoint import load_model
+    from discli.infer.checkpoint import load_model
     from discli.data.dataset import SegDataset, collate
     from discli.data.manifest import read_manifest
     from discli.train.engine import PHASES, compute_losses

@@ -141,13 +141,13 @@ def test_clean_tags_stats_takes_a_manifest_as_truth(tmp_path, capsys):
 
 
 def test_score_cache_defaults_to_the_runs_confidence_and_says_so(tmp_path, capsys):
-    from discli.data.voc import write_palette_png
+    from discli.data.labelmap import write_palette_png
 
     round_dir = tmp_path / "run" / "finetune" / "round-1"
     round_dir.mkdir(parents=True)
     record = tmp_path / "run" / "finetune" / "config.toml"
     record.write_text("[train]\nconfidence = 0.7\n")
-    from discli.cache import CacheEntry, CacheWriter, make_attrs
+    from discli.pseudo.cache import CacheEntry, CacheWriter, make_attrs
 
     labelmap = np.zeros((8, 6), np.uint8)
     labelmap[2:, :3], labelmap[2:, 3:] = 1, 2
@@ -205,7 +205,7 @@ def test_evaluate_from_stdin_progress_in_percent_and_png_overlays(tiny_checkpoin
 
     from PIL import Image
 
-    from discli.evaluate import evaluate_checkpoint
+    from discli.evaluation.evaluate import evaluate_checkpoint
 
     manifest = write_dataset(tmp_path / "data", [(32, 40), (32, 40)], seed=5)
     shown = []
@@ -260,7 +260,7 @@ def _boxes_overlap(boxes) -> bool:
 @pytest.mark.parametrize("size", [4.5, 11.0])  # `dis plot`'s panel; --save-dir's confusion.png
 def test_confusion_matrix_labels_and_counts_do_not_overlap(size):
     from discli.data.voc import VOC_CLASSES
-    from discli.plots import _figure, draw_confusion
+    from discli.evaluation.plots import _figure, draw_confusion
 
     rng = np.random.default_rng(0)
     k = len(VOC_CLASSES)

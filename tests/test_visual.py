@@ -1,10 +1,10 @@
-"""Overlays, legends and image grids (discli.visual): exact pixel behaviour."""
+"""Overlays, legends and image grids (discli.infer.visual): exact pixel behaviour."""
 
 import numpy as np
 import pytest
 
 from discli.errors import UsageError
-from discli.visual import colorize, grid, legend, overlay, palette
+from discli.infer.visual import colorize, grid, legend, overlay, palette
 
 
 def test_overlay_blends_only_labelled_non_background_pixels():

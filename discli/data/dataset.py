@@ -30,7 +30,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from discli.data.images import header_orientation, read_image, size_mismatch
 from discli.data.manifest import Manifest
-from discli.labelmap import IGNORE, read_labelmap
+from discli.data.labelmap import IGNORE, read_labelmap
 from discli.errors import BadInputError, warn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

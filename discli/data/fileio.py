@@ -1,7 +1,7 @@
 """Small file helpers shared by the data modules: atomic writes and strict UTF-8 reading.
 
-:func:`atomic_write` is the project's one atomic writer, :func:`discli.storage.atomic_write`
-(re-exported here for the data modules); it is free of torch, so that reading and writing
+:func:`write_text` writes through the project's one atomic writer,
+:func:`discli.storage.atomic_write`; this module is free of torch, so that reading and writing
 datasets never pulls in the model code (``dis prepare-idw`` should start without torch).
 
 Reading is defensive because the files are untrusted: only regular files are read (``/dev/zero``
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from discli.errors import BadInputError
-from discli.storage.atomic import atomic_write  # noqa: F401  (the data modules' writer)
+from discli.storage.atomic import atomic_write
 
 # A text input (manifest, captions, lexicon, tag file) larger than this is refused: 256 MiB is
 # several times the largest real one (COCO's train captions are ~90 MB).

@@ -6,7 +6,7 @@
 - ``IMAGES_DIR``: images of any type :func:`discli.data.images.read_image` reads (searched
   recursively; hidden files skipped);
 - ``MASKS_DIR``: for ``IMAGES_DIR/a/b.jpg``, the mask ``MASKS_DIR/a/b<suffix>`` for a suffix
-  registered in :data:`discli.labelmap.LABELMAP_FORMATS` (``.png``: a palette or greyscale
+  registered in :data:`discli.data.labelmap.LABELMAP_FORMATS` (``.png``: a palette or greyscale
   index PNG; ``.mat``: SBD; plugins add more), of the image's size, with values ``0..K-1``
   (the ``--classes`` list, background first) and 255 for void; a mask may also be
   named ``b_mask.png``, ``b_label.png`` or ``b_gt.png`` (the suffixes in :data:`MASK_STEMS`).
@@ -31,7 +31,7 @@ from discli.data.images import probe_image, read_image
 from discli.data.manifest import Manifest, Record, write_manifest
 from discli.data.prepare import tag_counts
 from discli.data.problems import Problems
-from discli.labelmap import LABELMAP_FORMATS, check_pair, labelmap_tags
+from discli.data.labelmap import LABELMAP_FORMATS, check_pair, labelmap_tags
 from discli.errors import BadInputError, UsageError
 from discli.progress import NullReporter, Reporter
 

@@ -37,7 +37,7 @@ from discli.data.voc import VOC_CLASSES
 from discli.errors import BadInputError, UsageError
 from discli.progress import NullReporter, Reporter
 from discli.registry import Registry
-from discli.safety import refuse_overlap
+from discli.storage.safety import refuse_overlap
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

@@ -6,8 +6,9 @@ Layout (``benchmark_RELEASE/dataset``)::
     img/<id>.jpg     the images (the same files as VOC2012/JPEGImages/<id>.jpg)
     train.txt, val.txt
 
-The ``.mat`` labelmaps are read directly (registered in :data:`discli.labelmap.LABELMAP_FORMATS`
-under ``.mat``), so preparing SBD writes nothing but manifests: no converted PNG copies.
+The ``.mat`` labelmaps are read directly (registered in
+:data:`discli.data.labelmap.LABELMAP_FORMATS` under ``.mat``), so preparing SBD writes nothing but
+manifests: no converted PNG copies.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from discli.data.manifest import Record
 from discli.data.problems import Problems
 from discli.data.voc import VOC_CLASSES, read_id_list
 from discli.errors import BadInputError
-from discli.labelmap import IGNORE, LABELMAP_FORMATS, check_pair, labelmap_tags
+from discli.data.labelmap import IGNORE, LABELMAP_FORMATS, check_pair, labelmap_tags
 
 
 @LABELMAP_FORMATS.register(".mat")

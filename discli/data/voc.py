@@ -1,7 +1,7 @@
 """Pascal VOC: the 21 classes and the VOCdevkit layout (split lists, records).
 
 The labelmap format itself (void = 255, the VOC colour map, index PNGs, the formats registry) is
-:mod:`discli.labelmap`; its names are re-exported here for older imports.
+:mod:`discli.data.labelmap`.
 """
 
 from __future__ import annotations
@@ -14,12 +14,9 @@ from discli.data.images import probe_image, read_image
 from discli.data.manifest import ID_PATTERN, Record
 from discli.data.problems import Problems
 from discli.errors import BadInputError
-from discli.labelmap import (IGNORE, LABELMAP_FORMATS, check_pair, labelmap_tags, read_labelmap,
-                             voc_palette, write_palette_png)
+from discli.data.labelmap import check_pair, labelmap_tags
 
-__all__ = ["VOC_CLASSES", "IGNORE", "voc_palette", "read_labelmap", "write_palette_png",
-           "read_image", "labelmap_tags", "check_pair", "find_voc_root", "voc_split_ids",
-           "voc_records", "LABELMAP_FORMATS"]
+__all__ = ["VOC_CLASSES", "find_voc_root", "voc_split_ids", "voc_records"]
 
 # A list (not a tuple) so that ``manifest.classes == VOC_CLASSES`` compares as expected.
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",

@@ -5,7 +5,8 @@
   of torch and h5py, so that the data commands start fast.
 - :mod:`discli.storage.parts`: the crash-safe, rank-aware part-file writer for HDF5 files of
   per-image entries (``done_ids``, merge), over which the pseudo-label cache
-  (:mod:`discli.cache`) and the ``--probs`` file (:mod:`discli.probs`) are thin schemas.
+  (:mod:`discli.pseudo.cache`) and the ``--probs`` file (:mod:`discli.infer.probs`) are thin
+  schemas.
 """
 
 from discli.storage.atomic import (atomic_path, atomic_write, make_folder,  # noqa: F401

@@ -11,9 +11,9 @@ full disk that lied, a copy of the folder cut short) is removed with a warning n
 its images count as not done, so they are done again.
 
 Under torchrun every rank writes parts under its own prefix (``part-r<rank>-NNNNNN.h5``) and
-rank 0 alone merges. The schemas over this writer (the pseudo-label cache, :mod:`discli.cache`;
-the ``--probs`` file, :mod:`discli.probs`) choose the folder, the names, the root attributes,
-what an entry holds and how existing files are checked.
+rank 0 alone merges. The schemas over this writer (the pseudo-label cache,
+:mod:`discli.pseudo.cache`; the ``--probs`` file, :mod:`discli.infer.probs`) choose the folder, the
+names, the root attributes, what an entry holds and how existing files are checked.
 """
 
 from __future__ import annotations

@@ -78,8 +78,8 @@ of tagged images add; shape matters more on the other levels.
 Modules: :mod:`~discli.synth.looks` (palette, textures, class looks, difficulty levels),
 :mod:`~discli.synth.shapes` (class shapes, distractors), :mod:`~discli.synth.scenes` (one image
 and its labelmap), :mod:`~discli.synth.captions` (captions and their noisy tags),
-:mod:`~discli.synth.writing` (the benchmark on disk). :mod:`discli.data.synthetic` re-exports
-this package for older imports.
+:mod:`~discli.synth.writing` (the benchmark on disk); this package exports their public
+names.
 
 Every image draws from its own generator seeded by (seed, part, index): the same seed gives
 byte-identical files, and changing ``n_tagged`` does not change the labelled or test images.

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from discli.labelmap import IGNORE, labelmap_tags
+from discli.data.labelmap import IGNORE, labelmap_tags
 from discli.synth.looks import (ACCENTS, DIFFICULTIES, Difficulty, Look,
                                 _colour, _pick, _purer, _texture)
 from discli.synth.shapes import ANY_LOOK, SHAPES, _distractor, _local, _rect

@@ -95,7 +95,7 @@ def _cat(u, v, rng) -> list[Part]:
 
 # Source classes: shapes of other things, disjoint from the benchmark's classes, for pretraining
 # a backbone the way ImageNet and COCO pretrain the paper's ResNet-101 for VOC
-# (:mod:`discli.weights`). Any colour and texture, so only shape and parts tell them apart.
+# (:mod:`discli.model.weights`). Any colour and texture, so only shape and parts tell them apart.
 def _bottle(u, v, rng) -> list[Part]:
     w = rng.uniform(0.3, 0.45)
     body = _rect(u, v, -w, w, -0.2, 0.95) | _ellipse(u, v, 0, -0.2, w, 0.25)

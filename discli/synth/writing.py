@@ -14,12 +14,13 @@ import numpy as np
 from PIL import Image
 
 from discli.data.captions import parse_caption
-from discli.data.fileio import atomic_write, read_text, write_text
+from discli.data.fileio import read_text, write_text
+from discli.storage import atomic_write
 from discli.data.idw import prepare_idw
 from discli.data.manifest import Manifest, Record, parse_classes, write_manifest
 from discli.data.prepare import prepare_voc
 from discli.errors import UsageError
-from discli.labelmap import write_palette_png
+from discli.data.labelmap import write_palette_png
 from discli.synth.looks import DIFFICULTIES
 from discli.synth.shapes import DEFAULT_CLASSES, SHAPES
 from discli.synth.scenes import Scene, render_scene

@@ -22,6 +22,10 @@ A config file has two kinds of tables, and the difference matters for a key such
   may hold flat keys or group sub-tables (``[finetune.inference]``). The other command's table
   is checked, not used.
 
+A file may name another with ``extends = "NAME"`` (a preset, or a file path relative to it):
+that file's tables apply first, so a preset states only what it changes (``quick`` extends
+``demo``).
+
 A key in a group table must belong to that group; where a key is given twice, the later
 table wins (in the order above: top-level keys, [train], its sub-tables, the top-level group
 tables, then the command's table and its sub-tables). What :func:`dump_toml` writes (a run's
@@ -44,12 +48,11 @@ from typing import Any
 
 from discli.data.fileio import read_text
 from discli.errors import BadInputError
-from discli.train.keys import (GROUPS, KeyInfo, TrainConfig, coerce, config_keys, key_group,
-                               unknown_key_message, validate)
+from discli.train.keys import (GROUPS, TrainConfig, coerce, key_group, unknown_key_message,
+                               validate)
 
-__all__ = ["GROUPS", "KeyInfo", "SECTIONS", "TrainConfig", "coerce", "config_keys", "dump_toml",
-           "file_values", "key_group", "load_config", "resolve_config_path", "split_set_key",
-           "unknown_key_message", "validate"]
+__all__ = ["SECTIONS", "dump_toml", "file_values", "load_config", "resolve_config_path",
+           "split_set_key"]
 
 
 SECTIONS = ("pretrain", "finetune")
@@ -165,6 +168,37 @@ def file_values(data: dict[str, Any], section: str | None = None) -> dict[str, A
     return values
 
 
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        # bounded and regular-file-only, as every text input (a FIFO would never end)
+        return tomllib.loads(read_text(path, "config file"))
+    except FileNotFoundError:
+        raise BadInputError("config file not found", path) from None
+    except OSError as exc:
+        raise BadInputError(f"cannot read the config file: {exc.strerror or exc}", path) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"not valid TOML: {exc}", path) from None
+
+
+def _file_tables(path: Path, section: str | None, chain: tuple[Path, ...] = ()
+                 ) -> list[tuple[str, dict[str, Any]]]:
+    """The tables of a config file (:func:`_config_tables`) after those of the file it
+    ``extends``: a preset name or a path relative to the file (``extends = "demo"`` in
+    ``quick.toml``), itself read the same way, so a file states only what it changes."""
+    data = _read_toml(path)
+    parent = data.pop("extends", None)
+    inherited: list[tuple[str, dict[str, Any]]] = []
+    if parent is not None:
+        if not isinstance(parent, str) or not parent:
+            raise BadInputError("'extends' must name a preset or a config file", path)
+        nearby = path.parent / parent
+        base = resolve_config_path(nearby if nearby.is_file() else parent)
+        if base.resolve() in {p.resolve() for p in (*chain, path)}:
+            raise BadInputError(f"'extends' loops back to {base}", path)
+        inherited = _file_tables(base, section, (*chain, path))
+    return inherited + _config_tables(data, section, str(path))
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
                 base: TrainConfig | None = None, section: str | None = None) -> TrainConfig:
     """Defaults (or ``base``) < TOML file < command-line overrides (None = not given).
@@ -179,18 +213,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     values: dict[str, Any] = dataclasses.asdict(base or TrainConfig())
     origins: dict[str, str] = {}
     if path:
-        path = resolve_config_path(path)
-        try:
-            # bounded and regular-file-only, as every text input (a FIFO would never end)
-            data = tomllib.loads(read_text(path, "config file"))
-        except FileNotFoundError:
-            raise BadInputError("config file not found", path) from None
-        except OSError as exc:
-            raise BadInputError(f"cannot read the config file: {exc.strerror or exc}",
-                                path) from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise BadInputError(f"not valid TOML: {exc}", path) from None
-        for source, table in _config_tables(data, section, str(path)):
+        for source, table in _file_tables(resolve_config_path(path), section):
             for key, value in table.items():
                 values[key] = coerce(key, value, source)
                 origins[key] = source

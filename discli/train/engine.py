@@ -25,13 +25,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from discli.storage import atomic_write
-from discli.checkpoint import save_checkpoint
+from discli.infer.checkpoint import save_checkpoint
 from discli.distributed import DistInfo, all_reduce_sum
 from discli.errors import Interrupted, TrainingDivergedError
-from discli.losses import map_loss, recon_loss, recon_target, tag_loss
-from discli.model import DISNet
+from discli.model.losses import map_loss, recon_loss, recon_target, tag_loss
+from discli.model.net import DISNet
 from discli.progress import NullReporter, Reporter
-from discli.train.config import TrainConfig
+from discli.train.keys import TrainConfig
 from discli.train.interrupts import DeferredInterrupts
 from discli.train.runlog import TensorBoardMirror, append
 
@@ -196,7 +196,7 @@ def validate(model: DISNet, cfg: TrainConfig, device: torch.device) -> float:
     """mIoU (t = 0) of the model on ``cfg.val``; the RNG state is left as it was, so a run with
     validation trains exactly as one without."""
     from discli.data.manifest import read_manifest
-    from discli.evaluate import evaluate
+    from discli.evaluation.evaluate import evaluate
 
     manifest = read_manifest(cfg.val, root=cfg.root or None)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

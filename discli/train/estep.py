@@ -4,9 +4,9 @@ With the weights frozen, training-time inference (t_tr steps of gradient descent
 against reconstruction + noisy-tag loss) runs on each tagged image at its own resolution; the
 final labelmap (u3 re-weighted by v3, upsampled to the image size), the probability of the chosen
 class per pixel, and the cleaned tag probabilities sigmoid(v3) go to an HDF5 cache
-(:mod:`discli.cache`). ``t_tr = 0`` is the no-inference ablation (setup 1 of Table 3).
+(:mod:`discli.pseudo.cache`). ``t_tr = 0`` is the no-inference ablation (setup 1 of Table 3).
 
-Inference runs through the runtime (:mod:`discli.runtime`): images batched by size (never
+Inference runs through the runtime (:mod:`discli.infer.runtime`): images batched by size (never
 padded), in the resumable plan that rank 0 makes from the image headers; under torchrun the
 batches are dealt round-robin to the ranks, each writes its own part files, and rank 0 merges
 them.
@@ -14,7 +14,7 @@ them.
 Resuming after a kill gives the cache an uninterrupted run would have written, bit for bit: a
 part file holds whole batches only, and a size bucket's batches are consecutive slices of its
 sorted members, so removing finished batches leaves the remaining batches exactly as planned.
-The cache is locked while the E-step writes it (:func:`discli.lock.lock_file`).
+The cache is locked while the E-step writes it (:func:`discli.storage.lock.lock_file`).
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from discli.cache import CacheEntry, CacheWriter, make_attrs
+from discli.pseudo.cache import CacheEntry, CacheWriter, make_attrs
 from discli.distributed import DistInfo, barrier, dist_info
-from discli.inference import InferenceConfig
-from discli.lock import lock_file
-from discli.losses import IGNORE_INDEX
-from discli.model import DISNet
+from discli.infer.loop import InferenceConfig
+from discli.storage.lock import lock_file
+from discli.model.losses import IGNORE_INDEX
+from discli.model.net import DISNet
 from discli.progress import NullReporter, Reporter
-from discli.runtime import infer_views, shared_plan, upsample_probs
+from discli.infer.runtime import infer_views, shared_plan, upsample_probs
 
 PART_IMAGES = 64  # images per crash-safe part file: a kill loses at most this much work
 
@@ -59,7 +59,7 @@ def cache_entries(probs: torch.Tensor, tag_probs: torch.Tensor, batch: dict[str,
 def pseudo_entries(result_probs: torch.Tensor, v3: torch.Tensor, batch: dict[str, Any],
                    u3: torch.Tensor | None = None) -> list[CacheEntry]:
     """:func:`cache_entries` from stride-8 results: ``result_probs`` and, with ``u3``, its
-    softmax upsampled to the image size (:func:`discli.runtime.upsample_probs`)."""
+    softmax upsampled to the image size (:func:`discli.infer.runtime.upsample_probs`)."""
     size = tuple(batch["image"].shape[-2:])
     plain = None if u3 is None else upsample_probs(u3.float().softmax(dim=1), size)
     return cache_entries(upsample_probs(result_probs, size), torch.sigmoid(v3), batch, plain)
@@ -76,7 +76,7 @@ def run_estep(model: DISNet, manifest: Any, cache_path: str | Path, *, t_tr: int
 
     ``part_images``: images per crash-safe part file (rounded up to whole batches). ``flip``:
     each image is inferred as it is and mirrored, and the two probability maps (and tag
-    probabilities) averaged (:func:`discli.runtime.infer_views`).
+    probabilities) averaged (:func:`discli.infer.runtime.infer_views`).
     """
     if t_tr < 0:
         raise ValueError(f"t_tr must be >= 0, got {t_tr}")

@@ -9,7 +9,7 @@ Round ``r`` starts from the model of round ``r-1`` (round 1 from the pretrained 
   and tags) and tagged images at ``tagged_ratio``. A tagged image's ground truth is its cached
   pseudo-labelmap (pixels below ``confidence``, and those of classes that ``tag_gate``'s tags
   call absent, ignored) and, as tag target (``mstep_tags``), its caption tags T^w, its cleaned
-  tags T̂^w (made by the run's :class:`discli.tags.TagRule`) or both; the reconstruction loss
+  tags T̂^w (made by the run's :class:`discli.pseudo.tags.TagRule`) or both; the reconstruction loss
   joins with ``loss_img`` > 0 (the paper's; the ``demo`` preset has 0). Then, with
   ``subnet2_refit_iters``, subnet-2 alone is refitted on the reconstruction loss to the new
   model's labelmaps (``refit.pth`` while it runs; not in the paper); the result is
@@ -20,7 +20,7 @@ Everything a round has finished is a file, so the state of the loop is read off 
 progress; ``cache.parts/`` = E-step in progress. Each step can be run alone
 (``only="estep"|"mstep"``, ``round_=N``), and re-running continues where it stopped, also after
 a SIGKILL at any moment; other settings are refused (:mod:`discli.train.settings`), except more
-``rounds``. ``<out>/finetune`` is locked while a run writes it (:mod:`discli.lock`).
+``rounds``. ``<out>/finetune`` is locked while a run writes it (:mod:`discli.storage.lock`).
 """
 
 from __future__ import annotations
@@ -30,17 +30,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from discli.cache import PseudoCache
+from discli.pseudo.cache import PseudoCache
 from discli.data.dataset import train_transform
 from discli.storage import atomic_write
-from discli.checkpoint import file_hash, load_checkpoint, model_from_checkpoint
+from discli.infer.checkpoint import file_hash, load_checkpoint, model_from_checkpoint
 from discli.distributed import (barrier, check_batch_split, dist_info, resolve_device,
                                 setup_distributed)
 from discli.errors import BadInputError, CorruptError, UsageError, warn
-from discli.lock import lock_folder
+from discli.storage.lock import lock_folder
 from discli.storage import make_folder, remove_stale_temps, same_bytes
 from discli.progress import NullReporter, Reporter
-from discli.train.config import TrainConfig, dump_toml
+from discli.train.config import dump_toml
+from discli.train.keys import TrainConfig
 from discli.train.engine import PHASES, PhaseRun, Source, run_phase
 from discli.train.estep import run_estep
 from discli.train.pretrain import check_same_architecture, labelled_dataset, step_results
@@ -77,7 +78,7 @@ def mstep_records(tagged: Any, cfg: TrainConfig) -> Any:
 def log_estep(log: Path, cache_path: Path, cfg: TrainConfig, r: int,
               mirror: Any = None) -> dict[str, Any]:
     """Append the statistics of a finished E-step's cache to the run's log.jsonl."""
-    from discli.pseudo_stats import cache_stats
+    from discli.pseudo.stats import cache_stats
 
     cache = PseudoCache(cache_path)
     try:

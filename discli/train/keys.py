@@ -16,8 +16,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from discli.errors import BadInputError
-from discli.inference_config import InferenceConfig
-from discli.tags import TAG_RULES, TagRule
+from discli.infer.settings import InferenceConfig
+from discli.pseudo.tags import TAG_RULES, TagRule
 
 
 # Every key is declared with `_key(default, help, ...)`: its one-line help (what `dis config keys`
@@ -95,7 +95,7 @@ class TrainConfig:
                                   "finetune")
     class_keep: float = _finetune(0.0, "> 0: each class keeps at least this share of its most "
                                   "confident pseudo-label pixels", "finetune")
-    # How the cleaned tags T̂^w are made (discli.tags.TagRule): "threshold" keeps the classes
+    # How the cleaned tags T̂^w are made (discli.pseudo.tags.TagRule): "threshold" keeps the classes
     # whose tag probability sigmoid(v3) is >= tag_threshold; "evidence" corrects the caption by
     # the model's evidence (tag probability and the class's share of the pseudo-labelmap): a
     # caption tag stays when its score is >= tag_keep, another class joins when >= tag_add.
@@ -177,12 +177,12 @@ class TrainConfig:
                                tag_weight=self.inf_tag_weight, proximity=self.inf_proximity)
 
     def tag_cleaning(self) -> TagRule:
-        """The rule that makes the cleaned tags of the tagged images (:mod:`discli.tags`)."""
+        """The rule that makes the cleaned tags of the tagged images (:mod:`discli.pseudo.tags`)."""
         return TagRule(self.tag_rule, self.tag_threshold, self.tag_keep, self.tag_add)
 
     def inference_settings(self) -> dict[str, Any]:
         """The inference settings a checkpoint carries (read back by
-        :func:`discli.checkpoint.inference_settings`): what `dis infer`, `dis evaluate` and
+        :func:`discli.infer.checkpoint.inference_settings`): what `dis infer`, `dis evaluate` and
         `dis clean-tags run` default to."""
         return {"t_tr": self.t_tr, "t_ts": self.t_ts, "lr": self.inf_lr,
                 "momentum": self.inf_momentum, "tag_weight": self.inf_tag_weight,

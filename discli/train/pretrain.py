@@ -5,8 +5,8 @@ Files in ``<out>/pretrain/``: ``last.pth`` (rolling checkpoint: resume point), `
 effective configuration) and ``log.jsonl`` (metrics; with ``tensorboard``, mirrored to
 ``tensorboard/``). Re-running the same command on the same folder continues where it stopped; a
 finished step is never redone, and other settings are refused (:mod:`discli.train.settings`).
-The folder is locked while a run writes it (:mod:`discli.lock`): a second run on it stops with
-exit code 5.
+The folder is locked while a run writes it (:mod:`discli.storage.lock`): a second run on it stops
+with exit code 5.
 """
 
 from __future__ import annotations
@@ -18,18 +18,19 @@ from typing import Any
 import torch
 
 from discli.storage import atomic_write
-from discli.backbones import backbone_options
-from discli.checkpoint import load_checkpoint, model_from_checkpoint
+from discli.model.backbones import backbone_options
+from discli.infer.checkpoint import load_checkpoint, model_from_checkpoint
 from discli.errors import CorruptError, warn
 from discli.storage import same_bytes
 from discli.distributed import (barrier, check_batch_split, dist_info, resolve_device,
                                 setup_distributed)
 from discli.errors import BadInputError, IncompatibleError, UsageError
-from discli.lock import lock_folder
+from discli.storage.lock import lock_folder
 from discli.storage import make_folder, remove_stale_temps
-from discli.model import DISNet, ModelConfig
+from discli.model.net import DISNet, ModelConfig
 from discli.progress import Reporter
-from discli.train.config import TrainConfig, config_keys, dump_toml
+from discli.train.config import dump_toml
+from discli.train.keys import TrainConfig, config_keys
 from discli.train.engine import PHASES, PhaseRun, Source, run_phase
 from discli.train.runlog import latest, open_mirror, read_log, require_tensorboard
 from discli.train.settings import check_same_run, held_settings

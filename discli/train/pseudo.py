@@ -9,8 +9,8 @@ Each item looks like a :class:`discli.data.dataset.SegDataset` item, but
   teaching the classes it imagines; ``"none"``: no gate);
 - the tag target follows Eq. 1, whose tag loss runs over T = {T^f, T^w, T̂^w}: ``"noisy"`` trains
   v3 on the caption tags T^w, ``"cleaned"`` on the cleaned tags T̂^w (made by the run's
-  :class:`discli.tags.TagRule`), ``"mix"`` on both, T^w and T̂^w as two terms of the loss (the
-  binary cross-entropy is linear in its target, so this is the soft target of their average:
+  :class:`discli.pseudo.tags.TagRule`), ``"mix"`` on both, T^w and T̂^w as two terms of the loss
+  (the binary cross-entropy is linear in its target, so this is the soft target of their average:
   1 where both agree a class is present, 0.5 where they disagree). Background is always
   present.
 
@@ -30,14 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from discli.cache import PseudoCache
+from discli.pseudo.cache import PseudoCache
 from discli.data.dataset import SegDataset, Transform
 from discli.data.images import read_image
 from discli.data.manifest import Manifest
 from discli.errors import BadInputError
-from discli.losses import IGNORE_INDEX
-from discli.model import BACKGROUND
-from discli.tags import TagRule
+from discli.model.losses import IGNORE_INDEX
+from discli.model.net import BACKGROUND
+from discli.pseudo.tags import TagRule, gate_labelmap
 
 TAG_TARGETS = ("noisy", "cleaned", "mix")
 TAG_GATES = ("none", "noisy", "cleaned")
@@ -58,15 +58,6 @@ def tag_target(noisy: np.ndarray, cleaned_tags: np.ndarray, kind: str) -> torch.
         raise ValueError(f"tag target must be one of {', '.join(TAG_TARGETS)}, got {kind!r}")
     target[BACKGROUND] = 1.0
     return target
-
-
-def gate_labelmap(labelmap: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """``labelmap`` with the pixels of classes not in ``present`` (bool (K,)) set to ignore."""
-    absent = ~present.astype(bool)
-    absent[BACKGROUND] = False
-    lut = np.arange(256, dtype=np.uint8)
-    lut[np.flatnonzero(absent)] = IGNORE_INDEX
-    return lut[labelmap]
 
 
 def class_thresholds(cache: PseudoCache, confidence: float, keep: float,

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from discli.errors import BadInputError, UsageError
-from discli.train.config import TrainConfig, file_values
+from discli.train.config import file_values
+from discli.train.keys import TrainConfig
 
 PATHS = ("labelled", "tagged", "init", "val")  # the same file by another spelling is the same
 EXTENDABLE = ("rounds",)  # a larger value continues the run: earlier rounds are unchanged

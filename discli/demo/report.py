@@ -1,0 +1,156 @@
+"""The demo's report: a Table-3 style table (markdown + JSON) and a Fig.-5 style figure (PNG)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from discli.storage import atomic_write
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def table_rows(report: dict[str, Any]) -> list[tuple[str, list[float | None], float]]:
+    """(setup, per-class IoU, mIoU) in the order of the paper's Table 3: baseline, then each
+    t_tr with every t_ts (and their ensemble), then the fully supervised bound."""
+    classes = report["classes"]
+    rows = []
+    for model, setups in report["scores"].items():
+        for setup in setups["setups"]:
+            t_ts = setup["name"]
+            if model in ("baseline", "bound") and t_ts != "t=0":
+                continue
+            label = {"baseline": "baseline (pretrained only)",
+                     "bound": "fully supervised bound"}.get(model, f"{model}, t_ts={t_ts[2:]}"
+                                                             if t_ts != "ensemble" else
+                                                             f"{model}, ensemble")
+            rows.append((label, [setup["iou"].get(c) for c in classes], setup["miou"]))
+    order = {"baseline": 0, "fully": 2}
+    return sorted(rows, key=lambda r: order.get(r[0].split()[0].rstrip(","), 1))
+
+
+def inference_gain(report: dict[str, Any]) -> list[str]:
+    """Lines saying what training-time inference adds: mIoU of each t_tr > 0 minus t_tr = 0, at
+    every t_ts (nothing without a t_tr = 0 run)."""
+    scores = report["scores"]
+    if "t_tr=0" not in scores:
+        return []
+    base = {s["name"]: s["miou"] for s in scores["t_tr=0"]["setups"]}
+    lines = []
+    for model, result in scores.items():
+        if not model.startswith("t_tr=") or model == "t_tr=0":
+            continue
+        diffs = [f"{s['name'].replace('t=', 't_ts=')} {100 * (s['miou'] - base[s['name']]):+.1f}"
+                 for s in result["setups"] if s["name"] in base and s["name"] != "ensemble"]
+        lines.append(f"- {model} minus t_tr=0 (mIoU points): " + ", ".join(diffs))
+    return ["", "Training-time inference, against the same loop without it:", "", *lines]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    classes = report["classes"]
+    lines = ["# dis demo report", "",
+             f"Synthetic benchmark: {report['config']['n_labelled']} pixel-labelled, "
+             f"{report['config']['n_tagged']} tagged (captions), {report['config']['n_test']} "
+             f"test images; difficulty {report['config'].get('difficulty', 'hard')}, seed "
+             f"{report['config']['seed']}.", "",
+             "## Segmentation (IoU %, test images)", "",
+             "| setup | " + " | ".join(classes) + " | mIoU |",
+             "|---" * (len(classes) + 2) + "|"]
+    for label, ious, miou in table_rows(report):
+        lines.append(f"| {label} | " + " | ".join(_pct(x) for x in ious) + f" | **{_pct(miou)}** |")
+    lines += inference_gain(report)
+    lines += ["", "## Tags of the tagged images (micro over classes, %)", "",
+              "| E-step | noisy P | noisy R | noisy F1 | cleaned P | cleaned R | cleaned F1 |",
+              "|---|---|---|---|---|---|---|"]
+    for name, stats in report["tags"].items():
+        n, c = stats["noisy"]["micro"], stats["cleaned"]["micro"]
+        lines.append(f"| {name} | {_pct(n['precision'])} | {_pct(n['recall'])} | "
+                     f"{_pct(n['f1'])} | {_pct(c['precision'])} | {_pct(c['recall'])} | "
+                     f"**{_pct(c['f1'])}** |")
+    pseudo = report.get("pseudo_labels", {})
+    if pseudo:
+        lines += ["", "## Pseudo-labels of the tagged images (mIoU % against their true "
+                  "labelmaps)", "",
+                  "| E-step | round | mIoU | mIoU of kept pixels | kept pixels | caption tag F1 "
+                  "| cleaned tag F1 | " + " | ".join(classes) + " |",
+                  "|---" * (len(classes) + 7) + "|"]
+        for name, rounds in pseudo.items():
+            for r in rounds:
+                lines.append(f"| {name} | {r['round']} | **{_pct(r['miou'])}** | "
+                             f"{_pct(r['kept_miou'])} | {_pct(r['kept_share'])} | "
+                             f"{_pct(r.get('caption_f1'))} | {_pct(r.get('cleaned_f1'))} | "
+                             + " | ".join(_pct(r["iou"].get(c)) for c in classes) + " |")
+    lines += ["", "![mIoU against t_ts](curves.png)"]
+    lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in report["timings_s"].items()]
+    lines += ["", "## Commands", "", "```"] + report["commands"] + ["```", "",
+              "![figure](figure.png)", ""]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    atomic_write(out / "report.json",
+                       lambda f: f.write(json.dumps(report, indent=1).encode()))
+    atomic_write(out / "report.md", lambda f: f.write(markdown(report).encode()))
+
+
+def figure_headings(demo: Any, with_t0: bool) -> list[str]:
+    """Column headings of the figure: every prediction column names its t_tr and t_ts."""
+    t_dis = max(demo.t_tr)
+    headings = ["input", "recon.\ntarget", "ground\ntruth", "baseline\nt_ts=0"]
+    if with_t0:
+        headings.append("t_tr=0\nt_ts=0")
+    return headings + [f"t_tr={t_dis}\nt_ts={t}" for t in demo.t_ts]
+
+
+def write_figure(path: Path, checkpoints: dict[str, Path], manifest: Any, demo: Any,
+                 tile: int = 96) -> None:
+    """Rows of test images; columns: input, reconstruction target, ground truth, baseline,
+    t_tr = 0, and the largest-t_tr DIS model at every t_ts (the layout of the paper's Fig. 5).
+    Every image keeps its aspect ratio; a legend of the class colours is drawn below."""
+    from discli.infer.checkpoint import load_for_inference
+    from discli.data.dataset import SegDataset, denormalize
+    from discli.model.losses import recon_target
+    from discli.infer.runtime import infer_views
+    from discli.infer.visual import colorize, grid
+
+    dataset = SegDataset(manifest)
+    loaded = {name: load_for_inference(p) for name, p in checkpoints.items()}
+    models = {name: entry.model for name, entry in loaded.items()}
+    dis_name = f"t_tr={max(demo.t_tr)}"
+    # the DIS model's test-time inference, as its checkpoint says
+    cfg = loaded[dis_name].inference_config()
+    with_t0 = "t_tr=0" in models and dis_name != "t_tr=0"
+    rows = []
+    for r in range(min(demo.figure_rows, len(dataset))):
+        item = dataset[r]
+        image = item["image"][None]
+        size = image.shape[-2:]
+        pixels = (denormalize(image[0]).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        target = recon_target(image, (max(1, size[0] // 8), max(1, size[1] // 8)))
+        target = (denormalize(target[0]).permute(1, 2, 0).numpy() * 255).round().astype(
+            np.uint8)
+        gt = item["labelmap"].numpy().astype(np.uint8)
+        tiles = [(pixels, False), (target, False), (colorize(gt), True)]
+
+        def predict(model: Any, t: int) -> tuple[np.ndarray, bool]:
+            full = infer_views(model, image, [t], cfg)[t].probs
+            return colorize(full.argmax(1)[0].numpy().astype(np.uint8)), True
+
+        with torch.no_grad():
+            tiles.append(predict(models["baseline"], 0))
+            if with_t0:
+                tiles.append(predict(models["t_tr=0"], 0))
+            tiles += [predict(models[dis_name], t) for t in demo.t_ts]
+        rows.append(tiles)
+    canvas = grid(rows, figure_headings(demo, with_t0), tile, list(manifest.classes))
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))

@@ -1,0 +1,36 @@
+"""The settings of feature-space inference (:mod:`discli.infer.loop`), importable without torch
+(the CLI shows their defaults in ``--help`` before any command runs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from discli.errors import UsageError
+
+METHODS = ("auto", "autograd", "lowrank")
+
+
+@dataclass
+class InferenceConfig:
+    steps: int = 0  # t
+    lr: float = 0.003  # the only step measured to help (docs/studies.md, "Test-time inference")
+    momentum: float = 0.9
+    tag_weight: float = 1.0  # only used when noisy tags are given (training-time inference)
+    proximity: float = 0.0
+    method: str = "auto"  # "auto" | "autograd" | "lowrank" (same iterations, see module doc)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"inference method must be one of {', '.join(METHODS)}, "
+                             f"got {self.method!r}")
+
+
+def parse_steps(text: str) -> list[int]:
+    """"0,10,30" -> [0, 10, 30] (sorted, unique, each >= 0)."""
+    try:
+        steps = sorted({int(part) for part in text.replace(" ", "").split(",") if part})
+    except ValueError:
+        raise UsageError(f"{{opt:t_ts}}: expected comma-separated integers, got {text!r}") from None
+    if not steps or steps[0] < 0:
+        raise UsageError(f"{{opt:t_ts}}: expected integers >= 0, got {text!r}")
+    return steps

@@ -1,0 +1,135 @@
+"""Tag cleaning and pseudo-label caches as a fine-tuning run makes them.
+
+- :func:`run_clean`: ``dis clean-tags run``, the cleaned tags of a tagged manifest without a
+  finetune (one E-step with a checkpoint);
+- :func:`run_settings` / :func:`run_rule`: the ``confidence``, ``tag_gate`` and tag rule of the
+  run a cache belongs to (``<run>/finetune/round-N/cache.h5`` beside ``config.toml``), the
+  defaults of ``dis clean-tags`` and ``dis score-cache``;
+- :func:`export_run_cache`: ``dis clean-tags export`` with those defaults, so the PNGs show
+  what the run's M-step trained on.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from discli.data.manifest import read_manifest
+from discli.distributed import resolve_device
+from discli.errors import BadInputError, IncompatibleError, UsageError
+from discli.infer.checkpoint import check_classes, load_for_inference
+from discli.pseudo.cache import PseudoCache
+from discli.pseudo.export import export_cache
+from discli.pseudo.tags import DEFAULT_THRESHOLD, TagRule, check_threshold, diff, threshold_rule
+from discli.storage.safety import refuse_overlap
+from discli.train.config import file_values
+from discli.train.estep import run_estep
+
+RUN_KEYS = ("confidence", "tag_gate", "tag_rule", "tag_threshold", "tag_keep", "tag_add")
+
+
+def run_settings(cache_path: Path) -> dict[str, Any]:
+    """``confidence``, ``tag_gate`` and the tag cleaning keys of the fine-tuning run a cache
+    belongs to (``{}`` if the cache is not in a run folder)."""
+    config = Path(cache_path).absolute().parent.parent / "config.toml"
+    if not config.is_file():
+        return {}
+    try:
+        data = tomllib.loads(config.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"not a readable run configuration ({exc})", config) from None
+    flat = file_values(data, "finetune")
+    for table in ("train", "finetune"):
+        flat.update(data.get(table, {}))
+    return {k: flat[k] for k in RUN_KEYS if k in flat}
+
+
+def run_rule(cache_path: str | Path, threshold: float | None = None) -> Any:
+    """The :class:`discli.pseudo.tags.TagRule` that made a cache's cleaned tags as its run's M-step
+    saw them: a given probability ``threshold`` (the ``--threshold`` of ``dis clean-tags``)
+    wins; else the run's ``tag_rule`` and its keys; a cache outside a run folder, or of a run
+    that predates the rules, is cleaned at probability 0.5."""
+    if threshold is not None:
+        return threshold_rule(threshold)
+    found = run_settings(Path(cache_path))
+    default = TagRule()
+    return TagRule(str(found.get("tag_rule", default.kind)),
+                   float(found.get("tag_threshold", default.threshold)),
+                   float(found.get("tag_keep", default.keep)),
+                   float(found.get("tag_add", default.add)))
+
+
+def export_run_cache(cache_path: str | Path, out_dir: str | Path,
+                     threshold: float | None = None, confidence: float | None = None,
+                     gate: str | None = None) -> dict[str, Any]:
+    """:func:`discli.pseudo.export.export_cache` with the run's rule, ``confidence`` and
+    ``tag_gate`` wherever an argument is None (0 and ``none`` outside a run folder)."""
+    defaults = run_settings(Path(cache_path))
+    confidence = float(defaults.get("confidence", 0.0) if confidence is None else confidence)
+    gate = str(defaults.get("tag_gate", "none") if gate is None else gate)
+    return export_cache(cache_path, out_dir, run_rule(cache_path, threshold), confidence, gate)
+
+
+def run_clean(checkpoint: str | Path, manifest_path: str | Path, cache_path: str | Path, *,
+              t_tr: int | None = None, cfg: Any = None,
+              overrides: dict[str, Any] | None = None, threshold: float = DEFAULT_THRESHOLD,
+              split: str | None = None, batch_size: int = 8, device: Any = "cpu",
+              amp: bool = False, num_workers: int = 0, overwrite: bool = False,
+              reporter: Any = None) -> dict[str, Any]:
+    """Cleaned tags of a tagged manifest without a finetune: one E-step with ``checkpoint``.
+
+    ``device``: a device or a name for :func:`discli.distributed.resolve_device` (None or
+    "auto": cuda when there is one). ``cache_path`` may not be the manifest or the checkpoint
+    (refused first).
+    ``t_tr`` None and ``cfg`` None (an :class:`discli.infer.loop.InferenceConfig`) take the
+    checkpoint's inference settings (:func:`discli.infer.checkpoint.inference_settings`); with
+    ``cfg`` None, the ``overrides`` that are not None (``lr``, ``momentum``, ``tag_weight``, ...)
+    replace the checkpoint's values.
+
+    Writes the cache at ``cache_path`` (:func:`discli.train.estep.run_estep`) and returns the
+    :func:`diff` summary (per-class counts, no per-image list) with ``cache`` and ``reused``. An
+    existing cache is reused when it was made by the same checkpoint and t_tr and holds every
+    image; one of another class count, checkpoint or t_tr is refused unless ``overwrite``.
+    """
+    refuse_overlap([(cache_path, "cache")], [(manifest_path, "manifest"),
+                                             (checkpoint, "checkpoint")],
+                   advice="choose another {opt:out}")
+    device = resolve_device(device)
+    check_threshold(threshold)
+    if t_tr is not None and t_tr < 0:
+        raise UsageError(f"{{opt:t_tr}} must be >= 0, got {t_tr}")
+    loaded = load_for_inference(checkpoint, device)
+    if t_tr is None:
+        t_tr = int(loaded.inference["t_tr"])
+    if cfg is None:
+        cfg = loaded.inference_config(**(overrides or {}))
+    manifest = read_manifest(manifest_path).select(split)
+    check_classes(loaded.classes, manifest.classes, "manifest", manifest_path, checkpoint)
+    if not manifest.records:
+        raise BadInputError(f"no records{f' in split {split!r}' if split else ''}",
+                            manifest_path)
+    cache_path = Path(cache_path)
+    reused = False
+    if cache_path.exists() and not overwrite:
+        old = PseudoCache(cache_path)
+        check_classes(loaded.classes, old.classes, "existing cache", cache_path, checkpoint)
+        made = {"checkpoint": old.attrs.get("checkpoint_hash"), "t_tr": old.attrs.get("t_tr")}
+        wanted = {"checkpoint": loaded.checkpoint_hash, "t_tr": t_tr}
+        for key in made:
+            if str(made[key]) != str(wanted[key]):
+                raise IncompatibleError(f"existing cache was made with {key} {made[key]}, not "
+                                        f"{wanted[key]}; pass {{opt:overwrite=True}} or another "
+                                        f"{{opt:out}}",
+                                        cache_path)
+        reused = set(old.ids()) >= {rec.id for rec in manifest.records}
+        old.close()
+    if not reused:
+        run_estep(loaded.model, manifest, cache_path, t_tr=t_tr,
+                  inference=cfg, checkpoint_hash=loaded.checkpoint_hash,
+                  batch_size=batch_size, device=device, num_workers=num_workers,
+                  reporter=reporter, amp=amp)
+    cache = PseudoCache(cache_path)
+    summary = diff(cache, threshold)
+    summary.pop("images")
+    return {"cache": str(cache_path), "reused": reused, "t_tr": t_tr, **summary}
