@@ -34,10 +34,10 @@ from dis_plugins.options import parse_sets
 from discli.pseudo.cache import PseudoCache
 from discli.infer.checkpoint import inference_config, inference_settings, load_model
 from discli.data.manifest import read_manifest
-from discli.evaluation.evaluate import evaluate
+from discli.evaluation.evaluate import Scoring, evaluate
 from discli.infer.settings import parse_steps
 from discli.pseudo.stats import score_cache
-from discli.synth import generate_benchmark
+from discli.synth import SynthConfig, generate_benchmark
 from discli.pseudo.tags import read_truth, tag_stats
 from discli.train.config import load_config
 from discli.train.finetune import finetune
@@ -46,8 +46,8 @@ from discli.train.pretrain import pretrain
 
 def test_miou(checkpoint: Path, images: object, steps: list[int]) -> dict[str, float]:
     model, state = load_model(checkpoint)
-    report = evaluate(model, images, steps=steps, ensemble=False,
-                      cfg=inference_config(inference_settings(state, checkpoint)))
+    report = evaluate(model, images, Scoring(steps=steps, ensemble=False),
+                      inference_config(inference_settings(state, checkpoint)))
     return {s["name"]: round(100 * s["miou"], 1) for s in report["setups"]}
 
 
@@ -77,9 +77,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     root = bench_root(args)
     bench = root / "bench"
     if not (bench / "manifests" / "dev.jsonl").exists():
-        generate_benchmark(bench, seed=args.seed, n_labelled=args.n_labelled,
-                           n_tagged=args.n_tagged, n_dev=args.n_dev, min_size=args.min_size,
-                           max_size=args.max_size, difficulty=args.difficulty, overwrite=True)
+        generate_benchmark(bench, SynthConfig(
+            seed=args.seed, n_labelled=args.n_labelled, n_tagged=args.n_tagged,
+            n_dev=args.n_dev, min_size=args.min_size, max_size=args.max_size,
+            difficulty=args.difficulty), overwrite=True)
     m = {name: bench / "manifests" / f"{name}.jsonl"
          for name in ("train", "val", "dev", "tagged", "tagged_oracle")}
     images = read_manifest(m["dev" if args.eval == "dev" else "val"])

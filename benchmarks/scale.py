@@ -74,7 +74,8 @@ def measure(manifest_path: Path, workdir: Path, t_tr: int, batch: int) -> dict[s
     from discli.data.manifest import read_manifest
     from discli.infer.loop import InferenceConfig
     from discli.model.net import build_model
-    from discli.train.estep import run_estep
+    from discli.train.estep import Execution, PseudoLabelling, run_estep
+    from discli.train.keys import TrainConfig
     from discli.train.pseudo import PseudoLabelled
 
     torch.manual_seed(0)
@@ -86,8 +87,9 @@ def measure(manifest_path: Path, workdir: Path, t_tr: int, batch: int) -> dict[s
 
     cache_path = workdir / "cache.h5"
     tic = time.perf_counter()
-    run_estep(model, manifest, cache_path, t_tr=t_tr, inference=InferenceConfig(lr=0.003),
-              checkpoint_hash="scale-benchmark", batch_size=batch)
+    run_estep(model, manifest, cache_path,
+              PseudoLabelling("scale-benchmark", t_tr, InferenceConfig(lr=0.003)),
+              Execution(batch_size=batch))
     out["estep_s"] = time.perf_counter() - tic
     out["rss_after_estep_mb"] = peak_rss_mb()
 
@@ -97,8 +99,8 @@ def measure(manifest_path: Path, workdir: Path, t_tr: int, batch: int) -> dict[s
     out["open_cache_s"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    dataset = PseudoLabelled(manifest, cache, train_transform(64), confidence=0.7,
-                             tags="noisy", tag_gate="noisy")
+    dataset = PseudoLabelled(manifest, cache, train_transform(64),
+                             TrainConfig(confidence=0.7, mstep_tags="noisy", tag_gate="noisy"))
     out["build_dataset_s"] = time.perf_counter() - tic
 
     tic = time.perf_counter()

@@ -35,7 +35,7 @@ def dis_step_fn(model, images, labelmap, tags, device):
     """A closure running one DIS training step; uses discli.train.engine when present."""
     try:
         from discli.train.keys import TrainConfig
-        from discli.train.engine import PHASES, compute_losses, param_groups, set_train_modes
+        from discli.train.phases import PHASES, compute_losses, param_groups, set_train_modes
     except ImportError:
         engine = None
     else:

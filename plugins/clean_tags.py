@@ -203,15 +203,16 @@ def run(
     The inference settings not given here come from the checkpoint (those it was trained with).
     """
     opt.check_inputs([(manifest, None)], checkpoint)  # before torch is imported
-    from discli.train.clean import run_clean
+    from discli.train.clean import CleanSettings, run_clean
+    from discli.train.estep import Execution
 
     overrides = {"lr": lr, "momentum": momentum, "tag_weight": tag_weight}
     workers = num_workers if old_workers is None else old_workers  # --workers: older spelling
+    settings = CleanSettings(t_tr=t_tr, overrides=overrides,
+                             threshold=0.5 if threshold is None else threshold)
+    execution = Execution(batch_size=batch_size, device=device, num_workers=workers, amp=amp)
     with RichReporter(quiet=quiet) as reporter:
-        result = run_clean(checkpoint, manifest, out, t_tr=t_tr, overrides=overrides,
-                           threshold=0.5 if threshold is None else threshold,
-                           split=split, batch_size=batch_size,
-                           device=device, amp=amp, num_workers=workers,
+        result = run_clean(checkpoint, manifest, out, settings, execution, split=split,
                            overwrite=overwrite, reporter=reporter)
     if json_out:
         print_json(result)

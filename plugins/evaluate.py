@@ -89,18 +89,20 @@ def evaluate(
     view_scales = opt.scales_of(scales)
     opt.check_inputs([(manifest, root)], checkpoint)  # before torch is imported
     from discli.distributed import dist_info
-    from discli.evaluation.evaluate import evaluate_checkpoint
+    from discli.evaluation.evaluate import EvalOutputs, Scoring, evaluate_checkpoint
+    from discli.infer.runtime import InferenceOverrides, RunOptions, Views
 
     workers = num_workers if old_workers is None else old_workers  # --workers: older spelling
+    scoring = Scoring(steps=steps, ensemble=ensemble, boundary_tolerance=boundary_tol,
+                      split=split, limit=limit)
+    run = RunOptions(batch_size=batch_size, device=device, amp=amp,
+                     views=Views(view_scales, flip), num_workers=workers)
+    outputs = EvalOutputs(save_dir=save_dir, opacity=opacity, overlay_format=overlay_format)
     main = dist_info().is_main  # rank 0 alone prints
     with RichReporter(quiet=quiet or not main) as reporter:
-        report = evaluate_checkpoint(checkpoint, manifest, t_ts=steps, root=root, device=device,
-                                     lr=lr, momentum=momentum, scales=view_scales, flip=flip,
-                                     ensemble=ensemble, batch_size=batch_size, amp=amp,
-                                     boundary_tolerance=boundary_tol, split=split,
-                                     num_workers=workers, limit=limit, reporter=reporter,
-                                     save_dir=save_dir, opacity=opacity,
-                                     overlay_format=overlay_format)
+        report = evaluate_checkpoint(checkpoint, manifest, root=root, scoring=scoring,
+                                     given=InferenceOverrides(lr=lr, momentum=momentum),
+                                     run=run, outputs=outputs, reporter=reporter)
     if not main:
         return
     if json_out:

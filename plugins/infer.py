@@ -15,7 +15,8 @@ def infer(
                                        "paths (one per line) from stdin."),
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Model checkpoint."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder: <id>.png (class "
-                                    "indices), <id>_color.png (VOC palette), <id>_overlay.jpg (--overlay)."),
+                                    "indices), <id>_color.png (VOC palette), <id>_overlay.jpg "
+                                    "(--overlay)."),
     t_ts: str | None = typer.Option(None, "--t-ts", help="Test-time inference iterations, "
                                     "comma-separated as for evaluate (0 = plain forward; "
                                     "default: the checkpoint's t_ts). Several values write "
@@ -56,18 +57,20 @@ def infer(
     view_scales = opt.scales_of(scales)
     opt.check_inputs(checkpoint=checkpoint)  # before torch is imported
     from discli.distributed import dist_info
+    from discli.infer.inputs import InferOutputs
     from discli.infer.predict import infer_checkpoint
+    from discli.infer.runtime import InferenceOverrides, RunOptions, Views
 
+    outputs = InferOutputs(out_dir=out, overlay=overlay, overlay_format=overlay_format,
+                           opacity=opacity, probs_path=probs, overwrite=overwrite)
+    run = RunOptions(batch_size=batch_size, device=device, amp=amp,
+                     views=Views(view_scales, flip))
     main = dist_info().is_main  # rank 0 reports every image
     written = skipped = 0
     with RichReporter(quiet=quiet or not main) as reporter:
-        for summary in infer_checkpoint(inputs, checkpoint, out_dir=out, t_ts=steps, lr=lr,
-                                        momentum=momentum, device=device,
-                                        batch_size=batch_size, amp=amp, overlay=overlay,
-                                        probs_path=probs, overwrite=overwrite,
-                                        reporter=reporter, opacity=opacity,
-                                        scales=view_scales, flip=flip,
-                                        overlay_format=overlay_format):
+        for summary in infer_checkpoint(inputs, checkpoint, t_ts=steps,
+                                        given=InferenceOverrides(lr=lr, momentum=momentum),
+                                        outputs=outputs, run=run, reporter=reporter):
             if not main:
                 continue
             skipped += summary["skipped"]

@@ -34,7 +34,7 @@ def prepare_folder(
     """Your own data: write a manifest (tags from the masks) that dis pretrain, finetune and
     evaluate read. Every mask is checked: index PNG, image size, values in the class list."""
     from dis_plugins._render import bad_table, reporter
-    from discli.data.folder import prepare_folder as run
+    from discli.data.folder import FolderChecks, prepare_folder as run
     from discli.data.manifest import parse_classes
     from discli.errors import UsageError
 
@@ -42,8 +42,9 @@ def prepare_folder(
         raise UsageError("--json prints the report on stdout: give --out a file, not -")
     names = parse_classes(classes)
     with reporter(quiet) as rep:
-        report = run(images, masks, names, out, split=split, skip_bad=skip_bad, decode=decode,
-                     allow_unlabelled=allow_unlabelled, reporter=rep)
+        report = run(images, masks, names, out, split=split,
+                     checks=FolderChecks(allow_unlabelled=allow_unlabelled, decode=decode,
+                                         skip_bad=skip_bad), reporter=rep)
     if json_out:
         print_json(report)
         return

@@ -34,7 +34,7 @@ def prepare_idw(
     Reports the number of images tagged with each class and the images with no tag.
     """
     from dis_plugins._render import bad_table, reporter
-    from discli.data.idw import prepare_idw as run
+    from discli.data.idw import CaptionReading, prepare_idw as run
     from discli.data.manifest import parse_classes
     from discli.data.voc import VOC_CLASSES
     from discli.errors import UsageError
@@ -43,8 +43,9 @@ def prepare_idw(
         raise UsageError("--json prints the report on stdout: give --out a file, not -")
     names = parse_classes(classes) if classes else VOC_CLASSES
     with reporter(quiet) as rep:
-        report = run(source, out, root=root, classes=names, split=split, fmt=fmt,
-                     skip_bad=skip_bad, lexicon=lexicon, reporter=rep)
+        report = run(source, out, classes=names, split=split,
+                     reading=CaptionReading(fmt=fmt, root=root, lexicon=lexicon),
+                     skip_bad=skip_bad, reporter=rep)
     if json_out:
         print_json(report)
         return

@@ -44,17 +44,15 @@ def synth(
     """Generate the synthetic benchmark: a fair miniature of VOC + IDW, in their formats."""
     from dis_plugins._render import reporter
     from discli.data.manifest import parse_classes
-    from discli.synth import generate_benchmark
+    from discli.synth import DEFAULT_CLASSES, SynthConfig, generate_benchmark
 
-    names = parse_classes(classes) if classes else None
+    cfg = SynthConfig(seed=seed, n_labelled=n_labelled, n_tagged=n_tagged, n_test=n_test,
+                      n_dev=n_dev, min_size=min_size, max_size=max_size,
+                      classes=parse_classes(classes) if classes else DEFAULT_CLASSES,
+                      miss_rate=miss_rate, spurious_rate=spurious_rate, difficulty=difficulty)
     with reporter(quiet) as rep:
         rep.start("synth", total=n_labelled + n_tagged + n_test + n_dev)
-        result = generate_benchmark(out, seed=seed, n_labelled=n_labelled, n_tagged=n_tagged,
-                                    n_test=n_test, n_dev=n_dev, min_size=min_size,
-                                    max_size=max_size,
-                                    classes=names, miss_rate=miss_rate,
-                                    spurious_rate=spurious_rate, difficulty=difficulty,
-                                    manifests=manifests,
+        result = generate_benchmark(out, cfg, manifests=manifests,
                                     overwrite=overwrite or force, progress=rep.advance)
     if json_out:
         print_json(result)

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from discli.data.captions import load_lexicon, parse_caption, words
-from discli.data.idw import CAPTION_FORMATS, detect_format, make_ids, prepare_idw
+from discli.data.idw import (CAPTION_FORMATS, CaptionReading, detect_format, make_ids,
+                             prepare_idw)
 from discli.data.manifest import read_manifest
 from discli.data.voc import VOC_CLASSES
 from discli.errors import BadInputError
@@ -152,8 +153,8 @@ def test_coco_format(tmp_path):
                             {"image_id": 2, "caption": "Sky."}]}
     (tmp_path / "captions.json").write_text(json.dumps(coco))
     assert detect_format(tmp_path / "captions.json") == "coco"
-    report = prepare_idw(tmp_path / "captions.json", tmp_path / "m.jsonl",
-                         root=tmp_path / "train2014", split="coco")
+    report = prepare_idw(tmp_path / "captions.json", tmp_path / "m.jsonl", split="coco",
+                         reading=CaptionReading(root=tmp_path / "train2014"))
     m = read_manifest(tmp_path / "m.jsonl")
     assert m.root == tmp_path / "train2014"
     assert [(r.id, r.tags, r.split) for r in m.records] == [

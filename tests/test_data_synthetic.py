@@ -10,7 +10,7 @@ from discli.data.captions import parse_caption
 from discli.data.dataset import SegDataset, collate
 from discli.data.images import read_image
 from discli.data.manifest import read_manifest
-from discli.synth import DEFAULT_CLASSES, generate_benchmark, render_scene
+from discli.synth import DEFAULT_CLASSES, SynthConfig, generate_benchmark, render_scene
 from discli.data.labelmap import labelmap_tags, read_labelmap
 from discli.errors import UsageError
 
@@ -25,23 +25,23 @@ def files(root: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "syn"
-    return out, generate_benchmark(out, seed=3, **SMALL)
+    return out, generate_benchmark(out, SynthConfig(seed=3, **SMALL))
 
 
 def test_same_seed_same_bytes(bench, tmp_path):
     out, _ = bench
-    generate_benchmark(tmp_path / "syn", seed=3, **SMALL)
+    generate_benchmark(tmp_path / "syn", SynthConfig(seed=3, **SMALL))
     assert files(tmp_path / "syn") == files(out)
 
 
 def test_other_seed_other_images_and_parts_independent(bench, tmp_path):
     out, _ = bench
-    generate_benchmark(tmp_path / "b", seed=4, manifests=False, **SMALL)
+    generate_benchmark(tmp_path / "b", SynthConfig(seed=4, **SMALL), manifests=False)
     a, b = files(out), files(tmp_path / "b")
     jpg = "VOCdevkit/VOC2012/JPEGImages/lab_0000.jpg"
     assert a[jpg] != b[jpg] and a["idw/captions.jsonl"] != b["idw/captions.jsonl"]
     # Changing the size of one part leaves the other parts' images untouched.
-    generate_benchmark(tmp_path / "c", seed=3, n_labelled=4, n_tagged=5, n_test=3,
+    generate_benchmark(tmp_path / "c", SynthConfig(seed=3, n_labelled=4, n_tagged=5, n_test=3),
                        manifests=False)
     c = files(tmp_path / "c")
     for name, data in c.items():
@@ -90,11 +90,13 @@ def test_manifests_from_the_real_preparation(bench):
 
 
 def test_caption_noise_rates(tmp_path):
-    exact = generate_benchmark(tmp_path / "a", n_labelled=0, n_tagged=30, n_test=0,
-                               miss_rate=0, spurious_rate=0, manifests=False)["stats"]
+    exact = generate_benchmark(tmp_path / "a", SynthConfig(n_labelled=0, n_tagged=30, n_test=0,
+                                                           miss_rate=0, spurious_rate=0),
+                               manifests=False)["stats"]
     assert exact["caption_tag_precision"] == 1 and exact["caption_tag_recall"] == 1
-    noisy = generate_benchmark(tmp_path / "b", n_labelled=0, n_tagged=30, n_test=0,
-                               miss_rate=1, spurious_rate=1, manifests=False)["stats"]
+    noisy = generate_benchmark(tmp_path / "b", SynthConfig(n_labelled=0, n_tagged=30, n_test=0,
+                                                           miss_rate=1, spurious_rate=1),
+                               manifests=False)["stats"]
     assert noisy["caption_tag_recall"] == 0 and noisy["caption_tag_precision"] == 0
 
 
@@ -102,17 +104,17 @@ def test_refuses_to_clobber(tmp_path, bench):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
     with pytest.raises(UsageError, match="not empty"):
-        generate_benchmark(tmp_path / "mine", **SMALL)
-    generate_benchmark(tmp_path / "b", manifests=False, **SMALL)
+        generate_benchmark(tmp_path / "mine", SynthConfig(**SMALL))
+    generate_benchmark(tmp_path / "b", SynthConfig(**SMALL), manifests=False)
     with pytest.raises(UsageError, match="already holds a benchmark"):
-        generate_benchmark(tmp_path / "b", **SMALL)
+        generate_benchmark(tmp_path / "b", SynthConfig(**SMALL))
     (tmp_path / "b" / "idw" / "images" / "stale.jpg").write_bytes(b"old")
-    generate_benchmark(tmp_path / "b", overwrite=True, manifests=False, **SMALL)
+    generate_benchmark(tmp_path / "b", SynthConfig(**SMALL), overwrite=True, manifests=False)
     assert not (tmp_path / "b" / "idw" / "images" / "stale.jpg").exists()
     with pytest.raises(UsageError, match="some of aeroplane"):
-        generate_benchmark(tmp_path / "c", classes=["background", "dog"])
+        generate_benchmark(tmp_path / "c", SynthConfig(classes=["background", "dog"]))
     with pytest.raises(UsageError, match="unknown difficulty 'brutal'"):
-        generate_benchmark(tmp_path / "d", difficulty="brutal")
+        generate_benchmark(tmp_path / "d", SynthConfig(difficulty="brutal"))
 
 
 @pytest.mark.parametrize("difficulty", ["easy", "medium", "hard"])
@@ -150,6 +152,6 @@ def test_difficulty_sets_clutter_and_is_recorded(tmp_path):
             total += grad[scene.labelmap[1:] == 0].mean()
         return total
     assert edges("easy") < edges("hard")
-    generate_benchmark(tmp_path / "b", difficulty="hard", manifests=False, **SMALL)
+    generate_benchmark(tmp_path / "b", SynthConfig(difficulty="hard", **SMALL), manifests=False)
     meta = json.loads((tmp_path / "b" / "benchmark.json").read_text())
     assert meta["config"]["difficulty"] == "hard"

@@ -91,7 +91,8 @@ def test_listed_commands_rebuild_the_configs_that_ran():
     from pathlib import Path
 
     from dis_plugins.options import build_config
-    from discli.demo.run import DemoConfig, _train_config, train_command
+    from discli.demo.report import train_command
+    from discli.demo.run import DemoConfig, _train_config
 
     for command, section, extra, differs in [
             ("finetune", "finetune", dict(init="base.pth", t_tr=10, labelled="m/train.jsonl",
@@ -156,7 +157,7 @@ def test_demo_trains_runs_side_by_side_as_it_would_one_after_the_other(tmp_path)
     import torch
 
     from factories import make_split
-    from discli.demo.run import run_jobs, train_job
+    from discli.demo.jobs import run_jobs, train_job
     from discli.errors import BadInputError
     from discli.train.keys import TrainConfig
 
@@ -187,7 +188,7 @@ def test_demo_trains_runs_side_by_side_as_it_would_one_after_the_other(tmp_path)
 
 
 def test_demo_workers():
-    from discli.demo.run import demo_workers
+    from discli.demo.jobs import demo_workers
 
     assert demo_workers(3, "cpu") == 3 and demo_workers(1, "cpu") == 1
     assert 1 <= demo_workers(0, "cpu") <= 2

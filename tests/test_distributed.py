@@ -225,7 +225,7 @@ def test_probs_writer_parts_of_several_ranks_merge_once(tmp_path):
 # ----------------------------------------------------------------------------- M-step batch mix
 
 def test_every_rank_gets_the_global_batch_mix_of_sources():
-    from discli.train.engine import PlannedBatches
+    from discli.train.batches import PlannedBatches
 
     sizes, per_batch = [30, 50], [6, 2]  # pixel-labelled, pseudo-labelled: a quarter tagged
     whole = PlannedBatches(sizes, per_batch, seed=3, start=0, stop=5)
@@ -241,7 +241,7 @@ def test_every_rank_gets_the_global_batch_mix_of_sources():
 _MIX_SCRIPT = """
 import json, torch.distributed as dist
 from discli.distributed import DistInfo
-from discli.train.engine import PlannedBatches
+from discli.train.batches import PlannedBatches
 dist.init_process_group("gloo")
 info = DistInfo(dist.get_rank(), dist.get_world_size())
 shares = [[s for s, _, _ in b] for b in PlannedBatches([9, 40], [3, 3], 0, 0, 4, info)]

@@ -127,3 +127,46 @@ def test_readme_commands_are_registered():
                 bad.append(line.strip())
     assert used, "no `dis SUBCOMMAND` line found in the README's bash blocks"
     assert not bad, f"not registered in dis.commands {sorted(known)}: {bad}"
+
+
+def readme_command_lines():
+    """Every `dis ...` command of the README's bash blocks as its words (continuation lines
+    joined, comments dropped)."""
+    import shlex
+
+    _, blocks = prose_and_code(README.read_text(encoding="utf-8"))
+    commands = []
+    for info, lines in blocks:
+        if info.split()[:1] != ["bash"]:
+            continue
+        joined = "\n".join(lines).replace("\\\n", " ")
+        for line in joined.split("\n"):
+            for part in re.split(r"&&|\|", line):
+                words = shlex.split(part, comments=True)
+                if words[:1] == ["dis"]:
+                    commands.append(words[1:])
+    return commands
+
+
+def test_readme_commands_parse_with_help(capsys):
+    """Each command's subcommand answers --help, and every option it uses is in that help."""
+    from discli.cli.app import main
+
+    checked = 0
+    for words in readme_command_lines():
+        path = []
+        for word in words:  # `dis clean-tags export CACHE`: the subcommand path first
+            if word.startswith("-"):
+                break
+            capsys.readouterr()
+            if main([*path, word, "--help"]) != 0:
+                break
+            path.append(word)
+        capsys.readouterr()
+        assert main([*path, "--help"]) == 0, words
+        help_text = capsys.readouterr().out
+        options = [w.split("=")[0] for w in words if w.startswith("--")]
+        missing = [o for o in options if not re.search(re.escape(o) + r"(?![\w-])", help_text)]
+        assert not missing, f"dis {' '.join(words)}: {missing} not in `dis {' '.join(path)} --help`"
+        checked += 1
+    assert checked >= 10

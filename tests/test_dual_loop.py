@@ -261,12 +261,11 @@ def test_shipped_backbone_weights_load_by_name():
 
 def test_make_weights_is_reproducible_and_loads(tmp_path):
     from discli.model.backbones import build_backbone
-    from discli.train.ship_weights import make_weights
+    from discli.train.ship_weights import WeightsRecipe, make_weights
 
-    a = make_weights("tiny", 8, out=tmp_path / "a.pth", n_images=6, iters=3, batch_size=2,
-                     workdir=tmp_path)
-    b = make_weights("tiny", 8, out=tmp_path / "b.pth", n_images=6, iters=3, batch_size=2,
-                     workdir=tmp_path)
+    recipe = WeightsRecipe("tiny", 8, n_images=6, iters=3, batch_size=2)
+    a = make_weights(recipe, out=tmp_path / "a.pth", workdir=tmp_path)
+    b = make_weights(recipe, out=tmp_path / "b.pth", workdir=tmp_path)
     sa, sb = torch.load(a["out"], weights_only=True), torch.load(b["out"], weights_only=True)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not any(k.startswith("backbone.") for k in sa)
@@ -318,11 +317,11 @@ def test_estep_pseudo_map_is_the_chosen_map(tmp_path, pseudo_map):
 
     from discli.data.dataset import SegDataset
     from discli.infer.loop import infer
-    from discli.train.estep import run_estep
+    from discli.train.estep import Execution, PseudoLabelling, run_estep
 
     tagged, model, cfg = _estep_setup(tmp_path)
-    cache_path = run_estep(model, tagged, tmp_path / "c.h5", t_tr=3, inference=cfg,
-                           checkpoint_hash="h", batch_size=1, pseudo_map=pseudo_map)
+    cache_path = run_estep(model, tagged, tmp_path / "c.h5",
+                           PseudoLabelling("h", 3, cfg, pseudo_map=pseudo_map), Execution(1))
     cache = PseudoCache(cache_path)
     assert json.loads(cache.attrs["inference"])["pseudo_map"] == pseudo_map
     for item in SegDataset(tagged, use_labelmaps=False):
@@ -338,15 +337,16 @@ def test_estep_flip_averages_the_image_and_its_mirror(tmp_path):
 
     from discli.data.dataset import SegDataset
     from discli.infer.loop import infer
-    from discli.train.estep import run_estep
+    from discli.train.estep import Execution, PseudoLabelling, run_estep
 
     tagged, model, cfg = _estep_setup(tmp_path)
-    cache_path = run_estep(model, tagged, tmp_path / "c.h5", t_tr=3, inference=cfg,
-                           checkpoint_hash="h", batch_size=1, pseudo_map="labelmap", flip=True)
+    cache_path = run_estep(model, tagged, tmp_path / "c.h5",
+                           PseudoLabelling("h", 3, cfg, pseudo_map="labelmap", flip=True),
+                           Execution(1))
     cache = PseudoCache(cache_path)
     assert json.loads(cache.attrs["inference"])["flip"] is True
-    plain = run_estep(model, tagged, tmp_path / "p.h5", t_tr=3, inference=cfg,
-                      checkpoint_hash="h", batch_size=1, pseudo_map="labelmap")
+    plain = run_estep(model, tagged, tmp_path / "p.h5",
+                      PseudoLabelling("h", 3, cfg, pseudo_map="labelmap"), Execution(1))
     assert "flip" not in json.loads(PseudoCache(plain).attrs["inference"])  # old caches match
     for item in SegDataset(tagged, use_labelmaps=False):
         image, tags, size = item["image"][None], item["tags"][None], item["image"].shape[-2:]

@@ -12,9 +12,10 @@ from discli.data.dataset import normalize
 from discli.data.manifest import read_manifest
 from discli.data.images import read_image
 from discli.data.labelmap import read_labelmap
-from discli.evaluation.evaluate import Evaluator, evaluate
+from discli.evaluation.evaluate import EvalOutputs, Evaluator, Scoring, evaluate
 from discli.infer.settings import parse_steps
 from discli.infer.loop import InferenceConfig, infer
+from discli.infer.runtime import RunOptions, Views
 
 SIZES = [(32, 40), (32, 40), (40, 32), (48, 48), (32, 40)]
 CFG = InferenceConfig(lr=0.5, momentum=0.9)
@@ -54,11 +55,11 @@ def _setup(report, name):
 def test_multi_t_and_ensemble_equal_separate_runs(tiny_checkpoint, dataset):
     model, _ = load_model(tiny_checkpoint)
     manifest = read_manifest(dataset)
-    both = evaluate(model, manifest, [0, 3], CFG, batch_size=2)
+    both = evaluate(model, manifest, Scoring([0, 3]), CFG, run=RunOptions(batch_size=2))
     assert [s["name"] for s in both["setups"]] == ["t=0", "t=3", "ensemble"]
     assert both["images"] == len(SIZES)
     for t in (0, 3):
-        alone = evaluate(model, manifest, [t], CFG, batch_size=1)
+        alone = evaluate(model, manifest, Scoring([t]), CFG, run=RunOptions(batch_size=1))
         assert [s["name"] for s in alone["setups"]] == [f"t={t}"]
         a, b = _setup(both, f"t={t}"), alone["setups"][0]
         assert a["miou"] == pytest.approx(b["miou"], abs=1e-9)
@@ -80,14 +81,14 @@ def test_ignored_pixels_are_not_counted(tiny_checkpoint, tmp_path):
     model, _ = load_model(tiny_checkpoint)
     path = write_dataset(tmp_path, [(32, 32), (32, 32)], seed=9)
     manifest = read_manifest(path)
-    before = evaluate(model, manifest, [0], CFG)["setups"][0]
+    before = evaluate(model, manifest, Scoring([0]), CFG)["setups"][0]
     # void the whole bottom half of the first labelmap: 512 fewer pixels, and IoU changes only
     # through the pixels removed (checked against the independent reference)
     lm_path = manifest.labelmap_path(manifest.records[0])
     lm = read_labelmap(lm_path, 3)
     lm[16:] = 255
     write_palette_png(lm_path, lm)
-    after = evaluate(model, manifest, [0], CFG)["setups"][0]
+    after = evaluate(model, manifest, Scoring([0]), CFG)["setups"][0]
     assert after["pixels"] == before["pixels"] - 16 * 32
     assert after["miou"] == pytest.approx(reference_scores(model, path, [0])[0])
 
@@ -100,7 +101,7 @@ def test_cli_json_matches_library(tiny_checkpoint, dataset):
     assert [s["name"] for s in report["setups"]] == ["t=0", "t=3", "ensemble"]
     assert report["classes"] == CLASSES and report["images"] == len(SIZES)
     model, _ = load_model(tiny_checkpoint)
-    lib = evaluate(model, read_manifest(dataset), [0, 3], CFG)
+    lib = evaluate(model, read_manifest(dataset), Scoring([0, 3]), CFG)
     for got, want in zip(report["setups"], lib["setups"]):
         assert set(got["iou"]) == set(CLASSES)
         assert got["miou"] == pytest.approx(want["miou"], abs=1e-6)
@@ -172,7 +173,7 @@ def test_confusion_matrix_in_the_report(tiny_checkpoint, dataset):
     from it is the reported one."""
     model, _ = load_model(tiny_checkpoint)
     manifest = read_manifest(dataset)
-    report = evaluate(model, manifest, [0, 2], CFG)
+    report = evaluate(model, manifest, Scoring([0, 2]), CFG)
     truth = np.zeros(len(CLASSES), np.int64)
     for rec in manifest.records:
         gt = read_labelmap(manifest.labelmap_path(rec), len(CLASSES))
@@ -248,17 +249,19 @@ def test_save_dir_never_writes_over_inputs(tiny_checkpoint, tmp_path):
     before = (root / "labels" / f"{rec.id}.png").read_bytes()
     model, _ = load_model(tiny_checkpoint)
     with pytest.raises(UsageError, match="over an input file"):
-        evaluate(model, manifest, [0], CFG, save_dir=root)
+        evaluate(model, manifest, Scoring([0]), CFG, outputs=EvalOutputs(save_dir=root))
     assert (root / "labels" / f"{rec.id}.png").read_bytes() == before
 
 
 def test_multiscale_and_flip(tiny_checkpoint, dataset, capsys):
     model, _ = load_model(tiny_checkpoint)
     manifest = read_manifest(dataset)
-    plain = evaluate(model, manifest, [0, 3], CFG)
-    single = evaluate(model, manifest, [0, 3], CFG, scales=[1.0], flip=False)
+    plain = evaluate(model, manifest, Scoring([0, 3]), CFG)
+    single = evaluate(model, manifest, Scoring([0, 3]), CFG,
+                      run=RunOptions(views=Views([1.0], False)))
     assert [s["confusion"] for s in single["setups"]] == [s["confusion"] for s in plain["setups"]]
-    multi = evaluate(model, manifest, [0, 3], CFG, scales=[0.75, 1.25], flip=True)
+    multi = evaluate(model, manifest, Scoring([0, 3]), CFG,
+                     run=RunOptions(views=Views([0.75, 1.25], True)))
     assert multi["images"] == plain["images"]
     assert [s["confusion"] for s in multi["setups"]] != [s["confusion"] for s in plain["setups"]]
     code, out, err = cli(capsys, "evaluate", str(dataset), "-c", str(tiny_checkpoint), "--t-ts",

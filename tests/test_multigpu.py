@@ -16,7 +16,7 @@ from discli import distributed
 from discli.infer.checkpoint import load_checkpoint, save_checkpoint
 from discli.errors import UsageError
 from discli.train.keys import TrainConfig
-from discli.train.engine import rng_state, set_rng_state
+from discli.train.rng import rng_state, set_rng_state
 from discli.train.finetune import finetune
 from discli.train.pretrain import pretrain
 from test_distributed import _free_port

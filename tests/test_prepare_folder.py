@@ -12,7 +12,7 @@ from test_infer_cli import cli, dis, one_thread, tiny_checkpoint  # noqa: F401
 from discli.infer.checkpoint import load_model
 from discli.data.manifest import Manifest, Record, read_manifest
 from discli.data.labelmap import write_palette_png
-from discli.evaluation.evaluate import evaluate
+from discli.evaluation.evaluate import Scoring, evaluate
 from discli.infer.loop import InferenceConfig
 
 CFG = InferenceConfig(lr=0.5, momentum=0.9)
@@ -71,7 +71,7 @@ def test_round_trip_through_evaluate(folders, tiny_checkpoint, capsys):
                labelmap=f"masks/{'b_mask.png' if rel == 'b.png' else rel.replace('.jpg', '.png')}")
         for i, rel in enumerate(truth)], root)
     model, _ = load_model(tiny_checkpoint)
-    want = evaluate(model, by_hand, [0], CFG)["setups"][0]
+    want = evaluate(model, by_hand, Scoring([0]), CFG)["setups"][0]
     assert scored["confusion"] == want["confusion"]
     assert scored["pixels"] == sum(int((lm != 255).sum()) for lm in truth.values())
 

@@ -134,8 +134,10 @@ def test_probs_parts_survive_a_kill(tmp_path):
 
 def test_interrupted_overwrite_is_finished_only_by_overwrite(tmp_path):
     from discli.model.net import ModelConfig, build_model
-    from discli.infer.inputs import InputImage
+    from discli.infer.inputs import InferOutputs, InputImage
     from discli.infer.predict import predict
+    from discli.infer.runtime import RunOptions
+    from discli.infer.settings import InferenceConfig
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="tiny", num_classes=3,
@@ -147,14 +149,16 @@ def test_interrupted_overwrite_is_finished_only_by_overwrite(tmp_path):
         Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
         inputs.append(InputImage(str(i), tmp_path / f"{i}.png"))
     out = tmp_path / "out"
-    kw = dict(classes=["bg", "a", "b"], out_dir=out, device="cpu")
-    assert len(list(predict(model, inputs, steps=0, **kw))) == 3
-    run = predict(model, inputs, steps=2, overwrite=True, **kw)
+    kw = dict(classes=["bg", "a", "b"], run=RunOptions(device="cpu"))
+    write, rewrite = InferOutputs(out_dir=out), InferOutputs(out_dir=out, overwrite=True)
+    t0, t2 = InferenceConfig(steps=0), InferenceConfig(steps=2)
+    assert len(list(predict(model, inputs, cfg=t0, outputs=write, **kw))) == 3
+    run = predict(model, inputs, cfg=t2, outputs=rewrite, **kw)
     next(run)
     run.close()  # stopped after one image: the folder now mixes t=0 and t=2 outputs
     with pytest.raises(IncompatibleError, match="a run with overwrite=True into this folder did "
                                                 "not finish") as caught:
-        list(predict(model, inputs, steps=2, **kw))
+        list(predict(model, inputs, cfg=t2, outputs=write, **kw))
     assert "pass --overwrite to finish replacing them" in caught.value.cli_message()
-    assert all(not s["skipped"] for s in predict(model, inputs, steps=2, overwrite=True, **kw))
-    assert all(s["skipped"] for s in predict(model, inputs, steps=2, **kw))
+    assert all(not s["skipped"] for s in predict(model, inputs, cfg=t2, outputs=rewrite, **kw))
+    assert all(s["skipped"] for s in predict(model, inputs, cfg=t2, outputs=write, **kw))

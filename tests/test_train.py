@@ -63,7 +63,7 @@ def _fixed_batch_losses(path, manifest_path):
     from discli.infer.checkpoint import load_model
     from discli.data.dataset import SegDataset, collate
     from discli.data.manifest import read_manifest
-    from discli.train.engine import PHASES, compute_losses
+    from discli.train.phases import PHASES, compute_losses
 
     model, _ = load_model(path)
     items = SegDataset(read_manifest(manifest_path))

@@ -205,7 +205,8 @@ def test_evaluate_from_stdin_progress_in_percent_and_png_overlays(tiny_checkpoin
 
     from PIL import Image
 
-    from discli.evaluation.evaluate import evaluate_checkpoint
+    from discli.evaluation.evaluate import EvalOutputs, Scoring, evaluate_checkpoint
+    from discli.infer.runtime import RunOptions
 
     manifest = write_dataset(tmp_path / "data", [(32, 40), (32, 40)], seed=5)
     shown = []
@@ -221,9 +222,11 @@ def test_evaluate_from_stdin_progress_in_percent_and_png_overlays(tiny_checkpoin
             pass
 
     monkeypatch.setattr(sys, "stdin", io.StringIO(manifest.read_text()))
-    report = evaluate_checkpoint(tiny_checkpoint, "-", root=manifest.parent, t_ts=[0],
-                                 device="cpu", reporter=Recorder(), save_dir=tmp_path / "shown",
-                                 overlay_format="png")
+    report = evaluate_checkpoint(tiny_checkpoint, "-", root=manifest.parent,
+                                 scoring=Scoring(steps=[0]), run=RunOptions(device="cpu"),
+                                 outputs=EvalOutputs(save_dir=tmp_path / "shown",
+                                                     overlay_format="png"),
+                                 reporter=Recorder())
     assert report["manifest"] == "<stdin>"
     assert shown[-1]["mIoU"] == pytest.approx(100 * report["setups"][-1]["miou"])
     overlays = sorted((tmp_path / "shown" / "t0").glob("*_overlay.*"))

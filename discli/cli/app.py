@@ -193,23 +193,56 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous_term)
 
 
-def _main(argv: list[str] | None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv or bool(os.environ.get("DIS_DEBUG"))
-    # Started with a standard stream closed (`dis ... <&-`): Python leaves it None. Read an
-    # absent stdin as empty input (so `-` arguments say what is missing) and discard writes
-    # to an absent stdout/stderr, instead of failing on None.
+def _open_absent_streams() -> None:
+    """Started with a standard stream closed (`dis ... <&-`): Python leaves it None. Read an
+    absent stdin as empty input (so `-` arguments say what is missing) and discard writes to an
+    absent stdout/stderr, instead of failing on None."""
     for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
         if getattr(sys, name) is None:
             setattr(sys, name, open(os.devnull, mode, encoding="utf-8"))
+
+
+def _exited(exc: SystemExit) -> int:
+    code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    if code == 1 and isinstance(sys.stdout, click.utils.PacifyFlushWrapper):
+        return _broken_pipe()  # typer/click turned EPIPE into exit 1
+    return code
+
+
+def _os_failure(exc: OSError, debug: bool) -> int:
+    """Disk full, read-only, permission...: the user's machine, not a bug."""
+    if debug:
+        traceback.print_exc()
+    refused = system_error(exc)
+    if refused is None:
+        error(f"internal error: {type(exc).__name__}: {exc} (run with --debug for a "
+              f"traceback)")
+        return EXIT_FAILURE
+    error(refused.cli_message())
+    return refused.exit_code
+
+
+def _bug(exc: Exception, debug: bool) -> int:
+    """A bug: one line unless --debug (or the failure of another rank of a distributed run)."""
+    if debug:
+        traceback.print_exc()
+    lost = peer_failure(exc, os.environ.get("RANK", 0), os.environ.get("WORLD_SIZE", 1))
+    if lost is not None:
+        error(lost.cli_message())
+        return lost.exit_code
+    error(f"internal error: {type(exc).__name__}: {exc} (run with --debug for a traceback)")
+    return EXIT_FAILURE
+
+
+def _main(argv: list[str] | None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or bool(os.environ.get("DIS_DEBUG"))
+    _open_absent_streams()
     try:
         command = carry_interrupts(refuse_non_finite(typer.main.get_command(build_app())))
         code = command(args=argv, prog_name="dis", standalone_mode=False)
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if code == 1 and isinstance(sys.stdout, click.utils.PacifyFlushWrapper):
-            return _broken_pipe()  # typer/click turned EPIPE into exit 1
-        return code
+        return _exited(exc)
     except _NO_ARGS_IS_HELP as exc:  # `dis` alone: the help
         exc.show()
         return exc.exit_code
@@ -232,25 +265,10 @@ def _main(argv: list[str] | None) -> int:
         return _interrupted(exc.interrupt)
     except BrokenPipeError:
         return _broken_pipe()
-    except OSError as exc:  # disk full, read-only, permission...: the user's machine, not a bug
-        if debug:
-            traceback.print_exc()
-        refused = system_error(exc)
-        if refused is None:
-            error(f"internal error: {type(exc).__name__}: {exc} (run with --debug for a "
-                  f"traceback)")
-            return EXIT_FAILURE
-        error(refused.cli_message())
-        return refused.exit_code
-    except Exception as exc:  # a bug: one line unless --debug
-        if debug:
-            traceback.print_exc()
-        lost = peer_failure(exc, os.environ.get("RANK", 0), os.environ.get("WORLD_SIZE", 1))
-        if lost is not None:
-            error(lost.cli_message())
-            return lost.exit_code
-        error(f"internal error: {type(exc).__name__}: {exc} (run with --debug for a traceback)")
-        return EXIT_FAILURE
+    except OSError as exc:
+        return _os_failure(exc, debug)
+    except Exception as exc:
+        return _bug(exc, debug)
     if code == EXIT_INTERRUPTED:  # typer turns ^C into a silent exit 130
         error("interrupted")
     # In non-standalone mode click returns the command's return value, or the code of an Exit.

@@ -15,14 +15,15 @@ The manifest (``data_manifests/README.md``) lists every image with its mask and 
 mask holds (``tag_source: "pixels"``), with its root the deepest folder holding both folders;
 ``dis pretrain``, ``dis finetune`` and ``dis evaluate`` read it like any other. An image
 without a mask stops the run (with ``skip_bad``: it is left out and listed) unless
-``allow_unlabelled`` keeps it without one (``finetune`` needs tags or labelmaps, so it gets
-none); masks without an image are listed in the report.
+``allow_unlabelled`` keeps it without one (both :class:`FolderChecks`; ``finetune`` needs tags
+or labelmaps, so it gets none); masks without an image are listed in the report.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +57,18 @@ def find_mask(masks: Path, relative: Path) -> Path | None:
     return None
 
 
+@dataclass(frozen=True)
+class FolderChecks:
+    """What :func:`prepare_folder` does with imperfect inputs."""
+
+    allow_unlabelled: bool = False  # keep an image without a mask (no labelmap, no tags)
+    decode: bool = False  # decode every image fully (finds truncated files); else headers only
+    skip_bad: bool = False  # leave bad images out and list them, instead of stopping
+
+
 def prepare_folder(images: str | Path, masks: str | Path, classes: Sequence[str],
-                   out: str | Path, split: str = "train", skip_bad: bool = False,
-                   decode: bool = False, allow_unlabelled: bool = False,
+                   out: str | Path, split: str = "train",
+                   checks: FolderChecks = FolderChecks(),
                    reporter: Reporter | None = None) -> dict[str, Any]:
     """Write the manifest of ``images`` and their ``masks`` to ``out`` (``"-"``: stdout) and
     return a report: ``{"out", "records", "with_labelmap", "tag_counts", "orphan_masks",
@@ -77,7 +87,7 @@ def prepare_folder(images: str | Path, masks: str | Path, classes: Sequence[str]
     if not files:
         raise BadInputError(f"no images in it (suffixes {', '.join(sorted(IMAGE_SUFFIXES))})",
                             images)
-    problems = Problems(skip_bad)
+    problems = Problems(checks.skip_bad)
     ids = make_ids([p.relative_to(images).as_posix() for p in files])
     records: list[Record] = []
     used: set[Path] = set()
@@ -87,13 +97,13 @@ def prepare_folder(images: str | Path, masks: str | Path, classes: Sequence[str]
             mask = find_mask(masks, path.relative_to(images))
             image = path.relative_to(root).as_posix()
             if mask is None:
-                if not allow_unlabelled:
+                if not checks.allow_unlabelled:
                     raise BadInputError(f"no mask for it in {masks} (looked for "
                                         f"{path.stem}.png and the other known suffixes)", path)
-                read_image(path) if decode else probe_image(path)
+                read_image(path) if checks.decode else probe_image(path)
                 records.append(Record(id=rec_id, image=image, split=split))
             else:
-                values = check_pair(path, mask, len(classes), decode)
+                values = check_pair(path, mask, len(classes), checks.decode)
                 used.add(mask)
                 records.append(Record(id=rec_id, image=image,
                                       labelmap=mask.relative_to(root).as_posix(),

@@ -202,10 +202,19 @@ def _merge(items: list[CaptionItem]) -> list[CaptionItem]:
     return list(merged.values())
 
 
-def prepare_idw(source: str | Path, out: str | Path, root: str | Path | None = None,
-                classes: Sequence[str] = VOC_CLASSES, split: str = "train", fmt: str = "auto",
-                skip_bad: bool = False, lexicon: str | Path | None = None,
-                reporter: Reporter | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class CaptionReading:
+    """How :func:`prepare_idw` reads its captions: their format, the folder their image paths
+    are relative to and the lexicon that turns their words into classes."""
+
+    fmt: str = "auto"  # a name in CAPTION_FORMATS, or "auto": told from the source
+    root: str | Path | None = None  # None: the format's own (the caption file's folder)
+    lexicon: str | Path | None = None  # a lexicon JSON replacing the shipped one
+
+
+def prepare_idw(source: str | Path, out: str | Path, classes: Sequence[str] = VOC_CLASSES,
+                split: str = "train", reading: CaptionReading = CaptionReading(),
+                skip_bad: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
     """Write a caption-tagged manifest to ``out`` (``"-"``: stdout) and return a report:
     ``{"out", "format", "records", "tag_counts", "untagged", "bad"}``."""
     reporter = reporter or NullReporter()
@@ -213,7 +222,8 @@ def prepare_idw(source: str | Path, out: str | Path, root: str | Path | None = N
     source = Path(source)
     if not source.exists():
         raise BadInputError("caption input not found", source)
-    fmt = detect_format(source) if fmt == "auto" else fmt
+    root, lexicon = reading.root, reading.lexicon
+    fmt = detect_format(source) if reading.fmt == "auto" else reading.fmt
     problems = Problems(skip_bad)
     src = CAPTION_FORMATS.get(fmt).read(source, problems)
     image_root = Path(root) if root is not None else src.root

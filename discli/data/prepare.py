@@ -52,6 +52,47 @@ def _summary(path: Path, manifest: Manifest) -> dict[str, Any]:
             "tag_counts": tag_counts(manifest.records, manifest.classes)}
 
 
+def _splits_to_write(voc_root: Path, available: list[str], splits: Sequence[str] | None,
+                     with_sbd: bool) -> tuple[list[str], list[str]]:
+    """The VOC splits to write, and those asked for (or train/val when ``splits`` is None)
+    that the tree lacks; with none of them there, UsageError."""
+    # without splits: every list there, and the usual train and val are expected
+    wanted = list(splits) if splits else [*available,
+                                          *(s for s in ("train", "val") if s not in available)]
+    missing = [s for s in wanted if s not in available]
+    if missing and len(missing) == len(wanted):
+        raise UsageError(f"split(s) {', '.join(missing)} not in {voc_root}/ImageSets/"
+                         f"Segmentation (available: {', '.join(available) or 'none'})")
+    # A tree with train.txt but no val.txt is common (a VOC subset): the splits that exist are
+    # still worth writing; the report lists the skipped ones for the caller to warn about.
+    wanted = [s for s in wanted if s in available]
+    if with_sbd:  # train_aug needs VOC's train labelmaps and val list
+        wanted += [s for s in ("train", "val") if s in available and s not in wanted]
+    return wanted, missing
+
+
+def _train_aug(voc_train: Manifest, sbd_recs: dict[str, list[Record]], val_ids: set[str],
+               both: Path) -> Manifest:
+    """(VOC train ∪ SBD train ∪ SBD val) minus VOC val, the first record of an id kept (VOC's
+    labelmaps are the finer), relative to ``both`` (the folder holding both trees)."""
+    merged: dict[str, Record] = {}
+    for rec in [*rebase(voc_train.records, voc_train.root, both), *sbd_recs.get("train", []),
+                *sbd_recs.get("val", [])]:
+        if rec.id not in val_ids and rec.id not in merged:
+            merged[rec.id] = replace(rec, split="train_aug")
+    return Manifest(voc_train.classes, list(merged.values()), both)
+
+
+def _write_all(manifests: dict[str, Manifest], out_dir: Path) -> dict[str, Any]:
+    """Write ``<name>.jsonl`` for every manifest; returns their summaries."""
+    out = {}
+    for name, manifest in manifests.items():
+        path = out_dir / f"{name}.jsonl"
+        write_manifest(path, manifest)
+        out[name] = _summary(path, manifest)
+    return out
+
+
 def prepare_voc(voc: str | Path, out_dir: str | Path, sbd: str | Path | None = None,
                 splits: Sequence[str] | None = None, classes: Sequence[str] = VOC_CLASSES,
                 skip_bad: bool = False, decode: bool = False,
@@ -70,18 +111,7 @@ def prepare_voc(voc: str | Path, out_dir: str | Path, sbd: str | Path | None = N
     sbd_root = find_sbd_root(sbd).absolute() if sbd is not None else None
     out_dir = Path(out_dir)
     available = voc_splits(voc_root)
-    # without splits: every list there, and the usual train and val are expected
-    wanted = list(splits) if splits else [*available,
-                                          *(s for s in ("train", "val") if s not in available)]
-    missing = [s for s in wanted if s not in available]
-    if missing and len(missing) == len(wanted):
-        raise UsageError(f"split(s) {', '.join(missing)} not in {voc_root}/ImageSets/"
-                         f"Segmentation (available: {', '.join(available) or 'none'})")
-    # A tree with train.txt but no val.txt is common (a VOC subset): the splits that exist are
-    # still worth writing; the report lists the skipped ones for the caller to warn about.
-    wanted = [s for s in wanted if s in available]
-    if sbd_root is not None:  # train_aug needs VOC's train labelmaps and val list
-        wanted += [s for s in ("train", "val") if s in available and s not in wanted]
+    wanted, missing = _splits_to_write(voc_root, available, splits, sbd_root is not None)
     sbd_splits = [s for s in ("train", "val") if sbd_root and (sbd_root / f"{s}.txt").is_file()]
     total = sum(len(voc_split_ids(voc_root, s)) for s in wanted)
     total += sum(len(read_id_list(sbd_root / f"{s}.txt")) for s in sbd_splits)
@@ -100,21 +130,11 @@ def prepare_voc(voc: str | Path, out_dir: str | Path, sbd: str | Path | None = N
             sbd_recs[split] = recs = rebase(recs, both, both)  # absolute -> relative to both
             manifests[f"sbd_{split}"] = Manifest(classes, recs, both)
         if "train" in manifests and "val" in available:
-            voc_train = rebase(manifests["train"].records, voc_root, both)
             # The val list from the file, not the val records: a skipped bad val image must
             # still never leak into training.
-            val_ids = set(voc_split_ids(voc_root, "val"))
-            merged: dict[str, Record] = {}
-            for rec in [*voc_train, *sbd_recs.get("train", []),
-                        *sbd_recs.get("val", [])]:
-                if rec.id not in val_ids and rec.id not in merged:
-                    merged[rec.id] = replace(rec, split="train_aug")
-            manifests["train_aug"] = Manifest(classes, list(merged.values()), both)
-    out = {}
-    for name, manifest in manifests.items():
-        path = out_dir / f"{name}.jsonl"
-        write_manifest(path, manifest)
-        out[name] = _summary(path, manifest)
+            manifests["train_aug"] = _train_aug(manifests["train"], sbd_recs,
+                                                set(voc_split_ids(voc_root, "val")), both)
+    out = _write_all(manifests, out_dir)
     reporter.log(f"wrote {len(out)} manifest(s) to {out_dir}")
     skipped = [f"{voc_root / 'ImageSets' / 'Segmentation' / s}.txt" for s in missing]
     return {"out": str(out_dir), "manifests": out, "bad": problems.items, "skipped": skipped}

@@ -2,5 +2,6 @@
 
 - :mod:`~discli.demo.run`     the stages (benchmark, baseline, fine-tuning per t_tr, bound,
   evaluation, tag scores) and their timings
+- :mod:`~discli.demo.jobs`    training runs side by side in worker processes
 - :mod:`~discli.demo.report`  ``report.md``, ``report.json``, the figure and the curves
 """

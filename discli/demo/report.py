@@ -1,16 +1,22 @@
-"""The demo's report: a Table-3 style table (markdown + JSON) and a Fig.-5 style figure (PNG)."""
+"""The demo's report: a Table-3 style table (markdown + JSON), the command lines that give the
+same results, and a Fig.-5 style figure (PNG)."""
 
 from __future__ import annotations
 
 import io
 import json
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from discli.storage import atomic_write
+from discli.train.keys import TrainConfig
+
+if TYPE_CHECKING:
+    from discli.demo.run import DemoConfig
 
 
 def _pct(x: float | None) -> str:
@@ -51,6 +57,48 @@ def inference_gain(report: dict[str, Any]) -> list[str]:
                  for s in result["setups"] if s["name"] in base and s["name"] != "ensemble"]
         lines.append(f"- {model} minus t_tr=0 (mIoU points): " + ", ".join(diffs))
     return ["", "Training-time inference, against the same loop without it:", "", *lines]
+
+
+def _toml(value: Any) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def train_command(command: str, cfg: TrainConfig, preset: str = "demo") -> str:
+    """The `dis pretrain|finetune` command line that trains with ``cfg``: ``--config PRESET``,
+    its manifests, run folders and t_tr as options where they differ from the preset's, and
+    every other setting that differs as --set KEY=VALUE (derived from the config itself, so the
+    listed commands cannot drift from what ran)."""
+    from discli.train.config import load_config
+
+    section = "pretrain" if command == "pretrain" else "finetune"
+    defaults = asdict(load_config(preset, {}, section=section))
+    options = ("labelled", "tagged", "init", "out", "t_tr")
+    paths = [f"--{key.replace('_', '-')} {value}" for key, value in asdict(cfg).items()
+             if key in options and value != defaults[key]]
+    sets = [f"--set {key}={_toml(value)}" for key, value in asdict(cfg).items()
+            if key not in options and value != defaults[key]]
+    return " ".join([f"dis {command} --config {preset}", *paths, *sets])
+
+
+def demo_commands(demo: DemoConfig, bench: Path, runs: Path,
+                  configs: dict[str, tuple[str, TrainConfig]]) -> list[str]:
+    """The command lines a user would run for the same results (the report lists them):
+    ``dis synth``, every training run of ``configs``, then ``dis evaluate`` and
+    ``dis clean-tags stats`` of the largest t_tr."""
+    m = bench / "manifests"
+    last = configs[f"t_tr={demo.t_tr[-1]}"][1] if demo.t_tr else None
+    lines = [f"dis synth {bench} --seed {demo.seed} --n-labelled {demo.n_labelled} "
+             f"--n-tagged {demo.n_tagged} --n-test {demo.n_test} "
+             f"--difficulty {demo.difficulty} --min-size {demo.min_size} "
+             f"--max-size {demo.max_size}"]
+    lines += [train_command(command, cfg, demo.preset_name) for command, cfg in configs.values()]
+    ts = ",".join(str(t) for t in demo.t_ts)
+    if last is not None:
+        lines.append(f"dis evaluate --checkpoint {runs}/dis-t{demo.t_tr[-1]}/finetune/final.pth "
+                     f"--manifest {m}/val.jsonl --t-ts {ts}")
+        lines.append(f"dis clean-tags stats {runs}/dis-t{demo.t_tr[-1]}/finetune/round-"
+                     f"{last.rounds}/cache.h5 --truth {bench}/idw/true_tags.jsonl")
+    return lines
 
 
 def markdown(report: dict[str, Any]) -> str:

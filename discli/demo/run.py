@@ -19,13 +19,13 @@ Fig. 5: input, reconstruction target, ground truth, baseline, t_tr = 0, DIS at g
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from discli.demo.jobs import demo_workers, run_jobs, train_job
 from discli.storage import atomic_write
 from discli.errors import UsageError
 from discli.progress import NullReporter, Reporter
@@ -90,6 +90,15 @@ def _cached_json(path: Path, compute: Any) -> Any:
     return value
 
 
+def _synth_config(demo: DemoConfig) -> Any:
+    """The settings of the demo's benchmark (a :class:`discli.synth.SynthConfig`)."""
+    from discli.synth import SynthConfig
+
+    return SynthConfig(seed=demo.seed, n_labelled=demo.n_labelled, n_tagged=demo.n_tagged,
+                       n_test=demo.n_test, min_size=demo.min_size, max_size=demo.max_size,
+                       difficulty=demo.difficulty)
+
+
 # Settings that do not change any result: a re-run may differ in these.
 NEUTRAL_SETTINGS = ("out", "device", "figure_rows", "workers")
 
@@ -99,11 +108,7 @@ def check_settings(results: Path, demo: DemoConfig) -> None:
     re-run with other settings (or one from an older version, which wrote no settings file)
     would mix two runs in one report. Refuse that; otherwise record the settings (once they
     are known to be valid, so that a typo does not lock the folder)."""
-    from discli.synth import SynthConfig
-
-    SynthConfig(seed=demo.seed, n_labelled=demo.n_labelled, n_tagged=demo.n_tagged,
-                n_test=demo.n_test, min_size=demo.min_size, max_size=demo.max_size,
-                difficulty=demo.difficulty).check()
+    _synth_config(demo).check()
     path = results / "settings.json"
     settings = {k: v for k, v in json.loads(json.dumps(asdict(demo))).items()
                 if k not in NEUTRAL_SETTINGS}
@@ -125,67 +130,9 @@ def check_settings(results: Path, demo: DemoConfig) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
 
 
-def demo_workers(requested: int, device: str) -> int:
-    """How many processes train the demo's independent runs: ``requested``, or with 0 one per
-    CPU core available to this process, at most 2 (each trains with one thread; the tiny
-    model's convolutions do not split over threads, so processes are what uses the cores).
-    On a GPU the runs would share one device: 1."""
-    if requested < 0:
-        raise UsageError(f"{{opt:workers}} must be >= 0, got {requested}")
-    if requested:
-        return requested
-    from discli.distributed import resolve_device
-
-    if resolve_device(device).type != "cpu":
-        return 1
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(2, cores))
-
-
 def _describe(job: str) -> str:
     return ("the fully supervised upper bound (every labelmap)" if job == "bound"
             else job.replace("finetune", "fine-tuning with"))
-
-
-def train_job(kind: str, cfg: TrainConfig, reporter: Reporter | None = None) -> float:
-    """``dis pretrain`` or ``dis finetune`` with ``cfg``, one thread; returns its seconds. Runs
-    in a worker process too (hence a module-level function)."""
-    import torch
-
-    from discli.train.finetune import finetune
-    from discli.train.pretrain import pretrain
-
-    torch.set_num_threads(1)
-    tic = time.perf_counter()
-    (pretrain if kind == "pretrain" else finetune)(cfg, reporter=reporter)
-    return time.perf_counter() - tic
-
-
-def run_jobs(jobs: dict[str, tuple[str, TrainConfig]],
-             workers: int) -> Iterator[tuple[str, float]]:
-    """Train ``jobs`` (name -> (kind, config)) in ``workers`` fresh processes, started in the
-    order given; yields (name, seconds) as each finishes. A job that fails raises its error
-    here, once the jobs already running have finished (the rest are not started); every run
-    resumes from its own checkpoints when the demo is re-run."""
-    import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-
-    # "spawn": a fork of a process that has run torch can deadlock in its thread pools.
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
-        pending = {pool.submit(train_job, kind, cfg): name for name, (kind, cfg) in jobs.items()}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
-            for future in done:
-                name = pending.pop(future)
-                if future.exception() is not None:
-                    for other in pending:
-                        other.cancel()
-                    raise future.exception()  # type: ignore[misc]
-                yield name, future.result()
 
 
 def _union_manifest(bench: Path, manifests: dict[str, str]) -> Path:
@@ -203,58 +150,172 @@ def _union_manifest(bench: Path, manifests: dict[str, str]) -> Path:
     return path
 
 
-def _toml(value: Any) -> str:
-    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+class StageTimes:
+    """Seconds spent on each stage, summed over the runs that worked on it (kept in
+    ``results/timings.json``): a resumed demo reports what its stages cost, not the near-zero
+    time of finding them finished. ``timings`` holds this run's stages, in the report's
+    order."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.spent: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+        self.timings: dict[str, float] = {}
+
+    def record(self, name: str, seconds: float, redone: bool = False) -> None:
+        """``redone``: a stage that every run does in full (the figures): its own time."""
+        before = 0.0 if redone else self.spent.get(name, 0.0)
+        self.timings[name] = self.spent[name] = round(before + seconds, 1)
+        atomic_write(self.path, lambda f: f.write(json.dumps(self.spent, indent=1).encode()))
+
+    def timed(self, name: str, fn: Callable[[], Any], redone: bool = False) -> Any:
+        tic = time.perf_counter()
+        value = fn()
+        self.record(name, time.perf_counter() - tic, redone)
+        return value
+
+    def reorder(self, names: list[str]) -> None:
+        """List ``names`` last, in the order given (not as the runs finished)."""
+        for name in names:
+            self.timings[name] = self.timings.pop(name)
 
 
-def train_command(command: str, cfg: TrainConfig, preset: str = "demo") -> str:
-    """The `dis pretrain|finetune` command line that trains with ``cfg``: ``--config PRESET``,
-    its manifests, run folders and t_tr as options where they differ from the preset's, and
-    every other setting that differs as --set KEY=VALUE (derived from the config itself, so the listed commands cannot drift from
-    what ran)."""
-    from discli.train.config import load_config
+@dataclass
+class DemoRuns:
+    """The demo's training runs by name ("baseline", "t_tr=T", "bound"), in the report's
+    order: their (kind, config) and final checkpoints; ``jobs`` are those trained once the
+    baseline exists (name -> (kind, config))."""
 
-    section = "pretrain" if command == "pretrain" else "finetune"
-    defaults = asdict(load_config(preset, {}, section=section))
-    options = ("labelled", "tagged", "init", "out", "t_tr")
-    paths = [f"--{key.replace('_', '-')} {value}" for key, value in asdict(cfg).items()
-             if key in options and value != defaults[key]]
-    sets = [f"--set {key}={_toml(value)}" for key, value in asdict(cfg).items()
-            if key not in options and value != defaults[key]]
-    return " ".join([f"dis {command} --config {preset}", *paths, *sets])
+    configs: dict[str, tuple[str, TrainConfig]] = field(default_factory=dict)
+    checkpoints: dict[str, Path] = field(default_factory=dict)
+    finetune: dict[int, TrainConfig] = field(default_factory=dict)  # t_tr -> its config
+    jobs: dict[str, tuple[str, TrainConfig]] = field(default_factory=dict)
 
 
-def _commands(demo: DemoConfig, bench: Path, runs: Path,
-              configs: dict[str, tuple[str, TrainConfig]]) -> list[str]:
-    m = bench / "manifests"
-    last = configs[f"t_tr={demo.t_tr[-1]}"][1] if demo.t_tr else None
-    lines = [f"dis synth {bench} --seed {demo.seed} --n-labelled {demo.n_labelled} "
-             f"--n-tagged {demo.n_tagged} --n-test {demo.n_test} "
-             f"--difficulty {demo.difficulty} --min-size {demo.min_size} "
-             f"--max-size {demo.max_size}"]
-    lines += [train_command(command, cfg, demo.preset_name) for command, cfg in configs.values()]
-    ts = ",".join(str(t) for t in demo.t_ts)
-    if last is not None:
-        lines.append(f"dis evaluate --checkpoint {runs}/dis-t{demo.t_tr[-1]}/finetune/final.pth "
-                     f"--manifest {m}/val.jsonl --t-ts {ts}")
-        lines.append(f"dis clean-tags stats {runs}/dis-t{demo.t_tr[-1]}/finetune/round-"
-                     f"{last.rounds}/cache.h5 --truth {bench}/idw/true_tags.jsonl")
-    return lines
+def _benchmark(demo: DemoConfig, bench: Path, results: Path, times: StageTimes) -> Any:
+    """Stage 1: the benchmark and its manifests (``dis synth``)."""
+    from discli.synth import generate_benchmark
+
+    return times.timed("benchmark", lambda: _cached_json(results / "benchmark.json", lambda: (
+        generate_benchmark(bench, _synth_config(demo)))))
+
+
+def _baseline(demo: DemoConfig, runs: Path, manifests: dict[str, str], times: StageTimes,
+              reporter: Reporter) -> TrainConfig:
+    """Stage 2: ``dis pretrain`` on the pixel-labelled images; returns its config."""
+    from discli.train.pretrain import pretrain
+
+    reporter.log("demo: pretraining the baseline on the pixel-labelled images")
+    cfg = _train_config(demo, runs / "baseline", "pretrain", labelled=manifests["train"])
+    times.timed("pretrain", lambda: pretrain(cfg, reporter=reporter))
+    return cfg
+
+
+def _plan_runs(demo: DemoConfig, bench: Path, runs: Path, manifests: dict[str, str],
+               baseline_cfg: TrainConfig) -> DemoRuns:
+    """The runs from the baseline: fine-tuning for every t_tr, and the upper bound."""
+    baseline = runs / "baseline" / "pretrain" / "final.pth"
+    plan = DemoRuns({"baseline": ("pretrain", baseline_cfg)}, {"baseline": baseline})
+    common = dict(labelled=manifests["train"], tagged=manifests["tagged"])
+    for t in demo.t_tr:
+        cfg = _train_config(demo, runs / f"dis-t{t}", "finetune", init=str(baseline), t_tr=t,
+                            **common)
+        plan.configs[f"t_tr={t}"] = plan.jobs[f"finetune t_tr={t}"] = ("finetune", cfg)
+        plan.finetune[t] = cfg
+        plan.checkpoints[f"t_tr={t}"] = runs / f"dis-t{t}" / "finetune" / "final.pth"
+    # The fully supervised upper bound: as many iterations as the baseline and the longest
+    # fine-tuning together.
+    extra_iters = max((c.rounds * c.mstep_iters for c in plan.finetune.values()), default=0)
+    bound_cfg = _train_config(demo, runs / "bound", "pretrain", labelled=str(_union_manifest(
+        bench, manifests)), iters_step3=baseline_cfg.iters_step3 + extra_iters)
+    plan.configs["bound"] = plan.jobs["bound"] = ("pretrain", bound_cfg)
+    plan.checkpoints["bound"] = runs / "bound" / "pretrain" / "final.pth"
+    return plan
+
+
+def _train_runs(demo: DemoConfig, jobs: dict[str, tuple[str, TrainConfig]],
+                times: StageTimes, reporter: Reporter) -> None:
+    """Stages 3 and 4: the fine-tuning runs and the bound, side by side where cores allow."""
+    workers = demo_workers(demo.workers, jobs["bound"][1].device)
+    if workers <= 1:
+        for name, (kind, cfg) in jobs.items():
+            reporter.log(f"demo: {_describe(name)}")
+            times.record(name, train_job(kind, cfg, reporter))
+        return
+    # Longest first (the bound, then t_tr downwards), so the last job to start is short.
+    order = ["bound", *(f"finetune t_tr={t}" for t in sorted(demo.t_tr, reverse=True))]
+    reporter.log(f"demo: {len(jobs)} training runs in {workers} processes "
+                 f"(the fine-tuning for every t_tr and the bound)")
+    for name, seconds in run_jobs({n: jobs[n] for n in order}, workers):
+        reporter.log(f"demo: finished {_describe(name)} ({seconds:.0f} s)")
+        times.record(name, seconds)
+    times.reorder(list(jobs))  # the report lists them in the usual order
+
+
+def _evaluate_runs(demo: DemoConfig, checkpoints: dict[str, Path], val: Any, results: Path,
+                   times: StageTimes, reporter: Reporter) -> dict[str, Any]:
+    """Stage 5: ``dis evaluate --t-ts ...`` of every model."""
+    from discli.infer.checkpoint import load_for_inference
+    from discli.evaluation.evaluate import Scoring, evaluate
+
+    scores: dict[str, Any] = {}
+    for name, ckpt in checkpoints.items():
+        reporter.log(f"demo: evaluating {name}")
+        loaded = load_for_inference(ckpt)
+        # test-time inference as the model was trained to run it (its checkpoint's settings)
+        model, inference = loaded.model, loaded.inference_config()
+        scores[name] = times.timed(f"evaluate {name}", lambda model=model, inference=inference:
+                                   _cached_json(results / f"eval-{name.replace('=', '')}.json",
+                                                lambda: evaluate(model, val, Scoring(demo.t_ts),
+                                                                 inference, reporter=reporter)))
+    return scores
+
+
+def _round_scores(cache: Any, oracle: Any, truth: Any, cfg: TrainConfig,
+                  r: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One E-step's pseudo-labels scored against the true labelmaps, and its tags (as the
+    run's M-step saw them: its cleaning rule) against the true tags."""
+    from discli.pseudo.stats import score_cache
+    from discli.pseudo.tags import tag_stats
+
+    score = score_cache(cache, oracle, cfg.confidence)
+    round_tags = tag_stats(cache, truth, cfg.tag_cleaning())
+    return ({"round": r, "miou": score["all"]["miou"], "kept_miou": score["kept"]["miou"],
+             "kept_share": score["kept_share"], "iou": score["all"]["iou"],
+             "caption_f1": round_tags["noisy"]["micro"]["f1"],
+             "cleaned_f1": round_tags["cleaned"]["micro"]["f1"]}, round_tags)
+
+
+def _pseudo_label_scores(finetune_cfgs: dict[int, TrainConfig], runs: Path, truth: Any,
+                         oracle: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Stage 6: every round's pseudo-labels of each fine-tuning run (``pseudo_labels``) and
+    the tags of its last round (``tags``, ``dis clean-tags stats``)."""
+    from discli.pseudo.cache import PseudoCache
+
+    tags, pseudo = {}, {}
+    for t, cfg in finetune_cfgs.items():
+        rounds = []
+        for r in range(1, cfg.rounds + 1):
+            cache = PseudoCache(runs / f"dis-t{t}" / "finetune" / f"round-{r}" / "cache.h5")
+            row, round_tags = _round_scores(cache, oracle, truth, cfg, r)
+            rounds.append(row)
+            if r == cfg.rounds:
+                tags[f"t_tr={t}"] = round_tags
+            cache.close()
+        pseudo[f"t_tr={t}"] = rounds
+    return tags, pseudo
 
 
 def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, Any]:
-    from discli.pseudo.cache import PseudoCache
-    from discli.infer.checkpoint import load_for_inference
-    from discli.data.manifest import read_manifest
-    from discli.synth import generate_benchmark
-    from discli.evaluation.evaluate import evaluate
-    from discli.pseudo.stats import score_cache
-    from discli.pseudo.tags import read_truth, tag_stats
-    from discli.train.pretrain import pretrain
-
-    reporter = reporter or NullReporter()
+    """Every stage of the demo in ``demo.out`` (module docstring), each resuming where an
+    interrupted run left it; returns the report (``report.json``)."""
     import torch
 
+    from discli.data.manifest import read_manifest
+    from discli.demo.report import demo_commands, write_figure, write_report
+    from discli.evaluation.plots import write_curves
+    from discli.pseudo.tags import read_truth
+
+    reporter = reporter or NullReporter()
     # The tiny model's convolutions are too small to split over threads: on a 2-core CPU two
     # intra-op threads made a training step many times slower than one (measured in the demo).
     torch.set_num_threads(1)
@@ -262,113 +323,25 @@ def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, An
     bench, runs, results = out / "bench", out / "runs", out / "results"
     results.mkdir(parents=True, exist_ok=True)
     check_settings(results, demo)
-    # Seconds spent on each stage, summed over the runs that worked on it: a resumed demo
-    # reports what its stages cost, not the near-zero time of finding them finished.
-    timings_path = results / "timings.json"
-    spent: dict[str, float] = (json.loads(timings_path.read_text())
-                               if timings_path.exists() else {})
-    timings: dict[str, float] = {}
-
-    def record(name: str, seconds: float, redone: bool = False) -> None:
-        """``redone``: a stage that every run does in full (the figures): its own time."""
-        before = 0.0 if redone else spent.get(name, 0.0)
-        timings[name] = spent[name] = round(before + seconds, 1)
-        atomic_write(timings_path, lambda f: f.write(json.dumps(spent, indent=1).encode()))
-
-    def timed(name: str, fn: Any, redone: bool = False) -> Any:
-        tic = time.perf_counter()
-        value = fn()
-        record(name, time.perf_counter() - tic, redone)
-        return value
-
+    times = StageTimes(results / "timings.json")
     reporter.log(f"demo: benchmark in {bench}")
-    info = timed("benchmark", lambda: _cached_json(results / "benchmark.json", lambda: (
-        generate_benchmark(bench, seed=demo.seed, n_labelled=demo.n_labelled,
-                           n_tagged=demo.n_tagged, n_test=demo.n_test,
-                           min_size=demo.min_size, max_size=demo.max_size,
-                           difficulty=demo.difficulty))))
+    info = _benchmark(demo, bench, results, times)
     manifests = info["manifests"]
-    common = dict(labelled=manifests["train"], tagged=manifests["tagged"])
-
-    reporter.log("demo: pretraining the baseline on the pixel-labelled images")
-    baseline_cfg = _train_config(demo, runs / "baseline", "pretrain",
-                                 labelled=manifests["train"])
-    configs = {"baseline": ("pretrain", baseline_cfg)}
-    timed("pretrain", lambda: pretrain(baseline_cfg, reporter=reporter))
-    baseline = runs / "baseline" / "pretrain" / "final.pth"
-
-    checkpoints = {"baseline": baseline}
-    jobs: dict[str, tuple[str, TrainConfig]] = {}
-    finetune_cfgs = {}
-    for t in demo.t_tr:
-        cfg = _train_config(demo, runs / f"dis-t{t}", "finetune", init=str(baseline), t_tr=t,
-                            **common)
-        configs[f"t_tr={t}"] = jobs[f"finetune t_tr={t}"] = ("finetune", cfg)
-        finetune_cfgs[t] = cfg
-        checkpoints[f"t_tr={t}"] = runs / f"dis-t{t}" / "finetune" / "final.pth"
-    # The fully supervised upper bound: as many iterations as the baseline and the longest
-    # fine-tuning together.
-    extra_iters = max((c.rounds * c.mstep_iters for c in finetune_cfgs.values()), default=0)
-    bound_cfg = _train_config(demo, runs / "bound", "pretrain", labelled=str(_union_manifest(
-        bench, manifests)), iters_step3=baseline_cfg.iters_step3 + extra_iters)
-    configs["bound"] = jobs["bound"] = ("pretrain", bound_cfg)
-    checkpoints["bound"] = runs / "bound" / "pretrain" / "final.pth"
-    workers = demo_workers(demo.workers, bound_cfg.device)
-    if workers <= 1:
-        for name, (kind, cfg) in jobs.items():
-            reporter.log(f"demo: {_describe(name)}")
-            record(name, train_job(kind, cfg, reporter))
-    else:
-        # Longest first (the bound, then t_tr downwards), so the last job to start is short.
-        order = ["bound", *(f"finetune t_tr={t}" for t in sorted(demo.t_tr, reverse=True))]
-        reporter.log(f"demo: {len(jobs)} training runs in {workers} processes "
-                     f"(the fine-tuning for every t_tr and the bound)")
-        for name, seconds in run_jobs({n: jobs[n] for n in order}, workers):
-            reporter.log(f"demo: finished {_describe(name)} ({seconds:.0f} s)")
-            record(name, seconds)
-        for name in jobs:  # the report lists them in the usual order, not as they finished
-            timings[name] = timings.pop(name)
-
+    plan = _plan_runs(demo, bench, runs, manifests,
+                      _baseline(demo, runs, manifests, times, reporter))
+    _train_runs(demo, plan.jobs, times, reporter)
     val = read_manifest(manifests["val"])
-    scores: dict[str, Any] = {}
-    for name, ckpt in checkpoints.items():
-        reporter.log(f"demo: evaluating {name}")
-        loaded = load_for_inference(ckpt)
-        # test-time inference as the model was trained to run it (its checkpoint's settings)
-        model, inference = loaded.model, loaded.inference_config()
-        scores[name] = timed(f"evaluate {name}", lambda model=model, inference=inference:
-                             _cached_json(results / f"eval-{name.replace('=', '')}.json",
-                                          lambda: evaluate(model, val, steps=demo.t_ts,
-                                                           cfg=inference, reporter=reporter)))
-
-    truth = read_truth(info["true_tags"], val.classes)
-    oracle = read_manifest(manifests["tagged_oracle"])
-    tags, pseudo = {}, {}
-    for t, cfg in finetune_cfgs.items():
-        rounds = []
-        for r in range(1, cfg.rounds + 1):
-            cache = PseudoCache(runs / f"dis-t{t}" / "finetune" / f"round-{r}" / "cache.h5")
-            score = score_cache(cache, oracle, cfg.confidence)
-            # the tags as the run's M-step saw them (its cleaning rule)
-            round_tags = tag_stats(cache, truth, cfg.tag_cleaning())
-            rounds.append({"round": r, "miou": score["all"]["miou"],
-                           "kept_miou": score["kept"]["miou"], "kept_share": score["kept_share"],
-                           "iou": score["all"]["iou"],
-                           "caption_f1": round_tags["noisy"]["micro"]["f1"],
-                           "cleaned_f1": round_tags["cleaned"]["micro"]["f1"]})
-            if r == cfg.rounds:
-                tags[f"t_tr={t}"] = round_tags
-            cache.close()
-        pseudo[f"t_tr={t}"] = rounds
-
+    scores = _evaluate_runs(demo, plan.checkpoints, val, results, times, reporter)
+    tags, pseudo = _pseudo_label_scores(plan.finetune, runs,
+                                        read_truth(info["true_tags"], val.classes),
+                                        read_manifest(manifests["tagged_oracle"]))
     report = {"config": asdict(demo), "benchmark": info.get("stats"), "classes": val.classes,
-              "scores": scores, "tags": tags, "pseudo_labels": pseudo, "timings_s": timings,
-              "commands": _commands(demo, bench, runs, configs)}
-    from discli.demo.report import write_figure, write_report
-    from discli.evaluation.plots import write_curves
-
-    timed("figure", lambda: write_figure(out / "figure.png", checkpoints, val, demo), True)
-    timed("curves", lambda: write_curves(out / "curves.png", report), True)
-    report["timings_s"] = timings
+              "scores": scores, "tags": tags, "pseudo_labels": pseudo,
+              "timings_s": times.timings,
+              "commands": demo_commands(demo, bench, runs, plan.configs)}
+    times.timed("figure", lambda: write_figure(out / "figure.png", plan.checkpoints, val, demo),
+                True)
+    times.timed("curves", lambda: write_curves(out / "curves.png", report), True)
+    report["timings_s"] = times.timings
     write_report(out, report)
     return report

@@ -31,7 +31,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,8 @@ from discli.errors import BadInputError, UsageError
 from discli.infer.loop import InferenceConfig
 from discli.evaluation.metrics import BoundaryF, ConfusionMatrix
 from discli.model.net import DISNet
-from discli.infer.runtime import check_scales, infer_views, shared_plan, size_batches, synchronize
+from discli.infer.runtime import (InferenceOverrides, RunOptions, infer_views, shared_plan,
+                                  size_batches, synchronize)
 from discli.progress import NullReporter, Reporter
 from discli.infer.visual import DEFAULT_OPACITY
 
@@ -129,80 +131,90 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _labelled(manifest: Any, split: str | None) -> Any:
+@dataclass(frozen=True)
+class Scoring:
+    """What an evaluation scores: a setup for every t of ``steps`` (None: t = 0; for
+    :func:`evaluate_checkpoint` the checkpoint's t_ts) and, with ``ensemble`` and 2+ t, their
+    average; boundary F at ``boundary_tolerance`` pixels; the labelled records of ``split``
+    (None: all), the first ``limit`` of them."""
+
+    steps: Sequence[int] | None = None
+    ensemble: bool = True
+    boundary_tolerance: float = 2.0
+    split: str | None = None
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class EvalOutputs:
+    """What an evaluation writes besides its report (:class:`PredictionSaver`): with a
+    ``save_dir``, every setup's predictions (overlays as ``overlay_format`` at ``opacity``) and
+    confusion.png; nothing without one."""
+
+    save_dir: str | Path | None = None
+    opacity: float = DEFAULT_OPACITY
+    overlay_format: str = "jpg"
+
+
+def _labelled(manifest: Any, scoring: Scoring) -> Any:
+    """The records scored: those with a labelmap (of ``scoring.split``), the first
+    ``scoring.limit`` of them."""
     records = [r for r in manifest.records
-               if r.labelmap and (split is None or r.split == split)]
+               if r.labelmap and (scoring.split is None or r.split == scoring.split)]
     if not records:
-        where = f" in split {split!r}" if split else ""
+        where = f" in split {scoring.split!r}" if scoring.split else ""
         raise BadInputError(f"no records with a labelmap{where} to evaluate on", manifest.path)
+    if scoring.limit is not None:
+        records = records[:scoring.limit]
     return dataclasses.replace(manifest, records=records)
 
 
-def evaluate(model: DISNet, manifest: Any, steps: Sequence[int] = (0,),
+def evaluate(model: DISNet, manifest: Any, scoring: Scoring = Scoring(),
              cfg: InferenceConfig | None = None, *, classes: Sequence[str] | None = None,
-             ensemble: bool = True, batch_size: int = 8, device: str | torch.device = "cpu",
-             amp: bool = False, boundary_tolerance: float = 2.0, split: str | None = None,
-             num_workers: int = 0, limit: int | None = None,
-             checkpoint: str | None = None, reporter: Reporter | None = None,
-             save_dir: str | Path | None = None, opacity: float = DEFAULT_OPACITY,
-             scales: Sequence[float] = (1.0,), flip: bool = False,
-             overlay_format: str = "jpg") -> dict[str, Any]:
+             run: RunOptions = RunOptions(), outputs: EvalOutputs = EvalOutputs(),
+             reporter: Reporter | None = None) -> dict[str, Any]:
     """Evaluate ``model`` on the labelled records of ``manifest`` (a
-    :class:`discli.data.manifest.Manifest`) at every t in ``steps`` (+ their ensemble).
+    :class:`discli.data.manifest.Manifest`) at every t in ``scoring.steps`` (+ their
+    ensemble). ``classes``: the model's class names (default: the manifest's).
 
-    Returns ``{"manifest", "split", "classes", "steps", "images", "ms_per_image",
-    "boundary_tolerance", "checkpoint", "setups": [{"name", "steps", "miou", "pixel_acc",
-    "boundary": {"precision", "recall", "f1", "tolerance"}, "ms_per_image", "iou": {class: IoU
-    or None}, "classes_counted", "pixels", "confusion": K x K pixel counts, rows = true class,
-    columns = predicted}, ...]}``; mIoU over classes with gt + pred pixels > 0.
+    Returns ``{"manifest", "checkpoint" (None: :func:`evaluate_checkpoint` names it), "split",
+    "classes", "steps", "images", "ms_per_image", "boundary_tolerance", "setups": [{"name",
+    "steps", "miou", "pixel_acc", "boundary": {"precision", "recall", "f1", "tolerance"},
+    "ms_per_image", "iou": {class: IoU or None}, "classes_counted", "pixels", "confusion": K x
+    K pixel counts, rows = true class, columns = predicted}, ...]}``; mIoU over classes with
+    gt + pred pixels > 0.
 
-    ``save_dir``: also write what was scored (:class:`PredictionSaver`): per setup a folder
-    (``t0``, ``t10``, ``ensemble``) with ``<id>.png``, the prediction as a VOC palette PNG,
-    and ``<id>_overlay.jpg`` (``overlay_format`` "png": ``.png``), the image with the
-    prediction blended over its labelled non-background pixels at ``opacity``; and ``confusion.png``, the confusion matrix of every
-    setup.
+    ``outputs.save_dir``: also write what was scored (:class:`PredictionSaver`): per setup a
+    folder (``t0``, ``t10``, ``ensemble``) with ``<id>.png``, the prediction as a VOC palette
+    PNG, and ``<id>_overlay.jpg`` (``overlay_format`` "png": ``.png``), the image with the
+    prediction blended over its labelled non-background pixels at ``opacity``; and
+    ``confusion.png``, the confusion matrix of every setup.
 
-    ``scales`` / ``flip``: multi-scale and flip testing (:mod:`discli.infer.runtime`): every t is
-    the average of the probabilities of every scale, and of its mirror image when ``flip``.
+    ``run.views``: multi-scale and flip testing (:mod:`discli.infer.runtime`): every t is the
+    average of the probabilities of every scale, and of its mirror image when ``flip``.
 
     Under torchrun each rank scores its share of the batches and every rank returns the report
     of the whole set (see the module docstring).
     """
     from discli.data.dataset import SegDataset
 
-    try:
-        scales = check_scales(scales)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
+    views = run.views.checked()
     cfg = cfg or InferenceConfig()
     reporter = reporter or NullReporter()
-    device, info = setup_distributed(device)
-    steps = sorted(set(int(t) for t in steps))
+    device, info = setup_distributed(run.device)
+    run = dataclasses.replace(run, device=device, views=views)
+    steps = sorted(set(int(t) for t in (scoring.steps if scoring.steps is not None else (0,))))
     classes = list(classes) if classes is not None else list(manifest.classes)
-    check_classes(classes, manifest.classes, "manifest", manifest.path, checkpoint)
-    data = _labelled(manifest, split)
-    if limit is not None:
-        data = dataclasses.replace(data, records=data.records[:limit])
+    check_classes(classes, manifest.classes, "manifest", manifest.path)
+    data = _labelled(manifest, scoring)
     dataset = SegDataset(data, transform=None, use_labelmaps=True)
     model = model.to(device).eval()
-    acc = Evaluator(len(classes), steps, ensemble, boundary_tolerance)
-    saver = (PredictionSaver(save_dir, data, acc.names, opacity, overlay_format)
-             if save_dir is not None else None)
-    if info.enabled:
-        batches, total = _sharded_batches(dataset, data, batch_size, num_workers, info)
-    else:
-        loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers)
-        items = (item for item in loader if bool(item["has_labelmap"]))
-        batches = size_batches(items, lambda item: tuple(item["image"].shape), batch_size)
-        total = len(dataset)
+    acc = Evaluator(len(classes), steps, scoring.ensemble, scoring.boundary_tolerance)
+    saver = (PredictionSaver(outputs.save_dir, data, acc.names, outputs.opacity,
+                             outputs.overlay_format) if outputs.save_dir is not None else None)
+    batches, total = _batches(dataset, data, run, info)
     reporter.start("evaluate", total=total)
-    for batch in batches:
-        preds = _score_batch(model, batch, acc, cfg, amp, device, scales, flip)
-        if saver is not None:
-            saver.write(batch, preds)
-        latest = acc.confusion[acc.names[-1]].compute()
-        reporter.advance(len(batch), mIoU=100 * latest["miou"])  # percent, as every table
+    _score_all(model, batches, acc, cfg, run, saver, reporter)
     if info.enabled:
         acc.all_reduce()  # every rank, those with no image included
     if acc.images == 0:
@@ -211,66 +223,87 @@ def evaluate(model: DISNet, manifest: Any, steps: Sequence[int] = (0,),
     if saver is not None and info.is_main:
         saver.write_confusion(report["setups"], classes)
     shown = str(manifest.path) if manifest.path is not None else "<stdin>"  # "-" read
-    return {"manifest": shown, "checkpoint": checkpoint, "split": split,
-            "classes": classes, "steps": steps, "boundary_tolerance": boundary_tolerance,
-            **report}
+    return {"manifest": shown, "checkpoint": None, "split": scoring.split, "classes": classes,
+            "steps": steps, "boundary_tolerance": scoring.boundary_tolerance, **report}
 
 
 def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, *,
-                        t_ts: Sequence[int] | None = None, root: str | Path | None = None,
-                        device: str | torch.device | None = None, lr: float | None = None,
-                        momentum: float | None = None, scales: Sequence[float] = (1.0,),
-                        flip: bool = False, **options: Any) -> dict[str, Any]:
-    """``dis evaluate`` as one call: joins the torchrun job if any (``device`` resolved by
+                        root: str | Path | None = None, scoring: Scoring = Scoring(),
+                        given: InferenceOverrides = InferenceOverrides(),
+                        run: RunOptions = RunOptions(device=None),
+                        outputs: EvalOutputs = EvalOutputs(),
+                        reporter: Reporter | None = None) -> dict[str, Any]:
+    """``dis evaluate`` as one call: joins the torchrun job if any (``run.device`` resolved by
     :func:`discli.distributed.resolve_device`), reads the manifest (``root`` overrides its
-    root), loads the checkpoint and runs :func:`evaluate` with its inference settings (``t_ts``,
-    ``lr``, ``momentum``: the checkpoint's where None). The report also names the checkpoint's
-    hash and the inference settings used. ``options``: those of :func:`evaluate`."""
+    root), loads the checkpoint and runs :func:`evaluate` with its inference settings
+    (``scoring.steps`` and those of ``given``: the checkpoint's where None). The report also
+    names the checkpoint, its hash and the inference settings used."""
     from discli.infer.checkpoint import load_for_inference
     from discli.data.manifest import read_manifest
     from discli.distributed import resolve_device
 
-    dev, _ = setup_distributed(resolve_device(device))
+    dev, _ = setup_distributed(resolve_device(run.device))
     data = read_manifest(manifest, root=root)
     loaded = load_for_inference(checkpoint, dev)
-    steps = list(t_ts) if t_ts is not None else [loaded.inference["t_ts"]]
-    cfg = loaded.inference_config(lr=lr, momentum=momentum)
-    report = evaluate(loaded.model, data, steps, cfg, classes=loaded.classes, device=dev,
-                      checkpoint=str(checkpoint), scales=scales, flip=flip, **options)
+    steps = list(scoring.steps) if scoring.steps is not None else [loaded.inference["t_ts"]]
+    cfg = given.config(loaded)
+    run.views.checked()  # evaluate's own checks, in its order, here naming the checkpoint
+    check_classes(loaded.classes, data.classes, "manifest", data.path, str(checkpoint))
+    report = evaluate(loaded.model, data, dataclasses.replace(scoring, steps=steps), cfg,
+                      classes=loaded.classes, run=dataclasses.replace(run, device=dev),
+                      outputs=outputs, reporter=reporter)
+    report["checkpoint"] = str(checkpoint)  # (the key keeps its place in the report)
     report["checkpoint_hash"] = loaded.checkpoint_hash
     report["inference"] = {"t_ts": steps, "lr": cfg.lr, "momentum": cfg.momentum,
                            "proximity": cfg.proximity, "method": cfg.method,
-                           "scales": list(scales), "flip": flip}
+                           **run.views.record()}
     return report
 
 
-def _sharded_batches(dataset: Any, data: Any, batch_size: int, num_workers: int,
-                     info: DistInfo) -> tuple[Any, int]:
-    """This rank's batches: the ones a single process would form (planned by rank 0 from the
-    image headers), dealt round-robin; returns (batches of items, image count)."""
-    mine = shared_plan(lambda: [data.image_path(rec) for rec in data.records], batch_size, info)
+def _batches(dataset: Any, data: Any, run: RunOptions, info: DistInfo) -> tuple[Any, int]:
+    """This rank's batches of same-size labelled items, and its count of images: in one
+    process those :func:`size_batches` forms as the loader decodes; under torchrun the ones a
+    single process would form (planned by rank 0 from the image headers), dealt round-robin."""
+    if not info.enabled:
+        loader = DataLoader(dataset, batch_size=None, shuffle=False,
+                            num_workers=run.num_workers)
+        items = (item for item in loader if bool(item["has_labelmap"]))
+        return (size_batches(items, lambda item: tuple(item["image"].shape), run.batch_size),
+                len(dataset))
+    mine = shared_plan(lambda: [data.image_path(rec) for rec in data.records], run.batch_size,
+                       info)
     loader = DataLoader(dataset, batch_sampler=mine, collate_fn=list,
-                        num_workers=num_workers)
+                        num_workers=run.num_workers)
     batches = ([item for item in batch if bool(item["has_labelmap"])] for batch in loader)
     return (batch for batch in batches if batch), sum(len(b) for b in mine)
 
 
+def _score_all(model: DISNet, batches: Iterable[list[dict[str, Any]]], acc: Evaluator,
+               cfg: InferenceConfig, run: RunOptions, saver: PredictionSaver | None,
+               reporter: Reporter) -> None:
+    """Score every batch (its predictions written by ``saver``), showing the latest mIoU."""
+    for batch in batches:
+        preds = _score_batch(model, batch, acc, cfg, run)
+        if saver is not None:
+            saver.write(batch, preds)
+        latest = acc.confusion[acc.names[-1]].compute()
+        reporter.advance(len(batch), mIoU=100 * latest["miou"])  # percent, as every table
+
+
 def _score_batch(model: DISNet, batch: list[dict[str, Any]], acc: Evaluator,
-                 cfg: InferenceConfig, amp: bool, device: torch.device,
-                 scales: Sequence[float] = (1.0,), flip: bool = False
-                 ) -> dict[str, torch.Tensor]:
+                 cfg: InferenceConfig, run: RunOptions) -> dict[str, torch.Tensor]:
     """One backbone forward per view (scale, flip) for a batch of same-size images, scored for
     every setup; returns the predictions (B, H, W) by setup name."""
-    images = torch.stack([torch.as_tensor(item["image"]) for item in batch]).to(device)
+    images = torch.stack([torch.as_tensor(item["image"]) for item in batch]).to(run.device)
     target = torch.stack([torch.as_tensor(item["labelmap"]) for item in batch])
     start = time.perf_counter()
-    results = infer_views(model, images, acc.steps, cfg, scales, flip, amp)
+    results = infer_views(model, images, acc.steps, cfg, run.views, run.amp)
     full = {t: results[t].probs for t in acc.steps}
     preds = {f"t={t}": full[t].argmax(dim=1) for t in acc.steps}
     if ENSEMBLE in acc.names:
         preds[ENSEMBLE] = torch.stack(list(full.values())).mean(dim=0).argmax(dim=1)
     preds = {name: p.cpu() for name, p in preds.items()}
-    synchronize(device)
+    synchronize(run.device)
     acc.add_time(time.perf_counter() - start, len(batch))
     for name, pred in preds.items():
         acc.update(name, pred, target)
@@ -283,7 +316,7 @@ def setup_folder(name: str) -> str:
 
 
 class PredictionSaver:
-    """Writes the predictions an evaluation scores (``evaluate(save_dir=...)``), as
+    """Writes the predictions an evaluation scores (:class:`EvalOutputs`), as
     mmsegmentation's ``--show-dir`` does: ``<dir>/<setup>/<id>.png`` (VOC palette PNG, the
     palette index is the class), ``<dir>/<setup>/<id>_overlay.jpg`` (or ``.png``, by
     ``overlay_format``) and ``<dir>/confusion.png``.

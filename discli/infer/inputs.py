@@ -1,5 +1,6 @@
-"""The inputs of ``dis infer``: image files, folders, manifests and a list of paths on stdin,
-and the output paths derived from their ids (never outside the output folder)."""
+"""The inputs of ``dis infer``: image files, folders, manifests and a list of paths on stdin;
+what it writes (:class:`InferOutputs`) and the output paths derived from the ids (never outside
+the output folder, never a file the run reads)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from typing import TextIO
 from discli.infer.checkpoint import file_hash
 from discli.data.fileio import MAX_LINE_BYTES, MAX_TEXT_BYTES
 from discli.errors import BadInputError, quote
+from discli.infer.provenance import OUTPUT_RECORDS, RUN_INFO
+from discli.infer.visual import check_overlay_format
+from discli.storage.safety import refuse_overlap
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
@@ -23,6 +27,30 @@ class InputImage:
     path: Path
     labelmap: Path | None = None  # the manifest's labelmap of the image: never written over
     source: Path | None = None  # the manifest the image came from: never written over
+
+
+Plan = tuple[InputImage, dict[str, Path]]  # an input image and its output paths by kind
+
+
+@dataclass(frozen=True)
+class InferOutputs:
+    """What ``dis infer`` writes (:mod:`discli.infer.predict`): labelmaps under ``out_dir``, with
+    ``overlay`` blends too (``overlay_format`` "jpg" or "png", labelled pixels at ``opacity``),
+    the probabilities file ``probs_path``; ``overwrite``: recompute the images whose outputs
+    exist. ``protect``: files the run reads besides its inputs, as ``(path, what)`` pairs (the
+    checkpoint), never written over."""
+
+    out_dir: str | Path | None = None
+    overlay: bool = False
+    overlay_format: str = "jpg"
+    opacity: float = 0.5
+    probs_path: str | Path | None = None
+    overwrite: bool = False
+    protect: tuple[tuple[str | Path, str], ...] = ()
+
+    @property
+    def folder(self) -> Path | None:
+        return Path(self.out_dir) if self.out_dir is not None else None
 
 
 def _inside(path: Path, folder: Path | None) -> bool:
@@ -142,3 +170,37 @@ def input_hash(path: Path) -> str:
         return file_hash(path)
     except OSError:
         return ""
+
+
+def plan_outputs(inputs: Sequence[InputImage], outputs: InferOutputs) -> list[Plan]:
+    """Every input with its output paths (none without an output folder); two images writing
+    one file are refused."""
+    out = outputs.folder
+    plans = [(item, output_paths(out, item.id, outputs.overlay) if out is not None else {})
+             for item in inputs]
+    fmt = check_overlay_format(outputs.overlay_format)
+    if fmt != "jpg":  # write_overlay goes by the suffix
+        for _, paths in plans:
+            if "overlay" in paths:
+                paths["overlay"] = paths["overlay"].with_suffix(f".{fmt}")
+    targets = [p for _, paths in plans for p in paths.values()]
+    if len(set(targets)) != len(targets):
+        raise BadInputError("two images would write the same output file (an id ending in "
+                            "'_color' or '_overlay' next to its stem?)", out)
+    return plans
+
+
+def refuse_overlaps(inputs: Sequence[InputImage], plans: list[Plan],
+                     outputs: InferOutputs) -> None:
+    """No output may be a file the run reads (module docstring), whatever the flags say."""
+    out = outputs.folder
+    targets = [p for _, paths in plans for p in paths.values()]
+    manifests = {item.source for item in inputs if item.source is not None}
+    refuse_overlap(
+        [(p, "output file") for p in targets] + [(outputs.probs_path, "{opt:probs} file")]
+        + ([(out / RUN_INFO, "run record"), (out / OUTPUT_RECORDS, "record of outputs")]
+           if out is not None else []),
+        [(item.path, "input image") for item in inputs]
+        + [(item.labelmap, "labelmap of the input manifest") for item in inputs]
+        + [(m, "input manifest") for m in manifests] + list(outputs.protect),
+        advice="choose another {opt:out} or {opt:probs}")

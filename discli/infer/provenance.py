@@ -117,6 +117,6 @@ def check_run_info(out_dir: Path, info: dict[str, Any], overwrite: bool) -> None
         if old != info:
             changed = sorted(k for k in info if not isinstance(old, dict) or old.get(k) != info[k])
             raise IncompatibleError(f"outputs there were made with another {', '.join(changed)} "
-                                    f"(see {RUN_INFO}); pass {{opt:overwrite=True}} to replace them, "
-                                    f"or another {{opt:out}}", out_dir)
+                                    f"(see {RUN_INFO}); pass {{opt:overwrite=True}} to replace "
+                                    f"them, or another {{opt:out}}", out_dir)
     write_run_info(out_dir, {**info, "replacing": True} if overwrite else info)

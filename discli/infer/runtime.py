@@ -24,22 +24,31 @@ autocast (AMP on CUDA only, :func:`autocast`), ``infer_steps`` snapshotted at ev
 its mirror image get their own forward and inference; the upsampled probabilities (mirrored back)
 and the tag probabilities are averaged. The single view (scale 1.0, no flip) is exactly the plain
 path: one forward, the probabilities upsampled.
+
+Settings of a run, each travelling as one object: :class:`Views` (the views of every image),
+:class:`RunOptions` (batch size, device, autocast, views, loader workers: how `dis infer` and
+`dis evaluate` run their batches) and :class:`InferenceOverrides` (the inference settings given
+on the command line over the checkpoint's).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from discli.distributed import DistInfo, on_main, shard
+from discli.errors import UsageError
 from discli.infer.loop import InferenceConfig, InferenceResult, infer_steps
 from discli.model.net import DISNet
+
+if TYPE_CHECKING:
+    from discli.infer.checkpoint import LoadedModel
 
 MIN_SIDE = 8  # one feature cell at output stride 8
 
@@ -132,8 +141,31 @@ def parse_scales(text: str) -> tuple[float, ...]:
     return check_scales(values)
 
 
-def views(scales: Sequence[float], flip: bool) -> list[tuple[float, bool]]:
-    return [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
+@dataclass(frozen=True)
+class Views:
+    """The views of every image whose probabilities are averaged (``--scales``, ``--flip``);
+    the default is the single plain view."""
+
+    scales: Sequence[float] = (1.0,)
+    flip: bool = False
+
+    def checked(self) -> Views:
+        """The scales checked (:func:`check_scales`; a :class:`UsageError` naming the option)
+        and made floats."""
+        try:
+            return Views(check_scales(self.scales), bool(self.flip))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+    def pairs(self) -> list[tuple[float, bool]]:
+        """(scale, mirrored) of every view, in the order they run; scales checked
+        (ValueError)."""
+        mirrored = (False, True) if self.flip else (False,)
+        return [(s, f) for s in check_scales(self.scales) for f in mirrored]
+
+    def record(self) -> dict[str, Any]:
+        """As a run records them: ``{"scales": [...], "flip": ...}``."""
+        return {"scales": list(self.scales), "flip": self.flip}
 
 
 def _resize(images: torch.Tensor, scale: float) -> torch.Tensor:
@@ -142,6 +174,37 @@ def _resize(images: torch.Tensor, scale: float) -> torch.Tensor:
     h, w = images.shape[-2:]
     size = (max(MIN_SIDE, round(h * scale)), max(MIN_SIDE, round(w * scale)))
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+
+
+# ------------------------------------------------------------------------------- run settings
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a command runs its batches: images per batch, the device ("cpu", "cuda", a
+    torch.device; the checkpoint entry points also take None or "auto":
+    :func:`discli.distributed.resolve_device`), the backbone's autocast (:func:`autocast`), the
+    views of every image, and the DataLoader's workers (`dis evaluate`; `dis infer` decodes
+    its images as it goes)."""
+
+    batch_size: int = 8
+    device: str | torch.device | None = "cpu"
+    amp: bool = False
+    views: Views = field(default_factory=Views)
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class InferenceOverrides:
+    """The inference settings given on the command line (``--lr``, ``--momentum``); each one
+    left None is the checkpoint's (what the model was trained with)."""
+
+    lr: float | None = None
+    momentum: float | None = None
+
+    def config(self, loaded: LoadedModel, steps: int | None = None) -> InferenceConfig:
+        """The checkpoint's inference settings with these over them, at ``steps`` (t)."""
+        return loaded.inference_config(steps, lr=self.lr, momentum=self.momentum)
 
 
 # --------------------------------------------------------------------------------- inference
@@ -200,15 +263,15 @@ class FullResult:
 
 
 def infer_views(model: DISNet, images: torch.Tensor, steps: Sequence[int], cfg: InferenceConfig,
-                scales: Sequence[float] = (1.0,), flip: bool = False, amp: bool = False,
-                tags: torch.Tensor | None = None, labelmap_probs: bool = False
-                ) -> dict[int, FullResult]:
+                views: Views = Views(), amp: bool = False, tags: torch.Tensor | None = None,
+                labelmap_probs: bool = False) -> dict[int, FullResult]:
     """Full-resolution probabilities of a batch of same-size normalised images, for every t
-    (see the module docstring). ``tags`` (B,K) of 0/1: training-time inference against them;
-    ``labelmap_probs``: also the upsampled softmax(u3) of every t."""
+    of ``steps``, averaged over ``views`` (see the module docstring). ``tags`` (B,K) of
+    0/1: training-time inference against them; ``labelmap_probs``: also the upsampled
+    softmax(u3) of every t."""
     size = tuple(images.shape[-2:])
     acc: dict[int, FullResult] = {}
-    all_views = views(check_scales(scales), flip)
+    all_views = views.pairs()
     for scale, mirrored in all_views:
         view = _resize(images, scale)
         if mirrored:

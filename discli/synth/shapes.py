@@ -4,6 +4,7 @@ the source classes of the ``shapes`` backbone weights, and background distractor
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -182,7 +183,23 @@ def _distractor(u, v, rng) -> np.ndarray:
                                                         (-0.2, -0.55)])
 
 
-def _local(X, Y, cx, cy, scale, angle, flip, ax, ay):
-    dx, dy = (X - cx) / scale, (Y - cy) / scale
-    c, s = np.cos(angle), np.sin(angle)
-    return flip * (c * dx + s * dy) / ax, (-s * dx + c * dy) / ay
+@dataclass(frozen=True)
+class Placement:
+    """Where a shape sits in the image: its centre (pixels), the pixels of one unit of shape
+    coordinates, its rotation (radians), a mirroring (1 or -1) and a stretch along each of its
+    own axes."""
+
+    cx: float
+    cy: float
+    scale: float
+    angle: float
+    flip: int = 1
+    ax: float = 1
+    ay: float = 1
+
+
+def _local(X, Y, at: Placement):
+    """The shape coordinates (u, v) of every pixel (X, Y) for a shape placed ``at``."""
+    dx, dy = (X - at.cx) / at.scale, (Y - at.cy) / at.scale
+    c, s = np.cos(at.angle), np.sin(at.angle)
+    return at.flip * (c * dx + s * dy) / at.ax, (-s * dx + c * dy) / at.ay

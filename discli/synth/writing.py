@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,9 @@ class SynthConfig:
     jpeg_quality: int = 90
     difficulty: str = "medium"
     n_dev: int = 0  # validation images, for choosing settings without touching the test images
+
+    def __post_init__(self) -> None:
+        self.classes = list(self.classes)  # a copy: any sequence of names, the caller's kept
 
     def check(self) -> None:
         unknown = [c for c in self.classes[1:] if c not in SHAPES]
@@ -98,29 +101,9 @@ def _jsonl(rows: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def generate_benchmark(out_dir: str | Path, seed: int = 0, n_labelled: int = 30,
-                       n_tagged: int = 400, n_test: int = 100, min_size: int = 48,
-                       max_size: int = 96, classes: Sequence[str] | None = None,
-                       miss_rate: float = 0.25, spurious_rate: float = 0.15,
-                       jpeg_quality: int = 90, difficulty: str = "medium",
-                       n_dev: int = 0, manifests: bool = True,
-                       overwrite: bool = False,
-                       progress: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Write the benchmark under ``out_dir``; returns its paths and measured statistics.
-
-    ``out_dir`` must be new or empty; ``overwrite=True`` replaces an earlier benchmark there
-    (recognised by its ``benchmark.json``), never another folder's contents. ``n_dev`` > 0 adds
-    a validation split (``ImageSets/Segmentation/dev.txt``, ``manifests/dev.jsonl``) drawn from
-    its own generators: the other images do not change with it.
-    """
-    cfg = SynthConfig(seed, n_labelled, n_tagged, n_test, min_size, max_size,
-                      list(classes) if classes is not None else list(DEFAULT_CLASSES),
-                      miss_rate, spurious_rate, jpeg_quality, difficulty, n_dev)
-    cfg.check()
-    out = Path(out_dir)
-    _prepare_output(out, overwrite)
-    voc = out / "VOCdevkit" / "VOC2012"
-    idw = out / "idw"
+def _write_labelled(cfg: SynthConfig, voc: Path, progress: Callable[[], None] | None) -> None:
+    """The pixel-labelled parts in the VOC layout: training (``train.txt``), test
+    (``val.txt``) and validation (``dev.txt``, where there is one) images with labelmaps."""
     split_ids: dict[str, list[str]] = {"labelled": [], "test": [], "dev": []}
     for part in ("labelled", "test", "dev"):
         for i in range(getattr(cfg, f"n_{part}")):
@@ -137,35 +120,67 @@ def generate_benchmark(out_dir: str | Path, seed: int = 0, n_labelled: int = 30,
     if split_ids["dev"]:
         write_text(seg / "dev.txt", "".join(f"{i}\n" for i in split_ids["dev"]))
 
+
+def _tagged_image(cfg: SynthConfig, idw: Path, i: int) -> tuple[str, list[str], list[str]]:
+    """Write tagged image ``i`` and its hidden true labelmap; returns its noisy caption, the
+    tags read from that caption and the true tags."""
+    rng, scene = _scene(cfg, "tagged", i)
+    image_id = f"web_{i:04d}"
+    _jpeg(idw / "images" / f"{image_id}.jpg", scene.image, cfg.jpeg_quality)
+    write_palette_png(idw / "labels" / f"{image_id}.png", scene.labelmap)
+    mentioned = noisy_mentions(rng, scene.counts, cfg.classes, cfg.miss_rate, cfg.spurious_rate)
+    caption = make_caption(rng, mentioned)
+    parsed = parse_caption(caption, cfg.classes)
+    expected = [c for c in cfg.classes if c in mentioned]
+    if parsed != expected:  # a template/lexicon mismatch would silently change the noise
+        raise AssertionError(f"caption {caption!r} parses as {parsed}, not {expected}")
+    return caption, parsed, [c for c in cfg.classes if c in scene.counts]
+
+
+def _write_tagged(cfg: SynthConfig, idw: Path,
+                  progress: Callable[[], None] | None) -> dict[str, float]:
+    """The tagged part, IDW-style: images with captions (``captions.jsonl``) and the hidden
+    truth (``true_tags.jsonl``, ``labels/``); returns how well the captions' tags match it."""
     captions, truth = [], []
     tp = fp = fn = 0
     for i in range(cfg.n_tagged):
-        rng, scene = _scene(cfg, "tagged", i)
-        image_id = f"web_{i:04d}"
-        _jpeg(idw / "images" / f"{image_id}.jpg", scene.image, cfg.jpeg_quality)
-        write_palette_png(idw / "labels" / f"{image_id}.png", scene.labelmap)
-        mentioned = noisy_mentions(rng, scene.counts, cfg.classes, cfg.miss_rate,
-                                   cfg.spurious_rate)
-        caption = make_caption(rng, mentioned)
-        parsed = parse_caption(caption, cfg.classes)
-        expected = [c for c in cfg.classes if c in mentioned]
-        if parsed != expected:  # a template/lexicon mismatch would silently change the noise
-            raise AssertionError(f"caption {caption!r} parses as {parsed}, not {expected}")
-        true_tags = [c for c in cfg.classes if c in scene.counts]
+        caption, parsed, true_tags = _tagged_image(cfg, idw, i)
         tp += len(set(parsed) & set(true_tags))
         fp += len(set(parsed) - set(true_tags))
         fn += len(set(true_tags) - set(parsed))
-        captions.append({"image": f"images/{image_id}.jpg", "caption": caption})
-        truth.append({"id": image_id, "tags": true_tags})
+        captions.append({"image": f"images/web_{i:04d}.jpg", "caption": caption})
+        truth.append({"id": f"web_{i:04d}", "tags": true_tags})
         if progress:
             progress()
     write_text(idw / "captions.jsonl", _jsonl(captions))
     write_text(idw / "true_tags.jsonl", _jsonl(truth))
-    write_text(out / "classes.txt", "".join(f"{c}\n" for c in cfg.classes))
     precision = tp / max(tp + fp, 1)
     recall = tp / max(tp + fn, 1)
-    stats = {"caption_tag_precision": round(precision, 4), "caption_tag_recall": round(recall, 4),
-             "caption_tag_f1": round(2 * precision * recall / max(precision + recall, 1e-9), 4)}
+    return {"caption_tag_precision": round(precision, 4), "caption_tag_recall": round(recall, 4),
+            "caption_tag_f1": round(2 * precision * recall / max(precision + recall, 1e-9), 4)}
+
+
+def generate_benchmark(out_dir: str | Path, cfg: SynthConfig | None = None, *,
+                       manifests: bool = True, overwrite: bool = False,
+                       progress: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Write the benchmark ``cfg`` describes (default: ``SynthConfig()``) under ``out_dir``;
+    returns its paths and measured statistics.
+
+    ``out_dir`` must be new or empty; ``overwrite=True`` replaces an earlier benchmark there
+    (recognised by its ``benchmark.json``), never another folder's contents. ``cfg.n_dev`` > 0
+    adds a validation split (``ImageSets/Segmentation/dev.txt``, ``manifests/dev.jsonl``) drawn
+    from its own generators: the other images do not change with it. ``manifests=False`` skips
+    the preparation into ``manifests/``; ``progress`` is called once per image written.
+    """
+    cfg = cfg if cfg is not None else SynthConfig()
+    cfg.check()
+    out = Path(out_dir)
+    _prepare_output(out, overwrite)
+    voc = out / "VOCdevkit" / "VOC2012"
+    idw = out / "idw"
+    _write_labelled(cfg, voc, progress)
+    stats = _write_tagged(cfg, idw, progress)
+    write_text(out / "classes.txt", "".join(f"{c}\n" for c in cfg.classes))
     write_text(out / "benchmark.json", json.dumps({"format": "dis-synth", "version": 1,
                                                    "config": asdict(cfg), "stats": stats},
                                                   indent=2) + "\n")

@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from discli.pseudo.export import export_cache
 from discli.pseudo.tags import DEFAULT_THRESHOLD, TagRule, check_threshold, diff, threshold_rule
 from discli.storage.safety import refuse_overlap
 from discli.train.config import file_values
-from discli.train.estep import run_estep
+from discli.train.estep import Execution, PseudoLabelling, run_estep
 
 RUN_KEYS = ("confidence", "tag_gate", "tag_rule", "tag_threshold", "tag_keep", "tag_add")
 
@@ -71,21 +73,29 @@ def export_run_cache(cache_path: str | Path, out_dir: str | Path,
     return export_cache(cache_path, out_dir, run_rule(cache_path, threshold), confidence, gate)
 
 
-def run_clean(checkpoint: str | Path, manifest_path: str | Path, cache_path: str | Path, *,
-              t_tr: int | None = None, cfg: Any = None,
-              overrides: dict[str, Any] | None = None, threshold: float = DEFAULT_THRESHOLD,
-              split: str | None = None, batch_size: int = 8, device: Any = "cpu",
-              amp: bool = False, num_workers: int = 0, overwrite: bool = False,
+@dataclass(frozen=True)
+class CleanSettings:
+    """The E-step of ``dis clean-tags run`` and its summary: ``t_tr`` (None: the checkpoint's),
+    the inference settings (an :class:`discli.infer.loop.InferenceConfig`; None: the
+    checkpoint's, :func:`discli.infer.checkpoint.inference_settings`, with the ``overrides``
+    that are not None: ``lr``, ``momentum``, ``tag_weight``, ...) and the probability
+    ``threshold`` of the cleaned tags that the summary counts."""
+
+    t_tr: int | None = None
+    inference: Any = None
+    overrides: dict[str, Any] | None = None
+    threshold: float = DEFAULT_THRESHOLD
+
+
+def run_clean(checkpoint: str | Path, manifest_path: str | Path, cache_path: str | Path,
+              settings: CleanSettings = CleanSettings(), execution: Execution = Execution(), *,
+              split: str | None = None, overwrite: bool = False,
               reporter: Any = None) -> dict[str, Any]:
     """Cleaned tags of a tagged manifest without a finetune: one E-step with ``checkpoint``.
 
-    ``device``: a device or a name for :func:`discli.distributed.resolve_device` (None or
-    "auto": cuda when there is one). ``cache_path`` may not be the manifest or the checkpoint
-    (refused first).
-    ``t_tr`` None and ``cfg`` None (an :class:`discli.infer.loop.InferenceConfig`) take the
-    checkpoint's inference settings (:func:`discli.infer.checkpoint.inference_settings`); with
-    ``cfg`` None, the ``overrides`` that are not None (``lr``, ``momentum``, ``tag_weight``, ...)
-    replace the checkpoint's values.
+    ``execution.device``: a device or a name for :func:`discli.distributed.resolve_device`
+    (None or "auto": cuda when there is one). ``cache_path`` may not be the manifest or the
+    checkpoint (refused first).
 
     Writes the cache at ``cache_path`` (:func:`discli.train.estep.run_estep`) and returns the
     :func:`diff` summary (per-class counts, no per-image list) with ``cache`` and ``reused``. An
@@ -95,15 +105,17 @@ def run_clean(checkpoint: str | Path, manifest_path: str | Path, cache_path: str
     refuse_overlap([(cache_path, "cache")], [(manifest_path, "manifest"),
                                              (checkpoint, "checkpoint")],
                    advice="choose another {opt:out}")
-    device = resolve_device(device)
-    check_threshold(threshold)
+    execution = dataclasses.replace(execution, device=resolve_device(execution.device))
+    check_threshold(settings.threshold)
+    t_tr = settings.t_tr
     if t_tr is not None and t_tr < 0:
         raise UsageError(f"{{opt:t_tr}} must be >= 0, got {t_tr}")
-    loaded = load_for_inference(checkpoint, device)
+    loaded = load_for_inference(checkpoint, execution.device)
     if t_tr is None:
         t_tr = int(loaded.inference["t_tr"])
+    cfg = settings.inference
     if cfg is None:
-        cfg = loaded.inference_config(**(overrides or {}))
+        cfg = loaded.inference_config(**(settings.overrides or {}))
     manifest = read_manifest(manifest_path).select(split)
     check_classes(loaded.classes, manifest.classes, "manifest", manifest_path, checkpoint)
     if not manifest.records:
@@ -112,24 +124,31 @@ def run_clean(checkpoint: str | Path, manifest_path: str | Path, cache_path: str
     cache_path = Path(cache_path)
     reused = False
     if cache_path.exists() and not overwrite:
-        old = PseudoCache(cache_path)
-        check_classes(loaded.classes, old.classes, "existing cache", cache_path, checkpoint)
-        made = {"checkpoint": old.attrs.get("checkpoint_hash"), "t_tr": old.attrs.get("t_tr")}
-        wanted = {"checkpoint": loaded.checkpoint_hash, "t_tr": t_tr}
-        for key in made:
-            if str(made[key]) != str(wanted[key]):
-                raise IncompatibleError(f"existing cache was made with {key} {made[key]}, not "
-                                        f"{wanted[key]}; pass {{opt:overwrite=True}} or another "
-                                        f"{{opt:out}}",
-                                        cache_path)
-        reused = set(old.ids()) >= {rec.id for rec in manifest.records}
-        old.close()
+        reused = _reusable(cache_path, loaded, t_tr, manifest, checkpoint)
     if not reused:
-        run_estep(loaded.model, manifest, cache_path, t_tr=t_tr,
-                  inference=cfg, checkpoint_hash=loaded.checkpoint_hash,
-                  batch_size=batch_size, device=device, num_workers=num_workers,
-                  reporter=reporter, amp=amp)
+        run_estep(loaded.model, manifest, cache_path,
+                  PseudoLabelling(loaded.checkpoint_hash, t_tr, cfg), execution,
+                  reporter=reporter)
     cache = PseudoCache(cache_path)
-    summary = diff(cache, threshold)
+    summary = diff(cache, settings.threshold)
     summary.pop("images")
     return {"cache": str(cache_path), "reused": reused, "t_tr": t_tr, **summary}
+
+
+def _reusable(cache_path: Path, loaded: Any, t_tr: int, manifest: Any,
+              checkpoint: str | Path) -> bool:
+    """Whether the cache at ``cache_path`` holds every image of ``manifest``; one made by
+    another checkpoint or t_tr (or of other classes) is refused."""
+    old = PseudoCache(cache_path)
+    check_classes(loaded.classes, old.classes, "existing cache", cache_path, checkpoint)
+    made = {"checkpoint": old.attrs.get("checkpoint_hash"), "t_tr": old.attrs.get("t_tr")}
+    wanted = {"checkpoint": loaded.checkpoint_hash, "t_tr": t_tr}
+    for key in made:
+        if str(made[key]) != str(wanted[key]):
+            raise IncompatibleError(f"existing cache was made with {key} {made[key]}, not "
+                                    f"{wanted[key]}; pass {{opt:overwrite=True}} or another "
+                                    f"{{opt:out}}",
+                                    cache_path)
+    reused = set(old.ids()) >= {rec.id for rec in manifest.records}
+    old.close()
+    return reused

@@ -1,156 +1,45 @@
 """The training loop shared by pretrain's three steps and finetune's M-steps.
 
-Determinism and resume. Which images form iteration ``i``'s batch, and the random augmentation
-of each, are pure functions of (seed, i): sample ``j`` of the batch is position ``p = i*B + j``
-of an endless stream of seeded epoch permutations, and its augmentation runs under a seed derived
-from ``p``. Nothing about the data order has to be saved: a run resumed from the checkpoint of
-iteration ``k`` sees exactly the batches ``k+1, k+2, ...`` of an uninterrupted run, so on CPU it
-ends with bit-identical weights. Under DDP each rank takes its contiguous slice of the same global
-batch, so a global batch ``B`` over ``N`` ranks sees the same images as one process with ``B``.
+As torchvision's reference scripts do, a phase is set up first (:func:`setup_phase`: the
+trainable parameters, synchronised BatchNorm and DDP under torchrun, the optimiser, the poly
+schedule, the AMP scaler, and the state of the checkpoint it continues), then its iterations run
+(:func:`train_iterations`, their ``train_one_epoch``) and it is checkpointed.
+
+Determinism and resume. The data order is a pure function of (seed, iteration)
+(:mod:`discli.train.batches`) and a checkpoint holds the random generators
+(:mod:`discli.train.rng`), so a run resumed from the checkpoint of iteration ``k`` sees exactly
+the batches ``k+1, k+2, ...`` of an uninterrupted run and on CPU ends with bit-identical weights.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 from discli.storage import atomic_write
 from discli.infer.checkpoint import save_checkpoint
 from discli.distributed import DistInfo, all_reduce_sum
 from discli.errors import Interrupted, TrainingDivergedError
-from discli.model.losses import map_loss, recon_loss, recon_target, tag_loss
 from discli.model.net import DISNet
 from discli.progress import NullReporter, Reporter
+from discli.train.batches import Source, planned_loader
 from discli.train.keys import TrainConfig
+from discli.train.phases import Phase, compute_losses, param_groups, set_train_modes
 from discli.train.interrupts import DeferredInterrupts
+from discli.train.rng import rng_state, set_rng_state
 from discli.train.runlog import TensorBoardMirror, append
 
 
-@dataclass(frozen=True)
-class Phase:
-    name: str
-    trainable: tuple[str, ...]  # top-level submodules of DISNet that learn in this phase
-    losses: tuple[str, ...]  # subset of ("map", "img", "tag")
-    # A phase that trains one part on one loss for that part's sake takes the loss at weight 1,
-    # whatever the configured weight (which is about the features, e.g. loss_img = 0 in the M-step).
-    unit_weights: bool = False
-
-
-ALL = ("backbone", "subnet1", "subnet2", "subnet3")
-PHASES = {
-    # Section 3, fully-supervised stage: (1) backbone + subnets 1 and 3 on labelmaps and tags,
-    # (2) subnet-2 alone on reconstruction, (3) everything jointly on all three losses.
-    "step1": Phase("step1", ("backbone", "subnet1", "subnet3"), ("map", "tag")),
-    "step2": Phase("step2", ("subnet2",), ("img",)),
-    "step3": Phase("step3", ALL, ("map", "img", "tag")),
-    "mstep": Phase("mstep", ALL, ("map", "img", "tag")),
-    # Not in the paper (a departure of the presets, whose M-step has loss_img = 0): subnet-2,
-    # untouched by such an M-step, is refitted alone to the new model's labelmaps, as step 2 of
-    # pretraining does, or inference would reconstruct through a stale decoder.
-    "refit": Phase("refit", ("subnet2",), ("img",), unit_weights=True),
-}
-
-
-# ----------------------------------------------------------------------------- data order
-@dataclass
-class Source:
-    dataset: Dataset
-    per_batch: int  # images of the global batch drawn from this source
-
-
-class PlannedBatches(Sampler[list[tuple[int, int, int]]]):
-    """Yields, for iterations [start, stop), this rank's share of each global batch as
-    (source, index, sample_seed) triples."""
-
-    def __init__(self, sizes: Sequence[int], per_batch: Sequence[int], seed: int, start: int,
-                 stop: int, dist: DistInfo = DistInfo()):
-        self.sizes, self.per_batch, self.seed = list(sizes), list(per_batch), seed
-        self.start, self.stop, self.dist = start, stop, dist
-        self._perm_cache: dict[tuple[int, int], torch.Tensor] = {}
-
-    def _index(self, source: int, position: int) -> int:
-        n = self.sizes[source]
-        epoch, offset = divmod(position, n)
-        key = (source, epoch)
-        if key not in self._perm_cache:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + source * 7919 + epoch)
-            self._perm_cache = {key: torch.randperm(n, generator=g)}
-        return int(self._perm_cache[key][offset])
-
-    def batch(self, iteration: int) -> list[tuple[int, int, int]]:
-        items = []
-        for source, count in enumerate(self.per_batch):
-            for j in range(count):
-                position = iteration * count + j
-                sample_seed = (self.seed * 1_000_003 + source * 7919 + position) % (2**63)
-                items.append((source, self._index(source, position), sample_seed))
-        # Dealt out round-robin, so that every rank's share mixes the sources in the global
-        # batch's proportion: a contiguous slice gave one rank only pixel-labelled images and
-        # another only pseudo-labelled ones, and their BatchNorm statistics drifted apart. The
-        # deal starts one rank later every iteration, so that odd remainders even out.
-        world = self.dist.world_size
-        share = len(items) // world
-        return items[(self.dist.rank + iteration) % world::world][:share]
-
-    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
-        for iteration in range(self.start, self.stop):
-            yield self.batch(iteration)
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-
-class SeededSources(Dataset):
-    """Item (source, index, seed): the source's item with its random transform seeded."""
-
-    def __init__(self, sources: Sequence[Dataset]):
-        self.sources = list(sources)
-
-    def __len__(self) -> int:
-        return sum(len(s) for s in self.sources)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
-        source, index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            state = random.getstate()
-            random.seed(seed)
-            item = self.sources[source][index]
-            random.setstate(state)
-        item["source"] = source
-        return item
-
-
-# ----------------------------------------------------------------------------- optimisation
-def param_groups(model: DISNet, phase: Phase, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Pretrained backbone layers at lr, new layers (image branch, subnets) at head_lr_mult*lr."""
-    backbone, head = [], []
-    for name, param in model.named_parameters():
-        top = name.split(".")[0]
-        param.requires_grad_(top in phase.trainable)
-        if not param.requires_grad:
-            continue
-        is_new = top != "backbone" or name.startswith("backbone.image_branch")
-        (head if is_new else backbone).append(param)
-    groups = []
-    if backbone:
-        groups.append({"params": backbone, "lr": cfg.lr, "base_lr": cfg.lr})
-    if head:
-        lr = cfg.lr * cfg.head_lr_mult
-        groups.append({"params": head, "lr": lr, "base_lr": lr})
-    return groups
-
-
+# ----------------------------------------------------------------------------- schedule
 def poly(total: int, power: float, warmup: int = 0):  # noqa: ANN201 - a LambdaLR factor
     """Poly decay to 0 over ``total`` iterations, after a linear warm-up of ``warmup``."""
     def factor(it: int) -> float:
@@ -159,98 +48,41 @@ def poly(total: int, power: float, warmup: int = 0):  # noqa: ANN201 - a LambdaL
     return factor
 
 
-def set_train_modes(model: DISNet, phase: Phase, freeze_bn: bool) -> None:
-    model.train()
-    for name in ALL:
-        if name not in phase.trainable:
-            getattr(model, name).eval()  # frozen parts: no BatchNorm statistics updates
-    if freeze_bn:
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+@dataclass(frozen=True)
+class Schedule:
+    """How long a phase trains, and how fast: ``iters`` iterations at every learning rate of the
+    configuration times ``lr_scale``, warmed up linearly over ``warmup`` iterations, then
+    decayed (:func:`poly`)."""
+
+    iters: int
+    lr_scale: float = 1.0
+    warmup: int = 0
 
 
-def compute_losses(model: nn.Module, batch: dict[str, Any], phase: Phase, cfg: TrainConfig,
-                   device: torch.device) -> dict[str, torch.Tensor]:
-    images = batch["image"].to(device, non_blocking=True)
-    out = model(images)
-    losses: dict[str, torch.Tensor] = {}
-    if "map" in phase.losses:
-        labelmap = batch["labelmap"].to(device, non_blocking=True)
-        weight = batch.get("pixel_weight")
-        per_image = map_loss(out["u3"].float(), labelmap,
-                             None if weight is None else weight.to(device))
-        losses["map"] = per_image.mean()
-    if "img" in phase.losses:
-        target = recon_target(images, out["z3"].shape[-2:])
-        losses["img"] = recon_loss(out["z3"].float(), target.float()).mean()
-    if "tag" in phase.losses:
-        losses["tag"] = tag_loss(out["v3"].float(), batch["tags"].to(device)).mean()
-    weights = ({k: 1.0 for k in losses} if phase.unit_weights
-               else {"map": cfg.loss_map, "img": cfg.loss_img, "tag": cfg.loss_tag})
-    losses["loss"] = sum(weights[k] * v for k, v in losses.items())
-    return losses
-
-
+# ----------------------------------------------------------------------------- validation
 def validate(model: DISNet, cfg: TrainConfig, device: torch.device) -> float:
     """mIoU (t = 0) of the model on ``cfg.val``; the RNG state is left as it was, so a run with
     validation trains exactly as one without."""
     from discli.data.manifest import read_manifest
-    from discli.evaluation.evaluate import evaluate
+    from discli.evaluation.evaluate import Scoring, evaluate
+    from discli.infer.runtime import RunOptions
 
     manifest = read_manifest(cfg.val, root=cfg.root or None)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        report = evaluate(unwrap(model), manifest, steps=[0], ensemble=False, device=device)
+        report = evaluate(unwrap(model), manifest, Scoring(steps=[0], ensemble=False),
+                          run=RunOptions(device=device))
     return float(report["setups"][0]["miou"])
 
 
 # ----------------------------------------------------------------------------- state
-def _cuda_index(device: torch.device | None) -> int | None:
-    """The CUDA device whose generator a checkpoint holds: the one this process trains on
-    (None: the current one when CUDA is available); None on CPU."""
-    if device is None:
-        return torch.cuda.current_device() if torch.cuda.is_available() else None
-    if device.type != "cuda":
-        return None
-    return torch.cuda.current_device() if device.index is None else device.index
-
-
-def rng_state(device: torch.device | None = None) -> dict[str, Any]:
-    """The generators a resumed run must continue: CPU, Python, and the CUDA generator of
-    ``device`` alone (not every visible GPU's: a job resumed on a machine, or with a
-    CUDA_VISIBLE_DEVICES, that shows fewer GPUs must still be able to restore it)."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    index = _cuda_index(device)
-    if index is not None:
-        state["cuda"] = torch.cuda.get_rng_state(index)
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
-    """Restore :func:`rng_state`'s generators, the CUDA one onto ``device``. Older checkpoints
-    hold a list (one state per GPU the writer saw): this device's entry is taken when there is
-    one, else the CUDA generator stays as it is (a resume then differs only in CUDA-side
-    randomness, rather than failing)."""
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    index = _cuda_index(device)
-    saved = state.get("cuda")
-    if index is None or saved is None:
-        return
-    if isinstance(saved, (list, tuple)):
-        if index >= len(saved):
-            return
-        saved = saved[index]
-    torch.cuda.set_rng_state(saved, index)
-
-
 def unwrap(model: nn.Module) -> DISNet:
     return model.module if hasattr(model, "module") else model  # type: ignore[return-value]
 
 
 @dataclass
 class PhaseRun:
-    """Where a phase's checkpoints and log go, and what else to store in its checkpoints."""
+    """Where a phase's checkpoints, log and progress go, what else to store in its checkpoints,
+    and the state of ``checkpoint`` that it continues."""
 
     checkpoint: Path
     log: Path
@@ -258,6 +90,8 @@ class PhaseRun:
     extra: dict[str, Any]
     classes: list[str]
     mirror: TensorBoardMirror | None = None  # log records also go to TensorBoard
+    resume: dict[str, Any] | None = None  # None: the phase starts at iteration 0
+    reporter: Reporter | None = None
 
 
 def _trim_log(path: Path, run: PhaseRun, phase: str, upto: int) -> None:
@@ -316,18 +150,56 @@ def _fetch(loader: DataLoader, interrupts: DeferredInterrupts) -> Iterator[dict[
         yield batch
 
 
-def run_phase(model: DISNet, phase: Phase, sources: Sequence[Source], cfg: TrainConfig,
-              total_iters: int, run: PhaseRun, device: torch.device,
-              resume: dict[str, Any] | None = None, dist: DistInfo = DistInfo(),
-              reporter: Reporter | None = None, lr_scale: float = 1.0, warmup: int = 0
-              ) -> dict[str, Any]:
-    """Train ``total_iters`` iterations of one phase (continuing ``resume`` if given); returns
-    the final checkpoint state (also written to ``run.checkpoint``). ``lr_scale`` multiplies
-    every learning rate of the phase, which warms up linearly over ``warmup`` iterations."""
-    reporter = reporter or NullReporter()
+# ----------------------------------------------------------------------------- a phase
+@dataclass
+class PhaseTraining:
+    """One phase set up to train (:func:`setup_phase`): the model and ``net`` (the same model,
+    wrapped by DDP under torchrun), what trains it, and where it writes."""
+
+    model: DISNet
+    net: nn.Module
+    phase: Phase
+    cfg: TrainConfig
+    schedule: Schedule
+    run: PhaseRun
+    device: torch.device
+    dist: DistInfo
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+    reporter: Reporter
+
+    def state(self, iteration: int, done: bool) -> dict[str, Any]:
+        """The checkpoint after ``iteration`` (``done``: the phase's last)."""
+        return {"model": unwrap(self.model).state_dict(),
+                "model_config": unwrap(self.model).config.to_dict(),
+                "classes": self.run.classes, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.use_amp else {},
+                "stage": self.run.stage, "phase": self.phase.name, "iteration": iteration,
+                "total_iters": self.schedule.iters, "done": done,
+                "rng": rng_state(self.device), "config": self.cfg.to_dict(),
+                "inference": self.cfg.inference_settings(), **self.run.extra}
+
+
+def _optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, lr_scale: float
+               ) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr * lr_scale, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr * lr_scale, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
+
+
+def setup_phase(model: DISNet, phase: Phase, cfg: TrainConfig, schedule: Schedule,
+                run: PhaseRun, device: torch.device, dist: DistInfo) -> PhaseTraining:
+    """The phase's trainable parameters at their learning rates, synchronised BatchNorm and DDP
+    under torchrun, the optimiser, the schedule and the AMP scaler (fresh: see
+    :func:`resume_phase`)."""
+    reporter = run.reporter or NullReporter()
     groups = param_groups(model, phase, cfg)
     for group in groups:
-        group["lr"] = group["base_lr"] = group["lr"] * lr_scale
+        group["lr"] = group["base_lr"] = group["lr"] * schedule.lr_scale
     net: nn.Module = model
     if dist.enabled and cfg.sync_bn and device.type == "cuda":
         # BatchNorm statistics of the global batch rather than of each rank's few images (in
@@ -336,103 +208,128 @@ def run_phase(model: DISNet, phase: Phase, sources: Sequence[Source], cfg: Train
     if dist.enabled:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.optimizer == "adamw":
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.lr * lr_scale,
-                                                             weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=cfg.lr * lr_scale, momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly(total_iters, cfg.poly_power,
-                                                                     warmup))
+    optimizer = _optimizer(groups, cfg, schedule.lr_scale)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, poly(schedule.iters, cfg.poly_power, schedule.warmup))
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    start = 0
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        if resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        set_rng_state(resume["rng"], device)
-        start = int(resume["iteration"])
-        # one line through the reporter (the CLI prints it on stderr): a re-run that silently
-        # skipped work, or silently redid it, could not be told apart
-        place = " ".join(f"{k} {v}" for k, v in run.extra.items() if k in ("step", "round"))
-        if "step" not in run.extra:  # pretrain's phases are its steps; a round has phases
-            place = f"{place} {phase.name}".strip()
-        reporter.log(f"resuming {run.stage} {place} at iteration {start} of {total_iters} "
-                     f"(from {run.checkpoint})")
+    return PhaseTraining(model=model, net=net, phase=phase, cfg=cfg, schedule=schedule, run=run,
+                         device=device, dist=dist, optimizer=optimizer, scheduler=scheduler,
+                         scaler=scaler, use_amp=use_amp, reporter=reporter)
+
+
+def resume_phase(t: PhaseTraining) -> int:
+    """Continue ``t.run.resume`` (if any): the optimiser, schedule, scaler and random generators
+    as they were after its iteration, which is returned (0: the phase starts afresh)."""
+    resume, run = t.run.resume, t.run
+    if resume is None:
+        return 0
+    t.optimizer.load_state_dict(resume["optimizer"])
+    t.scheduler.load_state_dict(resume["scheduler"])
+    if resume.get("scaler"):
+        t.scaler.load_state_dict(resume["scaler"])
+    set_rng_state(resume["rng"], t.device)
+    start = int(resume["iteration"])
+    # one line through the reporter (the CLI prints it on stderr): a re-run that silently
+    # skipped work, or silently redid it, could not be told apart
+    place = " ".join(f"{k} {v}" for k, v in run.extra.items() if k in ("step", "round"))
+    if "step" not in run.extra:  # pretrain's phases are its steps; a round has phases
+        place = f"{place} {t.phase.name}".strip()
+    t.reporter.log(f"resuming {run.stage} {place} at iteration {start} of {t.schedule.iters} "
+                   f"(from {run.checkpoint})")
+    return start
+
+
+def train_step(t: PhaseTraining, batch: dict[str, Any], iteration: int) -> dict[str, float]:
+    """One iteration's optimisation; returns the values of its losses."""
+    with torch.autocast(t.device.type, dtype=torch.float16, enabled=t.use_amp):
+        losses = compute_losses(t.net, batch, t.phase, t.cfg, t.device)
+    values = {k: float(v.detach()) for k, v in losses.items()}
+    check_finite(values, iteration, t.run, t.phase, t.cfg, t.dist)  # before any weight changes
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scaler.scale(losses["loss"]).backward()
+    if t.cfg.clip_grad_norm > 0:
+        t.scaler.unscale_(t.optimizer)  # clip the true gradients, not the AMP-scaled ones
+        nn.utils.clip_grad_norm_(t.net.parameters(), t.cfg.clip_grad_norm)
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    t.scheduler.step()
+    return values
+
+
+def _validate_at(t: PhaseTraining, iteration: int) -> None:
+    run, name = t.run, t.phase.name
+    val_miou = validate(t.model, t.cfg, t.device)
+    set_train_modes(t.model, t.phase, t.cfg.freeze_bn)
+    if t.dist.is_main:
+        append(run.log, {"stage": run.stage, "phase": name, "iter": iteration,
+                         "val_miou": val_miou, **run.extra}, run.mirror)
+    t.reporter.log(f"{run.stage} {name} iteration {iteration}: validation mIoU "
+                   f"{100 * val_miou:.1f}")
+
+
+def after_step(t: PhaseTraining, iteration: int, values: dict[str, float], tic: float) -> None:
+    """What follows an iteration: progress, the log record, validation, the periodic
+    checkpoint."""
+    cfg, run, total = t.cfg, t.run, t.schedule.iters
+    lr = t.optimizer.param_groups[-1]["lr"]
+    t.reporter.advance(1, loss=values["loss"], lr=lr)
+    if t.dist.is_main and (iteration % cfg.log_every == 0 or iteration == total):
+        record = {"stage": run.stage, "phase": t.phase.name, "iter": iteration, "lr": lr,
+                  "time": round(time.perf_counter() - tic, 3), **values, **run.extra}
+        append(run.log, record, run.mirror)
+    if cfg.val and (iteration == total or (cfg.val_every and iteration % cfg.val_every == 0)):
+        _validate_at(t, iteration)
+    if iteration < total and iteration % cfg.ckpt_every == 0 and t.dist.is_main:
+        save_checkpoint(run.checkpoint, t.state(iteration, done=False))
+
+
+def train_iterations(t: PhaseTraining, loader: DataLoader, start: int,
+                     interrupts: DeferredInterrupts) -> tuple[int, bool]:
+    """The phase's iterations after ``start``, as far as the loader goes (torchvision's
+    ``train_one_epoch``); returns the last finished one (its state is safe to save) and whether
+    a signal asked to stop after it."""
+    tic = time.perf_counter()
+    finished = start
+    for iteration, batch in enumerate(_fetch(loader, interrupts), start=start + 1):
+        values = train_step(t, batch, iteration)
+        after_step(t, iteration, values, tic)
+        finished = iteration
+        if interrupts.stop(t.dist):
+            return finished, True
+    return finished, False
+
+
+def _keep_and_stop(t: PhaseTraining, start: int, finished: int, signum: int | None) -> NoReturn:
+    """Stopped early by SIGINT / SIGTERM: checkpoint what is done, then raise Interrupted."""
+    run, where = t.run, f"{t.run.stage} {t.phase.name}"
+    kept = f"no iteration of {where} had finished"
+    if finished > 0:
+        if finished > start and finished % t.cfg.ckpt_every and t.dist.is_main:
+            save_checkpoint(run.checkpoint, t.state(finished, done=False))
+        kept = f"kept {run.checkpoint} at {where} iteration {finished} of {t.schedule.iters}"
+    raise Interrupted(signum, f"{kept}; rerun the same command to continue from there (files "
+                              f"of finished steps and rounds are kept)")
+
+
+def run_phase(model: DISNet, phase: Phase, sources: Sequence[Source], cfg: TrainConfig,
+              schedule: Schedule, run: PhaseRun, device: torch.device,
+              dist: DistInfo = DistInfo()) -> dict[str, Any]:
+    """Train one phase over ``schedule`` (continuing ``run.resume`` if given); returns the final
+    checkpoint state (also written to ``run.checkpoint``)."""
+    t = setup_phase(model, phase, cfg, schedule, run, device, dist)
+    start = resume_phase(t)
     if dist.is_main:
         _trim_log(run.log, run, phase.name, start)
-
-    def state(iteration: int, done: bool) -> dict[str, Any]:
-        return {"model": unwrap(model).state_dict(),
-                "model_config": unwrap(model).config.to_dict(), "classes": run.classes,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if use_amp else {}, "stage": run.stage,
-                "phase": phase.name, "iteration": iteration, "total_iters": total_iters,
-                "done": done, "rng": rng_state(device), "config": cfg.to_dict(),
-                "inference": cfg.inference_settings(), **run.extra}
-
-    sampler = PlannedBatches([len(s.dataset) for s in sources],  # type: ignore[arg-type]
-                             [s.per_batch for s in sources], cfg.seed, start, total_iters, dist)
-    from discli.data.dataset import collate
-
-    loader = DataLoader(SeededSources([s.dataset for s in sources]), batch_sampler=sampler,
-                        collate_fn=collate, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda",
-                        persistent_workers=False)
+    loader = planned_loader(sources, cfg, start, schedule.iters, device, dist)
     set_train_modes(model, phase, cfg.freeze_bn)
-    reporter.start(f"{run.stage} {phase.name}", total_iters)
-    reporter.advance(start)
-    tic = time.perf_counter()
-    finished = start  # the last iteration whose step is complete: a state safe to save
-    stopped = False
+    t.reporter.start(f"{run.stage} {phase.name}", schedule.iters)
+    t.reporter.advance(start)
     with DeferredInterrupts() as interrupts:
-        for iteration, batch in enumerate(_fetch(loader, interrupts), start=start + 1):
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                losses = compute_losses(net, batch, phase, cfg, device)
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            check_finite(values, iteration, run, phase, cfg, dist)  # before any weight changes
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["loss"]).backward()
-            if cfg.clip_grad_norm > 0:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the AMP-scaled ones
-                nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            lr = optimizer.param_groups[-1]["lr"]
-            reporter.advance(1, loss=values["loss"], lr=lr)
-            if dist.is_main and (iteration % cfg.log_every == 0 or iteration == total_iters):
-                record = {"stage": run.stage, "phase": phase.name, "iter": iteration, "lr": lr,
-                          "time": round(time.perf_counter() - tic, 3), **values, **run.extra}
-                append(run.log, record, run.mirror)
-            if cfg.val and (iteration == total_iters
-                            or (cfg.val_every and iteration % cfg.val_every == 0)):
-                val_miou = validate(model, cfg, device)
-                set_train_modes(model, phase, cfg.freeze_bn)
-                if dist.is_main:
-                    append(run.log, {"stage": run.stage, "phase": phase.name, "iter": iteration,
-                                     "val_miou": val_miou, **run.extra}, run.mirror)
-                reporter.log(f"{run.stage} {phase.name} iteration {iteration}: validation mIoU "
-                             f"{100 * val_miou:.1f}")
-            if iteration < total_iters and iteration % cfg.ckpt_every == 0 and dist.is_main:
-                save_checkpoint(run.checkpoint, state(iteration, done=False))
-            finished = iteration
-            if interrupts.stop(dist):
-                stopped = True
-                break
-        if finished < total_iters:  # stopped early by SIGINT / SIGTERM: keep what is done
-            kept = f"no iteration of {run.stage} {phase.name} had finished"
-            if finished > 0:
-                if finished > start and finished % cfg.ckpt_every and dist.is_main:
-                    save_checkpoint(run.checkpoint, state(finished, done=False))
-                kept = (f"kept {run.checkpoint} at {run.stage} {phase.name} iteration "
-                        f"{finished} of {total_iters}")
-            raise Interrupted(interrupts.signum, f"{kept}; rerun the same command to continue "
-                                                 f"from there (files of finished steps and "
-                                                 f"rounds are kept)")
-    final = state(total_iters, done=True)
+        finished, stopped = train_iterations(t, loader, start, interrupts)
+        if finished < schedule.iters:
+            _keep_and_stop(t, start, finished, interrupts.signum)
+    final = t.state(schedule.iters, done=True)
     if dist.is_main:
         save_checkpoint(run.checkpoint, final)
     if stopped:  # the signal came during the last iteration: the phase is whole, stop after it

@@ -19,6 +19,7 @@ The cache is locked while the E-step writes it (:func:`discli.storage.lock.lock_
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from discli.storage.lock import lock_file
 from discli.model.losses import IGNORE_INDEX
 from discli.model.net import DISNet
 from discli.progress import NullReporter, Reporter
-from discli.infer.runtime import infer_views, shared_plan, upsample_probs
+from discli.infer.runtime import Views, infer_views, shared_plan, upsample_probs
 
 PART_IMAGES = 64  # images per crash-safe part file: a kill loses at most this much work
 
@@ -65,70 +66,90 @@ def pseudo_entries(result_probs: torch.Tensor, v3: torch.Tensor, batch: dict[str
     return cache_entries(upsample_probs(result_probs, size), torch.sigmoid(v3), batch, plain)
 
 
-def run_estep(model: DISNet, manifest: Any, cache_path: str | Path, *, t_tr: int,
-              inference: InferenceConfig, checkpoint_hash: str, batch_size: int = 8,
-              device: str | torch.device = "cpu", num_workers: int = 0,
-              reporter: Reporter | None = None, force: bool = False, amp: bool = False,
-              dist: DistInfo | None = None, part_images: int = PART_IMAGES,
-              ignore_suppressed: bool = False, pseudo_map: str = "final",
-              flip: bool = False) -> Path:
-    """Write (or finish) the pseudo-label cache of ``manifest``'s images; returns its path.
+@dataclass(frozen=True)
+class PseudoLabelling:
+    """What makes a cache's pseudo-labels, all of it stamped in the cache's attributes (a cache
+    made otherwise is refused): the hash of the model file, ``t_tr`` steps of the ``inference``
+    settings (whose own ``steps`` are replaced), the map taken as the labelmap (``"final"``: u3
+    re-weighted by v3; ``"labelmap"``: softmax(u3)), whether pixels whose class the tag
+    re-weighting changed are ignored (:func:`cache_entries`), and ``flip``: each image inferred
+    as it is and mirrored, the two probability maps (and tag probabilities) averaged
+    (:func:`discli.infer.runtime.infer_views`)."""
 
-    ``part_images``: images per crash-safe part file (rounded up to whole batches). ``flip``:
-    each image is inferred as it is and mirrored, and the two probability maps (and tag
-    probabilities) averaged (:func:`discli.infer.runtime.infer_views`).
-    """
-    if t_tr < 0:
-        raise ValueError(f"t_tr must be >= 0, got {t_tr}")
+    checkpoint_hash: str
+    t_tr: int
+    inference: InferenceConfig
+    pseudo_map: str = "final"
+    ignore_suppressed: bool = False
+    flip: bool = False
+
+    def inference_config(self) -> InferenceConfig:
+        """``inference`` for ``t_tr`` steps."""
+        return InferenceConfig(**{**self.inference.__dict__, "steps": self.t_tr})
+
+    def settings(self) -> dict[str, Any]:
+        """The settings the cache's attributes record."""
+        return {**self.inference_config().__dict__, "ignore_suppressed": self.ignore_suppressed,
+                "pseudo_map": self.pseudo_map, **({"flip": True} if self.flip else {})}
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Where and how the E-step runs; the batch size and part size never change the cache."""
+
+    batch_size: int = 8
+    device: str | torch.device | None = "cpu"  # None, "auto": run_clean resolves them
+    num_workers: int = 0
+    amp: bool = False
+    part_images: int = PART_IMAGES  # images per crash-safe part file (whole batches)
+
+
+def run_estep(model: DISNet, manifest: Any, cache_path: str | Path, labelling: PseudoLabelling,
+              execution: Execution = Execution(), *, reporter: Reporter | None = None,
+              force: bool = False, dist: DistInfo | None = None) -> Path:
+    """Write (or finish) the pseudo-label cache of ``manifest``'s images; returns its path."""
+    if labelling.t_tr < 0:
+        raise ValueError(f"t_tr must be >= 0, got {labelling.t_tr}")
     dist = dist or dist_info()
     cache_path = Path(cache_path)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     with lock_file(cache_path):
-        return _run_estep(model, manifest, cache_path, t_tr=t_tr, inference=inference,
-                          checkpoint_hash=checkpoint_hash, batch_size=batch_size, device=device,
-                          num_workers=num_workers, reporter=reporter, force=force, amp=amp,
-                          dist=dist, part_images=part_images,
-                          ignore_suppressed=ignore_suppressed, pseudo_map=pseudo_map,
-                          flip=flip)
+        return _run_estep(model, manifest, cache_path, labelling, execution,
+                          reporter or NullReporter(), force, dist)
 
 
-def _run_estep(model: DISNet, manifest: Any, cache_path: Path, *, t_tr: int,
-               inference: InferenceConfig, checkpoint_hash: str, batch_size: int,
-               device: str | torch.device, num_workers: int, reporter: Reporter | None,
-               force: bool, amp: bool, dist: DistInfo, part_images: int,
-               ignore_suppressed: bool, pseudo_map: str, flip: bool) -> Path:
+def _run_estep(model: DISNet, manifest: Any, cache_path: Path, labelling: PseudoLabelling,
+               execution: Execution, reporter: Reporter, force: bool, dist: DistInfo) -> Path:
     from discli.data.dataset import SegDataset, collate, eval_transform
 
-    reporter = reporter or NullReporter()
-    device = torch.device(device)
-    cfg = InferenceConfig(**{**inference.__dict__, "steps": t_tr})
-    attrs = make_attrs(manifest.classes, t_tr, checkpoint_hash,
-                       {**cfg.__dict__, "ignore_suppressed": ignore_suppressed,
-                        "pseudo_map": pseudo_map, **({"flip": True} if flip else {})})
+    device, t_tr = torch.device(execution.device), labelling.t_tr
+    cfg = labelling.inference_config()
+    attrs = make_attrs(manifest.classes, t_tr, labelling.checkpoint_hash, labelling.settings())
     writer = CacheWriter(cache_path, attrs, rank=dist.rank, force=force)  # rank 0 cleans up
     done = writer.done_ids()
     barrier()  # every rank must see the same finished set before anyone writes a new part
     batches = shared_plan(lambda: [manifest.image_path(rec) for rec in manifest.records],
-                          batch_size, dist, resumable=True,
+                          execution.batch_size, dist, resumable=True,
                           indices=lambda: [i for i, rec in enumerate(manifest.records)
                                            if rec.id not in done])
     dataset = SegDataset(manifest, transform=eval_transform(), use_labelmaps=False)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                        num_workers=num_workers)
+                        num_workers=execution.num_workers)
     model.to(device).eval()
     reporter.start(f"E-step t_tr={t_tr}", sum(len(b) for b in batches))
     pending: list[CacheEntry] = []
-    labelmap_probs = pseudo_map != "final" or ignore_suppressed
+    labelmap_probs = labelling.pseudo_map != "final" or labelling.ignore_suppressed
     for batch in loader:
         images = batch["image"].to(device)
-        full = infer_views(model, images, [t_tr], cfg, flip=flip, amp=amp,
-                           tags=batch["tags"].to(device), labelmap_probs=labelmap_probs)[t_tr]
-        probs, other = ((full.probs, full.labelmap_probs) if pseudo_map == "final"
+        full = infer_views(model, images, [t_tr], cfg, Views(flip=labelling.flip),
+                           amp=execution.amp, tags=batch["tags"].to(device),
+                           labelmap_probs=labelmap_probs)[t_tr]
+        probs, other = ((full.probs, full.labelmap_probs) if labelling.pseudo_map == "final"
                         else (full.labelmap_probs, full.probs))
         assert probs is not None
         pending += cache_entries(probs, full.tag_probs, batch,
-                                 other if ignore_suppressed else None)
-        if len(pending) >= part_images:
+                                 other if labelling.ignore_suppressed else None)
+        if len(pending) >= execution.part_images:
             writer.write(pending)
             pending = []
         reporter.advance(len(batch["id"]), loss=float(full.loss.mean()))

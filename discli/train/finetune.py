@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from discli.pseudo.cache import PseudoCache
 from discli.data.dataset import train_transform
@@ -42,11 +43,21 @@ from discli.storage import make_folder, remove_stale_temps, same_bytes
 from discli.progress import NullReporter, Reporter
 from discli.train.config import dump_toml
 from discli.train.keys import TrainConfig
-from discli.train.engine import PHASES, PhaseRun, Source, run_phase
-from discli.train.estep import run_estep
+from discli.train.batches import Source
+from discli.train.engine import PhaseRun, Schedule, run_phase
+from discli.train.estep import Execution, PseudoLabelling, run_estep
+from discli.train.phases import PHASES
 from discli.train.pretrain import check_same_architecture, labelled_dataset, step_results
 from discli.train.runlog import append, latest, open_mirror, read_log, require_tensorboard
 from discli.train.settings import check_same_run, held_settings
+
+if TYPE_CHECKING:
+    import torch
+
+    from discli.data.dataset import SegDataset
+    from discli.data.manifest import Manifest
+    from discli.distributed import DistInfo
+    from discli.train.runlog import TensorBoardMirror
 
 
 def init_checkpoint(cfg: TrainConfig) -> Path:
@@ -90,9 +101,12 @@ def log_estep(log: Path, cache_path: Path, cfg: TrainConfig, r: int,
     return record
 
 
-def mstep_sources(labelled: Any, pseudo: Any, n_labelled: int, n_tagged: int) -> list[Source]:
-    """The M-step's two sources of every batch (a source with no share left out)."""
-    return [s for s in (Source(labelled, n_labelled), Source(pseudo, n_tagged)) if s.per_batch]
+def mstep_sources(labelled: Any, pseudo: Any, cfg: TrainConfig) -> list[Source]:
+    """The M-step's two sources of every batch, ``tagged_ratio`` of it pseudo-labelled (a source
+    with no share left out)."""
+    n_tagged = round(cfg.batch_size * cfg.tagged_ratio)
+    return [s for s in (Source(labelled, cfg.batch_size - n_tagged), Source(pseudo, n_tagged))
+            if s.per_batch]
 
 
 def round_status(cfg: TrainConfig, r: int) -> str:
@@ -106,6 +120,22 @@ def round_status(cfg: TrainConfig, r: int) -> str:
     if (d / "cache.parts").exists():
         return "estep-running"
     return "todo"
+
+
+@dataclass(frozen=True)
+class DualLoop:
+    """One fine-tuning run as each of its rounds sees it: the settings, the data, where it runs
+    and where its output goes."""
+
+    cfg: TrainConfig
+    out: Path  # <out>/finetune
+    tagged: Manifest
+    labelled: SegDataset
+    device: torch.device
+    dist: DistInfo
+    reporter: Reporter
+    force: bool  # use caches made by another model file
+    mirror: TensorBoardMirror | None = None  # the log also goes to TensorBoard
 
 
 def finetune(cfg: TrainConfig, only: str | None = None, round_: int | None = None,
@@ -140,8 +170,8 @@ def finetune(cfg: TrainConfig, only: str | None = None, round_: int | None = Non
     out = Path(cfg.out) / "finetune"
     make_folder(out)
     with lock_folder(out):
-        return _finetune(cfg, only, round_, reporter, force, out, tagged, labelled_manifest,
-                         labelled, device, dist, tensorboard)
+        return _finetune(DualLoop(cfg, out, tagged, labelled, device, dist, reporter, force),
+                         only, round_, tensorboard)
 
 
 def _tidy_round(rdir: Path) -> None:
@@ -167,9 +197,9 @@ def _todo(cfg: TrainConfig, r: int, only: str | None) -> bool:
     return status != "done"
 
 
-def _finetune(cfg: TrainConfig, only: str | None, round_: int | None, reporter: Reporter,
-              force: bool, out: Path, tagged: Any, labelled_manifest: Any, labelled: Any,
-              device: Any, dist: Any, tensorboard: bool) -> dict[str, Any]:
+def _finetune(loop: DualLoop, only: str | None, round_: int | None, tensorboard: bool
+              ) -> dict[str, Any]:
+    cfg, out, dist = loop.cfg, loop.out, loop.dist
     if dist.is_main:
         remove_stale_temps(out)
     if _holds_work(out):  # continue the run the folder holds only with its own settings
@@ -182,8 +212,8 @@ def _finetune(cfg: TrainConfig, only: str | None, round_: int | None, reporter: 
     mirror = open_mirror(out / "tensorboard", tensorboard and dist.is_main and todo)
     summary: dict[str, Any] = {"out": str(out), "rounds": {}, "results": {}}
     try:
-        _rounds(cfg, only, rounds, reporter, force, out, tagged, labelled, device, dist, mirror,
-                summary)
+        for r in rounds:
+            summary["rounds"][r] = _round(dataclasses.replace(loop, mirror=mirror), r, only)
     finally:
         if mirror is not None:
             mirror.close()
@@ -235,84 +265,86 @@ def _held_round(path: Path) -> int | None:
         return None
 
 
-def _rounds(cfg: TrainConfig, only: str | None, rounds: list[int], reporter: Reporter,
-            force: bool, out: Path, tagged: Any, labelled: Any, device: Any, dist: Any,
-            mirror: Any, summary: dict[str, Any]) -> None:
+def _round(loop: DualLoop, r: int, only: str | None) -> str:
+    """Round ``r`` (or its step ``only``) from where it stands; returns what was done."""
+    cfg, rdir = loop.cfg, round_dir(loop.cfg, r)
+    if loop.dist.is_main:
+        _tidy_round(rdir)
+    barrier()
+    if round_status(cfg, r) == "done":
+        return "already done"
+    source = round_input(cfg, r)
+    if not source.exists():
+        what = "pretrain has" if r == 1 else f"round {r - 1} has"
+        raise UsageError(f"{source} not found: {what} not finished")
+    source_hash = file_hash(source)
+    cache_path = rdir / "cache.h5"
+    if only in (None, "estep") and not cache_path.exists():
+        _estep(loop, r, source, source_hash)
+    if only == "estep":
+        return "estep done"
+    if not cache_path.exists():
+        raise UsageError(f"{cache_path} not found: run the E-step of round {r} first")
+    _mstep(loop, r, source, source_hash)
+    return "trained"
+
+
+def _estep(loop: DualLoop, r: int, source: Path, source_hash: str) -> None:
+    """Round ``r``'s pseudo-labels by the model file ``source`` (its cache, logged)."""
+    cfg, cache_path = loop.cfg, round_dir(loop.cfg, r) / "cache.h5"
+    state = load_checkpoint(source)
+    check_same_architecture(state, cfg, loop.tagged.classes, source)
+    model = model_from_checkpoint(state, source).to(loop.device)
+    labelling = PseudoLabelling(source_hash, cfg.t_tr, cfg.inference(), pseudo_map=cfg.pseudo_map,
+                                ignore_suppressed=cfg.ignore_suppressed, flip=cfg.estep_flip)
+    execution = Execution(batch_size=cfg.estep_batch_size, device=loop.device,
+                          num_workers=cfg.num_workers, amp=cfg.amp,
+                          part_images=cfg.estep_part_images)
+    run_estep(model, loop.tagged, cache_path, labelling, execution, reporter=loop.reporter,
+              force=loop.force, dist=loop.dist)
+    if loop.dist.is_main:
+        log_estep(loop.out / "log.jsonl", cache_path, cfg, r, loop.mirror)
+
+
+def _mstep(loop: DualLoop, r: int, source: Path, source_hash: str) -> None:
+    """Round ``r``'s M-step on its cache (then the subnet-2 refit), into ``model.pth``."""
     from discli.train.pseudo import PseudoLabelled
 
-    for r in rounds:
-        rdir = round_dir(cfg, r)
-        if dist.is_main:
-            _tidy_round(rdir)
-        barrier()
-        status = round_status(cfg, r)
-        if status == "done":
-            summary["rounds"][r] = "already done"
-            continue
-        source = round_input(cfg, r)
-        if not source.exists():
-            what = "pretrain has" if r == 1 else f"round {r - 1} has"
-            raise UsageError(f"{source} not found: {what} not finished")
-        source_hash = file_hash(source)
-        cache_path = rdir / "cache.h5"
-        if only in (None, "estep") and not cache_path.exists():
-            state = load_checkpoint(source)
-            check_same_architecture(state, cfg, tagged.classes, source)
-            model = model_from_checkpoint(state, source).to(device)
-            run_estep(model, tagged, cache_path, t_tr=cfg.t_tr, inference=cfg.inference(),
-                      checkpoint_hash=source_hash, batch_size=cfg.estep_batch_size,
-                      device=device, num_workers=cfg.num_workers, reporter=reporter,
-                      force=force, amp=cfg.amp, dist=dist,
-                      part_images=cfg.estep_part_images,
-                      ignore_suppressed=cfg.ignore_suppressed, pseudo_map=cfg.pseudo_map,
-                      flip=cfg.estep_flip)
-            if dist.is_main:
-                log_estep(out / "log.jsonl", cache_path, cfg, r, mirror)
-        if only == "estep":
-            summary["rounds"][r] = "estep done"
-            continue
-        if not cache_path.exists():
-            raise UsageError(f"{cache_path} not found: run the E-step of round {r} first")
-        cache = PseudoCache(cache_path, checkpoint_hash=source_hash, force=force)
-        last = rdir / "last.pth"
-        resume = load_checkpoint(last) if last.exists() else None
-        # Each M-step trains from the previous round's model, or (mstep_from = "init", as ST++
-        # retrains) from the fine-tuning's starting checkpoint, so that the errors of one
-        # round's model are not carried into the next as weights, only as pseudo-labels.
-        start = init_checkpoint(cfg) if cfg.mstep_from == "init" else source
-        start_state = resume if resume is not None else load_checkpoint(start)
-        check_same_architecture(start_state, cfg, tagged.classes, last if resume else start)
-        model = model_from_checkpoint(start_state, start).to(device)
-        transform = (train_transform(cfg.crop_size, (cfg.scale_min, cfg.scale_max), strong=True)
-                     if cfg.strong_aug else labelled.transform)
-        pseudo = PseudoLabelled(mstep_records(tagged, cfg), cache, transform,
-                                cfg.confidence, cfg.tag_cleaning(), cfg.mstep_tags, cfg.tag_gate,
-                                cfg.class_keep, cfg.cutmix)
-        n_tagged = round(cfg.batch_size * cfg.tagged_ratio)
-        sources = mstep_sources(labelled, pseudo, cfg.batch_size - n_tagged, n_tagged)
-        run = PhaseRun(checkpoint=last, log=out / "log.jsonl", stage="finetune",
-                       extra={"round": r, "source_hash": source_hash},
-                       classes=tagged.classes, mirror=mirror)
-        refit = rdir / "refit.pth"
-        refit_state = load_checkpoint(refit) if refit.exists() else None  # M-step done
-        if refit_state is None:
-            run_phase(model, PHASES["mstep"], sources, cfg, cfg.mstep_iters, run, device,
-                      resume=resume, dist=dist, reporter=reporter, lr_scale=cfg.mstep_lr_mult,
-                      warmup=cfg.mstep_warmup)
-        result = last
-        if cfg.subnet2_refit_iters > 0:
-            if refit_state is not None:
-                model.load_state_dict(refit_state["model"])
-            # subnet-2 learns to redraw whole images from their labelmaps: no pasted boxes
-            unmixed = mstep_sources(labelled, pseudo.unmixed(),
-                                    cfg.batch_size - n_tagged, n_tagged)
-            run_phase(model, PHASES["refit"], unmixed, cfg, cfg.subnet2_refit_iters,
-                      dataclasses.replace(run, checkpoint=refit), device, resume=refit_state,
-                      dist=dist, reporter=reporter)
-            result = refit
-        if dist.is_main:
-            atomic_write(rdir / "model.pth", lambda f: f.write(result.read_bytes()))
-            last.unlink()
-            refit.unlink(missing_ok=True)
-        barrier()
-        summary["rounds"][r] = "trained"
+    cfg, rdir = loop.cfg, round_dir(loop.cfg, r)
+    cache = PseudoCache(rdir / "cache.h5", checkpoint_hash=source_hash, force=loop.force)
+    last = rdir / "last.pth"
+    resume = load_checkpoint(last) if last.exists() else None
+    # Each M-step trains from the previous round's model, or (mstep_from = "init", as ST++
+    # retrains) from the fine-tuning's starting checkpoint, so that the errors of one
+    # round's model are not carried into the next as weights, only as pseudo-labels.
+    start = init_checkpoint(cfg) if cfg.mstep_from == "init" else source
+    start_state = resume if resume is not None else load_checkpoint(start)
+    check_same_architecture(start_state, cfg, loop.tagged.classes, last if resume else start)
+    model = model_from_checkpoint(start_state, start).to(loop.device)
+    transform = (train_transform(cfg.crop_size, (cfg.scale_min, cfg.scale_max), strong=True)
+                 if cfg.strong_aug else loop.labelled.transform)
+    pseudo = PseudoLabelled(mstep_records(loop.tagged, cfg), cache, transform, cfg)
+    run = PhaseRun(checkpoint=last, log=loop.out / "log.jsonl", stage="finetune",
+                   extra={"round": r, "source_hash": source_hash}, classes=loop.tagged.classes,
+                   mirror=loop.mirror, resume=resume, reporter=loop.reporter)
+    refit = rdir / "refit.pth"
+    refit_state = load_checkpoint(refit) if refit.exists() else None  # M-step done
+    if refit_state is None:
+        run_phase(model, PHASES["mstep"], mstep_sources(loop.labelled, pseudo, cfg), cfg,
+                  Schedule(cfg.mstep_iters, cfg.mstep_lr_mult, cfg.mstep_warmup), run,
+                  loop.device, loop.dist)
+    result = last
+    if cfg.subnet2_refit_iters > 0:
+        if refit_state is not None:
+            model.load_state_dict(refit_state["model"])
+        # subnet-2 learns to redraw whole images from their labelmaps: no pasted boxes
+        run_phase(model, PHASES["refit"], mstep_sources(loop.labelled, pseudo.unmixed(), cfg),
+                  cfg, Schedule(cfg.subnet2_refit_iters),
+                  dataclasses.replace(run, checkpoint=refit, resume=refit_state), loop.device,
+                  loop.dist)
+        result = refit
+    if loop.dist.is_main:
+        atomic_write(rdir / "model.pth", lambda f: f.write(result.read_bytes()))
+        last.unlink()
+        refit.unlink(missing_ok=True)
+    barrier()

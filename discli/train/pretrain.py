@@ -11,6 +11,7 @@ with exit code 5.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,9 @@ from discli.model.net import DISNet, ModelConfig
 from discli.progress import Reporter
 from discli.train.config import dump_toml
 from discli.train.keys import TrainConfig, config_keys
-from discli.train.engine import PHASES, PhaseRun, Source, run_phase
+from discli.train.batches import Source
+from discli.train.engine import PhaseRun, Schedule, run_phase
+from discli.train.phases import PHASES
 from discli.train.runlog import latest, open_mirror, read_log, require_tensorboard
 from discli.train.settings import check_same_run, held_settings
 
@@ -128,42 +131,63 @@ def _done_step(state: dict[str, Any] | None) -> int:
     return 0 if state is None else int(state["step"]) - (0 if state["done"] else 1)
 
 
-def _pretrain(cfg: TrainConfig, steps: Sequence[int], reporter: Reporter | None, out: Path,
-              device: torch.device, dist: Any, tensorboard: bool) -> dict[str, Any]:
-    if dist.is_main:
-        remove_stale_temps(out)  # checkpoint writes torn by a kill
+def _held_state(out: Path, dist: Any) -> dict[str, Any] | None:
+    """The state of ``last.pth`` (None: no run yet), or of the last finished step that reads
+    back when it is corrupt (:func:`_recover`)."""
     last = out / "last.pth"
     try:
-        state = load_checkpoint(last) if last.exists() else None
+        return load_checkpoint(last) if last.exists() else None
     except CorruptError as exc:
-        state = _recover(out, exc, dist)
-    if state is not None:  # the folder holds a run: continue it only with its own settings
-        check_same_run(out, held_settings(out, state), cfg, "pretrain")
-    manifest, dataset = labelled_dataset(cfg)
-    if state is not None:
-        check_same_architecture(state, cfg, manifest.classes, last)
-        model = model_from_checkpoint(state, last)
-        finished = step_file(out, int(state["step"]))
-        if state["done"] and dist.is_main and not same_bytes(finished, last):
-            # killed between the step's last checkpoint and its copy (no copy), or the copy was
-            # damaged since (truncated, a flipped bit): last.pth, verified as it was loaded,
-            # holds the same state, so the copy is made again rather than reported broken
-            if finished.exists():
-                warn(f"does not match {last.name}, of which it is a copy (truncated or "
-                     f"corrupt); rebuilt it from {last.name}", finished)
-            atomic_write(finished, lambda f: f.write(last.read_bytes()))
-    else:
-        model = new_model(cfg, manifest.classes)
-    model.to(device)
+        return _recover(out, exc, dist)
+
+
+def _start_model(state: dict[str, Any] | None, cfg: TrainConfig, classes: list[str], out: Path,
+                 dist: Any) -> DISNet:
+    """The model of the held ``state`` (its finished step's file made again if it is missing
+    or damaged), or a new one."""
+    if state is None:
+        return new_model(cfg, classes)
+    last = out / "last.pth"
+    check_same_architecture(state, cfg, classes, last)
+    model = model_from_checkpoint(state, last)
+    finished = step_file(out, int(state["step"]))
+    if state["done"] and dist.is_main and not same_bytes(finished, last):
+        # killed between the step's last checkpoint and its copy (no copy), or the copy was
+        # damaged since (truncated, a flipped bit): last.pth, verified as it was loaded,
+        # holds the same state, so the copy is made again rather than reported broken
+        if finished.exists():
+            warn(f"does not match {last.name}, of which it is a copy (truncated or "
+                 f"corrupt); rebuilt it from {last.name}", finished)
+        atomic_write(finished, lambda f: f.write(last.read_bytes()))
+    return model
+
+
+def _todo_steps(steps: Sequence[int], state: dict[str, Any] | None, out: Path) -> list[int]:
+    """The requested steps not finished yet; refused (before any work) unless they follow the
+    finished ones."""
     todo = [step for step in sorted(set(steps)) if _done_step(state) < step]
     for step, expected in zip(todo, range(_done_step(state) + 1, 4)):
         if step != expected:  # steps run in order: refuse before any work
             raise UsageError(f"pretrain step {step - 1} has not finished in {out} "
                              f"(run {{opt:step={step - 1}}} first)")
+    return todo
+
+
+def _pretrain(cfg: TrainConfig, steps: Sequence[int], reporter: Reporter | None, out: Path,
+              device: torch.device, dist: Any, tensorboard: bool) -> dict[str, Any]:
+    if dist.is_main:
+        remove_stale_temps(out)  # checkpoint writes torn by a kill
+    state = _held_state(out, dist)
+    if state is not None:  # the folder holds a run: continue it only with its own settings
+        check_same_run(out, held_settings(out, state), cfg, "pretrain")
+    manifest, dataset = labelled_dataset(cfg)
+    model = _start_model(state, cfg, manifest.classes, out, dist)
+    model.to(device)
+    todo = _todo_steps(steps, state, out)
     if todo and dist.is_main:  # a run with nothing left to do rewrites nothing
         atomic_write(out / "config.toml", lambda f: f.write(dump_toml(cfg).encode()))
-    run = PhaseRun(checkpoint=last, log=out / "log.jsonl", stage="pretrain", extra={},
-                   classes=manifest.classes,
+    run = PhaseRun(checkpoint=out / "last.pth", log=out / "log.jsonl", stage="pretrain",
+                   extra={}, classes=manifest.classes, reporter=reporter,
                    mirror=open_mirror(out / "tensorboard", tensorboard and dist.is_main))
     iters = {1: cfg.iters_step1, 2: cfg.iters_step2, 3: cfg.iters_step3}
     summary: dict[str, Any] = {"out": str(out), "steps": {}, "results": {}}
@@ -173,12 +197,12 @@ def _pretrain(cfg: TrainConfig, steps: Sequence[int], reporter: Reporter | None,
                 summary["steps"][step] = "already done"
                 continue
             resume = state if state is not None and int(state["step"]) == step else None
-            run.extra = {"step": step}
             state = run_phase(model, PHASES[f"step{step}"], [Source(dataset, cfg.batch_size)],
-                              cfg, iters[step], run, device, resume=resume, dist=dist,
-                              reporter=reporter, warmup=cfg.warmup_iters)
+                              cfg, Schedule(iters[step], warmup=cfg.warmup_iters),
+                              dataclasses.replace(run, extra={"step": step}, resume=resume),
+                              device, dist)
             if dist.is_main:
-                atomic_write(step_file(out, step), lambda f: f.write(last.read_bytes()))
+                atomic_write(step_file(out, step), lambda f: f.write(run.checkpoint.read_bytes()))
             barrier()
             summary["steps"][step] = "trained"
     finally:

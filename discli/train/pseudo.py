@@ -37,7 +37,8 @@ from discli.data.manifest import Manifest
 from discli.errors import BadInputError
 from discli.model.losses import IGNORE_INDEX
 from discli.model.net import BACKGROUND
-from discli.pseudo.tags import TagRule, gate_labelmap
+from discli.pseudo.tags import gate_labelmap
+from discli.train.keys import TrainConfig
 
 TAG_TARGETS = ("noisy", "cleaned", "mix")
 TAG_GATES = ("none", "noisy", "cleaned")
@@ -112,23 +113,27 @@ def paste(item: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
 
 
 class PseudoLabelled(SegDataset):
+    """The tagged images of ``manifest`` with their pseudo-labels in ``cache``, as the M-step of
+    a run with the settings ``cfg`` trains on them: its ``confidence``, tag rule
+    (:meth:`discli.train.keys.TrainConfig.tag_cleaning`), tag target ``mstep_tags``,
+    ``tag_gate``, ``class_keep`` and ``cutmix`` (module docstring)."""
+
     def __init__(self, manifest: Manifest, cache: PseudoCache, transform: Transform,
-                 confidence: float = 0.0, rule: TagRule = TagRule(),
-                 tags: str = "cleaned", tag_gate: str = "none", class_keep: float = 0.0,
-                 cutmix: float = 0.0):
+                 cfg: TrainConfig):
         super().__init__(manifest, transform, use_labelmaps=False)
         missing = [r.id for r in manifest.records if r.id not in cache]
         if missing:
             raise BadInputError(f"{len(missing)} tagged images have no entry (first: "
                                 f"{missing[0]!r}); re-run the E-step", cache.path)
+        tags, tag_gate = cfg.mstep_tags, cfg.tag_gate
         if tags not in TAG_TARGETS:
             raise ValueError(f"tag target must be one of {', '.join(TAG_TARGETS)}, got {tags!r}")
         if tag_gate not in TAG_GATES:
             raise ValueError(f"tag gate must be one of {', '.join(TAG_GATES)}, got {tag_gate!r}")
-        self.cache, self.confidence, self.rule = cache, confidence, rule
-        self.tags, self.tag_gate, self.cutmix = tags, tag_gate, cutmix
-        self.thresholds = (class_thresholds(cache, confidence, class_keep) if class_keep > 0
-                           else None)
+        self.cache, self.confidence, self.rule = cache, cfg.confidence, cfg.tag_cleaning()
+        self.tags, self.tag_gate, self.cutmix = tags, tag_gate, cfg.cutmix
+        self.thresholds = (class_thresholds(cache, cfg.confidence, cfg.class_keep)
+                           if cfg.class_keep > 0 else None)
 
     def unmixed(self) -> PseudoLabelled:
         """The same images without CutMix."""
