@@ -2,12 +2,15 @@
 
     python benchmarks/inference_step.py                 # K = 21, 41x41 (ResNet-101 at 321x321)
     python benchmarks/inference_step.py --threads 1
+    python benchmarks/inference_step.py --compiled      # + the whole step, torch.compile'd
 
 A low-rank step (discli.infer.lowrank) runs subnet-2 forward, the reconstruction loss and
 its gradient with respect to u3, then applies the Gram operator to the accumulated momentum.
 This script times those parts on random tensors of the given size, with autograd and with the
 backward written out by hand, with channels_last tensors and with oneDNN off, and the largest
-convolution alone; it checks that the hand-written gradient equals autograd's. CPU only.
+convolution alone; it checks that the hand-written gradient equals autograd's. With
+``--compiled`` it also times the whole step as inference runs it, plainly and compiled
+(:mod:`discli.infer.compiled`), in ms and GFLOP/s, with the compile time apart. CPU only.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from _common import describe_machine, load_note
+from _common import describe_machine, gflops, load_note
 
-from discli.infer.lowrank import gram_operators
+from discli.infer.compiled import compile_seconds, step_runner
+from discli.infer.lowrank import Accumulated, GramOperators, gram_operators, plain_step
+from discli.infer.settings import InferenceConfig, use_compiled
 from discli.model.net import Subnet2
 
 
@@ -33,6 +38,41 @@ def per_call_ms(fn: Callable[[], object], reps: int) -> float:
     return (time.perf_counter() - tic) / reps * 1000
 
 
+def whole_step(subnet2: Subnet2, target: torch.Tensor, ops: GramOperators, reps: int) -> None:
+    """One step as refine_lowrank takes it (no tags, no proximity), plainly and compiled."""
+    b, n, k = target.shape[0], target.shape[-1], ops.num_classes
+    cfg = InferenceConfig(lr=0.003)
+    start = (torch.randn(b, k, n, n), torch.randn(b, k))
+    rule = Accumulated(start, ops.at(n, n, -cfg.lr * n * n, -cfg.lr), cfg.momentum)
+    state = rule.initial()
+
+    def head_loss(u3: torch.Tensor, v3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z3 = subnet2(u3.softmax(dim=1))
+        return (z3 - target).pow(2).mean(dim=(1, 2, 3)), z3
+
+    def plain() -> object:
+        return plain_step(head_loss, rule, False, start, state)
+
+    flop = gflops(plain) * 1e9
+    previous = use_compiled(True)
+    run = step_runner(rule, cfg, head_loss, False)
+    use_compiled(previous)
+    tic = time.perf_counter()
+    if run is None or run(start, state) is None:
+        print("  the compiled step is not available here (see the warning)")
+        return
+    first = time.perf_counter() - tic
+    print(f"  compile: {first:.1f} s for the first call ({sum(compile_seconds().values()):.1f} s "
+          f"recorded), once per shape and settings")
+    rows = {"whole step, plain": plain, "whole step, compiled": lambda: run(start, state)}
+    times = {name: per_call_ms(fn, reps) for name, fn in rows.items()}
+    for name, ms in times.items():
+        print(f"  {name:<52} {ms:7.3f} ms  ({flop / ms / 1e6:5.1f} GFLOP/s of {flop / 1e6:.0f} "
+              f"MFLOP)")
+    print(f"  {'speed-up of the step, compiled':<52} "
+          f"{times['whole step, plain'] / times['whole step, compiled']:7.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--classes", type=int, default=21)
@@ -41,6 +81,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
+    parser.add_argument("--compiled", action="store_true", help="also time the whole step, "
+                        "plain and torch.compile'd (compiling takes 10-60 s)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,6 +139,8 @@ def main() -> None:
         print(f"  {'oneDNN off: autograd step / Gram operator':<52} "
               f"{per_call_ms(lambda: loss_grad_autograd(u3), args.reps):7.3f} ms / "
               f"{per_call_ms(lambda: step_op.apply(u3, zero_v), args.reps):.3f} ms")
+    if args.compiled:
+        whole_step(subnet2, target, ops, args.reps)
     print(load_note())
 
 

@@ -55,6 +55,7 @@ def evaluate(
     old_workers: int | None = opt.InfOldWorkersOpt,
     device: str | None = opt.InfDeviceOpt,
     amp: bool = opt.InfAmpOpt,
+    compile_steps: bool = opt.InfCompileOpt,
     lr: float | None = opt.InfLrOpt,
     momentum: float | None = opt.InfMomentumOpt,
     scales: str = opt.ScalesOpt,
@@ -88,6 +89,9 @@ def evaluate(
     steps = opt.steps_of(t_ts)  # the options first (exit 2), then the files (exit 3)
     view_scales = opt.scales_of(scales)
     opt.check_inputs([(manifest, root)], checkpoint)  # before torch is imported
+    from discli.infer.settings import use_compiled
+
+    use_compiled(compile_steps)
     from discli.distributed import dist_info
     from discli.evaluation.evaluate import EvalOutputs, Scoring, evaluate_checkpoint
     from discli.infer.runtime import InferenceOverrides, RunOptions, Views

@@ -33,6 +33,7 @@ def infer(
     batch_size: int = opt.InfBatchOpt,
     device: str | None = opt.InfDeviceOpt,
     amp: bool = opt.InfAmpOpt,
+    compile_steps: bool = opt.InfCompileOpt,
     lr: float | None = opt.InfLrOpt,
     momentum: float | None = opt.InfMomentumOpt,
     scales: str = opt.ScalesOpt,
@@ -56,6 +57,9 @@ def infer(
     steps = opt.steps_of(t_ts)  # the options first (exit 2), then the files (exit 3)
     view_scales = opt.scales_of(scales)
     opt.check_inputs(checkpoint=checkpoint)  # before torch is imported
+    from discli.infer.settings import use_compiled
+
+    use_compiled(compile_steps)
     from discli.distributed import dist_info
     from discli.infer.inputs import InferOutputs
     from discli.infer.predict import infer_checkpoint

@@ -265,6 +265,10 @@ InfAmpOpt = typer.Option(True, "--amp/--no-amp", help="float16 backbone forward 
 InfLrOpt = typer.Option(None, "--lr", help="Inference step size (default: the checkpoint's).")
 InfMomentumOpt = typer.Option(None, "--momentum", help="Inference momentum (default: the "
                               "checkpoint's).")
+InfCompileOpt = typer.Option(False, "--compile/--no-compile", help="Compile the low-rank inference "
+                             "steps (torch.compile; once per input size, 10-60 s): faster at "
+                             "t_ts > 0 on many images of one size. Falls back to the plain steps "
+                             "with a warning where no compiler works.")
 OverlayFormatOpt = typer.Option("jpg", "--overlay-format", metavar="jpg|png",
                                 help="File format of the overlays: jpg (small) or png (exact "
                                 "colours, no compression artefacts at class edges).")

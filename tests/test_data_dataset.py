@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from discli.data.dataset import (IMAGENET_MEAN, SegDataset, collate, denormalize, eval_transform,
                                  normalize, train_transform)
+from discli.data.images import read_image
 from discli.data.manifest import Manifest, Record
 from discli.data.labelmap import write_palette_png
 from discli.errors import BadInputError
@@ -128,3 +129,31 @@ def test_bad_item_in_a_worker_is_still_one_line(tmp_path):
         list(loader)
     message = str(info.value)
     assert "\n" not in message and message == f"{tmp_path / '1.png'}: empty image file (0 bytes)"
+
+
+def test_decoded_memo_gives_the_same_items_and_keeps_to_its_limit(tmp_path, monkeypatch):
+    import discli.data.dataset as dataset
+
+    m = make_set(tmp_path)
+    plain, memo = (SegDataset(m, train_transform(24, scale=(0.5, 1.5))) for _ in range(2))
+    memo.keep_decoded(1)  # 1 MB: every image of the set fits
+    decoded = []
+    monkeypatch.setattr(dataset, "read_image", lambda p: decoded.append(p) or read_image(p))
+    for seed in range(3):
+        for i in range(len(m.records)):
+            torch.manual_seed(seed)
+            a = plain[i]
+            torch.manual_seed(seed)
+            b = memo[i]
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["labelmap"],
+                                                                        b["labelmap"])
+            b["tags"][:] = 7  # a caller's change to an item never reaches the memo
+            assert torch.equal(memo[i]["tags"], plain[i]["tags"])
+    # the plain set decodes every time; the memo once per image
+    assert len(decoded) == 2 * 3 * 3 + 3  # plain: twice per image and seed
+    small = SegDataset(m)
+    small.keep_decoded(1)
+    small.memo.limit = 2500  # room for the first image (20 x 30: 2412 bytes with its maps)
+    for i in range(3):
+        small[i]
+    assert list(small.memo.held) == [0] and small.memo.used <= small.memo.limit

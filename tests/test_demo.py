@@ -157,7 +157,7 @@ def test_demo_trains_runs_side_by_side_as_it_would_one_after_the_other(tmp_path)
     import torch
 
     from factories import make_split
-    from discli.demo.jobs import run_jobs, train_job
+    from discli.demo.jobs import Job, run_graph, train_job
     from discli.errors import BadInputError
     from discli.train.keys import TrainConfig
 
@@ -170,8 +170,9 @@ def test_demo_trains_runs_side_by_side_as_it_would_one_after_the_other(tmp_path)
                                      device="cpu", seed=1), **kw})
 
     train_job("pretrain", cfg("here"))
-    jobs = {"a": ("pretrain", cfg("a")), "b": ("pretrain", cfg("b", output_stride=4))}
-    assert sorted(name for name, _ in run_jobs(jobs, workers=2)) == ["a", "b"]
+    jobs = [Job("a", train_job, ("pretrain", cfg("a"))),
+            Job("b", train_job, ("pretrain", cfg("b", output_stride=4)), after=("a",))]
+    assert [name for name, _ in run_graph(jobs, workers=2)] == ["a", "b"]  # b waits for a
 
     def weights(out):
         return torch.load(tmp_path / out / "pretrain" / "final.pth", weights_only=False)["model"]
@@ -183,8 +184,26 @@ def test_demo_trains_runs_side_by_side_as_it_would_one_after_the_other(tmp_path)
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json\n")
     with pytest.raises(BadInputError) as raised:
-        list(run_jobs({"c": ("pretrain", cfg("c", labelled=str(broken)))}, workers=2))
+        list(run_graph([Job("c", train_job, ("pretrain", cfg("c", labelled=str(broken))))],
+                       workers=2))
     assert raised.value.path == str(broken)
+
+
+def test_schedule_keeps_both_lanes_busy():
+    from discli.demo.jobs import Job, makespan, schedule
+
+    def job(name, cost, after=()):
+        return Job(name, print, (), after, cost)
+
+    first = [job("base", 46), job("bound", 89)]
+    tuned = [job(f"t{t}", cost, ("base",)) for t, cost in ((0, 74), (10, 82), (30, 110))]
+    evals = [job("e", 5, ("t30",))]
+    assert makespan([*first, *tuned, *evals], workers=1) == 46 + 89 + 74 + 82 + 110 + 5
+    order = schedule(first, tuned, evals, workers=2)
+    # the longest fine-tuning on the bound's lane, the other two on the baseline's
+    assert [j.name for j in order] == ["base", "bound", "t0", "t30", "t10", "e"]
+    assert makespan(order, 2) == 89 + 110 + 5  # the bound's lane, then the evaluation
+    assert makespan([*first, *tuned, *evals], 2) == 46 + 74 + 110 + 5  # t_tr order: later
 
 
 def test_demo_workers():

@@ -275,3 +275,19 @@ def test_multiscale_and_flip(tiny_checkpoint, dataset, capsys):
     code, _, err = cli(capsys, "evaluate", str(dataset), "-c", str(tiny_checkpoint),
                        "--scales", "0.5,nan", "--device", "cpu")
     assert code == 2 and "--scales" in err
+
+
+@pytest.mark.parametrize("flag, wanted", [("--compile", True), ("--no-compile", False)])
+def test_compile_flag_sets_the_switch_and_changes_no_score(tiny_checkpoint, dataset, capsys,
+                                                           monkeypatch, flag, wanted):
+    import discli.infer.settings as settings
+
+    seen = []
+    monkeypatch.setattr(settings, "use_compiled", lambda on: seen.append(on) or False)
+    args = ["evaluate", str(dataset), "-c", str(tiny_checkpoint), "--t-ts", "0,3",
+            "--device", "cpu", "-q", "--json"]
+    code, out, err = cli(capsys, *args, flag)
+    assert code == 0, err
+    assert seen == [wanted]
+    plain = cli(capsys, *args)[1]
+    assert json.loads(out)["setups"][1]["miou"] == json.loads(plain)["setups"][1]["miou"]

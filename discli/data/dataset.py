@@ -150,14 +150,44 @@ def warn_exif_rotation(manifest: Manifest) -> int:
     return len(tagged)
 
 
+class DecodedMemo:
+    """Decoded inputs by index, kept up to ``limit_bytes`` (then the rest is decoded each time).
+
+    Training draws the same few hundred or thousand images thousands of times: decoding their
+    JPEGs and PNGs again every time was a sixth of a training step of the demo. The held arrays
+    are read only (every transform makes new tensors), so an item is the same with or without
+    the memo. Each DataLoader worker holds its own."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit = limit_bytes
+        self.used = 0
+        self.held: dict[int, tuple[Any, ...]] = {}
+
+    def get(self, index: int, decode: Callable[[int], tuple[Any, ...]]) -> tuple[Any, ...]:
+        found = self.held.get(index)
+        if found is not None:
+            return found
+        found = decode(index)
+        size = sum(a.nbytes for a in found if isinstance(a, (np.ndarray, torch.Tensor)))
+        if self.used + size <= self.limit:
+            self.held[index] = found
+            self.used += size
+        return found
+
+
 class SegDataset(torch.utils.data.Dataset):
     def __init__(self, manifest: Manifest, transform: Transform | None = None,
                  use_labelmaps: bool = True):
         self.manifest = manifest
         self.transform = transform if transform is not None else eval_transform()
         self.use_labelmaps = use_labelmaps
+        self.memo: DecodedMemo | None = None  # keep_decoded() turns it on (training)
         if use_labelmaps:
             warn_exif_rotation(manifest)
+
+    def keep_decoded(self, limit_mb: int) -> None:
+        """Keep up to ``limit_mb`` MB of decoded inputs in memory (0: none)."""
+        self.memo = DecodedMemo(limit_mb * 2**20) if limit_mb > 0 else None
 
     def __len__(self) -> int:
         return len(self.manifest.records)
@@ -169,6 +199,11 @@ class SegDataset(torch.utils.data.Dataset):
             raise DataItemError(str(exc)) from None
 
     def _load(self, index: int) -> dict[str, Any]:
+        decoded = self.memo.get(index, self._decode) if self.memo else self._decode(index)
+        image_id, image, labelmap, tags, has_labelmap = decoded
+        return self.make_item(image_id, index, image, labelmap, tags.clone(), has_labelmap)
+
+    def _decode(self, index: int) -> tuple[str, np.ndarray, np.ndarray, torch.Tensor, bool]:
         rec = self.manifest.records[index]
         image = read_image(self.manifest.image_path(rec))
         h, w = image.shape[:2]
@@ -180,8 +215,7 @@ class SegDataset(torch.utils.data.Dataset):
                                                   (h, w), name_image=False), lm_path)
         else:
             labelmap = np.full((h, w), IGNORE, dtype=np.uint8)
-        return self.make_item(rec.id, index, image, labelmap, self.manifest.tag_vector(rec),
-                              lm_path is not None)
+        return rec.id, image, labelmap, self.manifest.tag_vector(rec), lm_path is not None
 
     def make_item(self, image_id: str, index: int, image: np.ndarray, labelmap: np.ndarray,
                   tags: torch.Tensor, has_labelmap: bool) -> dict[str, Any]:

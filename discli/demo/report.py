@@ -138,9 +138,29 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "![mIoU against t_ts](curves.png)"]
     lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in report["timings_s"].items()]
+    lines += profile_lines(report)
     lines += ["", "## Commands", "", "```"] + report["commands"] + ["```", "",
               "![figure](figure.png)", ""]
     return "\n".join(lines)
+
+
+def profile_lines(report: dict[str, Any]) -> list[str]:
+    """Where each training run's seconds went: its phases as its log.jsonl timed them, and the
+    rest of the job (start-up, model builds, checkpoint reads and writes, E-step statistics)."""
+    profile = report.get("profile_s") or {}
+    if not profile:
+        return []
+    stage = {"baseline": "pretrain", "bound": "bound"}
+    lines = ["", f"Wall time of this run: {report['wall_s']} s (the jobs run side by side)."
+             if "wall_s" in report else ""]
+    lines += ["", "Per phase (s; `other`: the job's time outside its phases):", "",
+             "| run | phases | other |", "|---|---|---|"]
+    for run, phases in profile.items():
+        job = report["timings_s"].get(stage.get(run, f"finetune {run}"))
+        other = "" if job is None else f"{job - sum(phases.values()):.1f}"
+        listed = ", ".join(f"{phase} {seconds:.1f}" for phase, seconds in phases.items())
+        lines.append(f"| {run} | {listed} | {other} |")
+    return lines
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:

@@ -10,6 +10,9 @@ equivalent command lines), each resuming by itself when the demo is interrupted 
 4. the *upper bound*: ``dis pretrain`` on the labelled images plus every tagged image with its
    true labelmap, for as many iterations as baseline + finetune together;
 5. ``dis evaluate --t-ts 0,10,30`` of every model (+ the ensemble of the t_ts);
+
+   stages 2 to 5 are jobs that run side by side in worker processes, each once the models it
+   needs exist (:mod:`discli.demo.jobs`);
 6. ``dis clean-tags stats``: precision/recall/F1 of the caption tags and of the cleaned tags.
 
 Results go to ``report.json``, ``report.md`` and ``figure.png`` (the layout of the paper's
@@ -25,7 +28,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from discli.demo.jobs import demo_workers, run_jobs, train_job
+from discli.demo.jobs import (Job, cached_json, demo_workers, evaluate_job, run_graph,
+                              schedule, train_job)
 from discli.storage import atomic_write
 from discli.errors import UsageError
 from discli.progress import NullReporter, Reporter
@@ -81,15 +85,6 @@ def _train_config(demo: DemoConfig, out: Path, section: str = "finetune",
     return load_config(demo.preset_name, overrides, section=section)
 
 
-def _cached_json(path: Path, compute: Any) -> Any:
-    """Results of a finished stage are kept, so a re-run demo skips it."""
-    if path.exists():
-        return json.loads(path.read_text())
-    value = compute()
-    atomic_write(path, lambda f: f.write(json.dumps(value, indent=1).encode()))
-    return value
-
-
 def _synth_config(demo: DemoConfig) -> Any:
     """The settings of the demo's benchmark (a :class:`discli.synth.SynthConfig`)."""
     from discli.synth import SynthConfig
@@ -131,8 +126,9 @@ def check_settings(results: Path, demo: DemoConfig) -> None:
 
 
 def _describe(job: str) -> str:
-    return ("the fully supervised upper bound (every labelmap)" if job == "bound"
-            else job.replace("finetune", "fine-tuning with"))
+    names = {"bound": "the fully supervised upper bound (every labelmap)",
+             "pretrain": "the baseline (pretraining on the pixel-labelled images)"}
+    return names.get(job, job.replace("finetune", "fine-tuning with"))
 
 
 def _union_manifest(bench: Path, manifests: dict[str, str]) -> Path:
@@ -182,44 +178,33 @@ class StageTimes:
 @dataclass
 class DemoRuns:
     """The demo's training runs by name ("baseline", "t_tr=T", "bound"), in the report's
-    order: their (kind, config) and final checkpoints; ``jobs`` are those trained once the
-    baseline exists (name -> (kind, config))."""
+    order: their (kind, config) and final checkpoints."""
 
     configs: dict[str, tuple[str, TrainConfig]] = field(default_factory=dict)
     checkpoints: dict[str, Path] = field(default_factory=dict)
     finetune: dict[int, TrainConfig] = field(default_factory=dict)  # t_tr -> its config
-    jobs: dict[str, tuple[str, TrainConfig]] = field(default_factory=dict)
 
 
 def _benchmark(demo: DemoConfig, bench: Path, results: Path, times: StageTimes) -> Any:
     """Stage 1: the benchmark and its manifests (``dis synth``)."""
     from discli.synth import generate_benchmark
 
-    return times.timed("benchmark", lambda: _cached_json(results / "benchmark.json", lambda: (
+    return times.timed("benchmark", lambda: cached_json(results / "benchmark.json", lambda: (
         generate_benchmark(bench, _synth_config(demo)))))
 
 
-def _baseline(demo: DemoConfig, runs: Path, manifests: dict[str, str], times: StageTimes,
-              reporter: Reporter) -> TrainConfig:
-    """Stage 2: ``dis pretrain`` on the pixel-labelled images; returns its config."""
-    from discli.train.pretrain import pretrain
-
-    reporter.log("demo: pretraining the baseline on the pixel-labelled images")
-    cfg = _train_config(demo, runs / "baseline", "pretrain", labelled=manifests["train"])
-    times.timed("pretrain", lambda: pretrain(cfg, reporter=reporter))
-    return cfg
-
-
-def _plan_runs(demo: DemoConfig, bench: Path, runs: Path, manifests: dict[str, str],
-               baseline_cfg: TrainConfig) -> DemoRuns:
-    """The runs from the baseline: fine-tuning for every t_tr, and the upper bound."""
+def _plan_runs(demo: DemoConfig, bench: Path, runs: Path,
+               manifests: dict[str, str]) -> DemoRuns:
+    """The runs: the baseline, fine-tuning from it for every t_tr, and the upper bound."""
+    baseline_cfg = _train_config(demo, runs / "baseline", "pretrain",
+                                 labelled=manifests["train"])
     baseline = runs / "baseline" / "pretrain" / "final.pth"
     plan = DemoRuns({"baseline": ("pretrain", baseline_cfg)}, {"baseline": baseline})
     common = dict(labelled=manifests["train"], tagged=manifests["tagged"])
     for t in demo.t_tr:
         cfg = _train_config(demo, runs / f"dis-t{t}", "finetune", init=str(baseline), t_tr=t,
                             **common)
-        plan.configs[f"t_tr={t}"] = plan.jobs[f"finetune t_tr={t}"] = ("finetune", cfg)
+        plan.configs[f"t_tr={t}"] = ("finetune", cfg)
         plan.finetune[t] = cfg
         plan.checkpoints[f"t_tr={t}"] = runs / f"dis-t{t}" / "finetune" / "final.pth"
     # The fully supervised upper bound: as many iterations as the baseline and the longest
@@ -227,47 +212,58 @@ def _plan_runs(demo: DemoConfig, bench: Path, runs: Path, manifests: dict[str, s
     extra_iters = max((c.rounds * c.mstep_iters for c in plan.finetune.values()), default=0)
     bound_cfg = _train_config(demo, runs / "bound", "pretrain", labelled=str(_union_manifest(
         bench, manifests)), iters_step3=baseline_cfg.iters_step3 + extra_iters)
-    plan.configs["bound"] = plan.jobs["bound"] = ("pretrain", bound_cfg)
+    plan.configs["bound"] = ("pretrain", bound_cfg)
     plan.checkpoints["bound"] = runs / "bound" / "pretrain" / "final.pth"
     return plan
 
 
-def _train_runs(demo: DemoConfig, jobs: dict[str, tuple[str, TrainConfig]],
-                times: StageTimes, reporter: Reporter) -> None:
-    """Stages 3 and 4: the fine-tuning runs and the bound, side by side where cores allow."""
-    workers = demo_workers(demo.workers, jobs["bound"][1].device)
-    if workers <= 1:
-        for name, (kind, cfg) in jobs.items():
-            reporter.log(f"demo: {_describe(name)}")
-            times.record(name, train_job(kind, cfg, reporter))
-        return
-    # Longest first (the bound, then t_tr downwards), so the last job to start is short.
-    order = ["bound", *(f"finetune t_tr={t}" for t in sorted(demo.t_tr, reverse=True))]
-    reporter.log(f"demo: {len(jobs)} training runs in {workers} processes "
-                 f"(the fine-tuning for every t_tr and the bound)")
-    for name, seconds in run_jobs({n: jobs[n] for n in order}, workers):
+def _cost(kind: str, cfg: TrainConfig, n_tagged: int) -> float:
+    """A job's time in M-step iterations, fitted to the demo's measured stages (a pretraining
+    iteration ~0.6 of one, a subnet-2 iteration ~0.4, a refit one ~0.5, an E-step image
+    0.18 + 0.026 per inference step): enough to order the jobs, nothing is decided by it."""
+    if kind == "pretrain":
+        return 0.6 * (cfg.iters_step1 + cfg.iters_step3) + 0.4 * cfg.iters_step2
+    return cfg.rounds * (cfg.mstep_iters + 0.5 * cfg.subnet2_refit_iters
+                         + n_tagged * (0.18 + 0.026 * cfg.t_tr))
+
+
+def _jobs(demo: DemoConfig, plan: DemoRuns, val: str, results: Path, workers: int) -> list[Job]:
+    """Every training run and evaluation as a job (stages 2 to 5), in the order they start:
+    the baseline and the bound, the fine-tuning runs in the order that finishes soonest, then
+    the evaluations (each once its model exists)."""
+    def train(name: str, stage: str, run: str, after: tuple[str, ...] = ()) -> Job:
+        kind, cfg = plan.configs[run]
+        return Job(stage, train_job, (kind, cfg), after, _cost(kind, cfg, demo.n_tagged))
+
+    first = [train("pretrain", "pretrain", "baseline"), train("bound", "bound", "bound")]
+    tuned = [train(f"finetune t_tr={t}", f"finetune t_tr={t}", f"t_tr={t}", ("pretrain",))
+             for t in demo.t_tr]
+    stage_of = {"baseline": "pretrain", "bound": "bound",
+                **{f"t_tr={t}": f"finetune t_tr={t}" for t in demo.t_tr}}
+    evaluations = [Job(f"evaluate {name}", evaluate_job,
+                       (ckpt, val, demo.t_ts, results / f"eval-{name.replace('=', '')}.json"),
+                       (stage_of[name],), float(demo.n_test))
+                   for name, ckpt in plan.checkpoints.items()]
+    if workers <= 1:  # one after the other, in the report's order
+        return [first[0], *tuned, first[1], *evaluations]
+    return schedule(first, tuned, evaluations, workers)
+
+
+def _run_jobs(jobs: list[Job], workers: int, times: StageTimes, reporter: Reporter) -> None:
+    """Stages 2 to 5: train and evaluate every model, side by side where cores allow."""
+    if workers > 1:
+        reporter.log(f"demo: {len(jobs)} jobs (baseline, fine-tuning for every t_tr, bound, "
+                     f"evaluations) in {workers} processes")
+    else:
+        reporter.log(f"demo: {_describe(jobs[0].name)}")
+    for name, seconds in run_graph(jobs, workers, reporter):
         reporter.log(f"demo: finished {_describe(name)} ({seconds:.0f} s)")
         times.record(name, seconds)
-    times.reorder(list(jobs))  # the report lists them in the usual order
-
-
-def _evaluate_runs(demo: DemoConfig, checkpoints: dict[str, Path], val: Any, results: Path,
-                   times: StageTimes, reporter: Reporter) -> dict[str, Any]:
-    """Stage 5: ``dis evaluate --t-ts ...`` of every model."""
-    from discli.infer.checkpoint import load_for_inference
-    from discli.evaluation.evaluate import Scoring, evaluate
-
-    scores: dict[str, Any] = {}
-    for name, ckpt in checkpoints.items():
-        reporter.log(f"demo: evaluating {name}")
-        loaded = load_for_inference(ckpt)
-        # test-time inference as the model was trained to run it (its checkpoint's settings)
-        model, inference = loaded.model, loaded.inference_config()
-        scores[name] = times.timed(f"evaluate {name}", lambda model=model, inference=inference:
-                                   _cached_json(results / f"eval-{name.replace('=', '')}.json",
-                                                lambda: evaluate(model, val, Scoring(demo.t_ts),
-                                                                 inference, reporter=reporter)))
-    return scores
+    # the report lists them in the usual order (t_tr upwards), not as they finished
+    tuned = sorted((j.name for j in jobs if j.name.startswith("finetune")),
+                   key=lambda name: int(name.rpartition("=")[2]))
+    times.reorder(["pretrain", *tuned, "bound",
+                   *(j.name for j in jobs if j.name.startswith("evaluate "))])
 
 
 def _round_scores(cache: Any, oracle: Any, truth: Any, cfg: TrainConfig,
@@ -305,6 +301,23 @@ def _pseudo_label_scores(finetune_cfgs: dict[int, TrainConfig], runs: Path, trut
     return tags, pseudo
 
 
+def _profile(plan: DemoRuns) -> dict[str, dict[str, float]]:
+    """Seconds of every phase of every training run (``step1``, ``estep 1``, ``mstep 1``,
+    ``refit 1``, ...), as its ``log.jsonl`` records them (each phase's last ``time``)."""
+    profile: dict[str, dict[str, float]] = {}
+    for name, (kind, cfg) in plan.configs.items():
+        phases: dict[str, float] = {}
+        log = Path(cfg.out) / kind / "log.jsonl"
+        for line in log.read_text().splitlines() if log.exists() else []:
+            record = json.loads(line)
+            if "time" in record and "phase" in record:
+                phase = f"{record['phase']} {record['round']}" if "round" in record else \
+                    record["phase"]
+                phases[phase] = record["time"]
+        profile[name] = phases
+    return profile
+
+
 def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     """Every stage of the demo in ``demo.out`` (module docstring), each resuming where an
     interrupted run left it; returns the report (``report.json``)."""
@@ -315,6 +328,7 @@ def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, An
     from discli.evaluation.plots import write_curves
     from discli.pseudo.tags import read_truth
 
+    tic = time.perf_counter()
     reporter = reporter or NullReporter()
     # The tiny model's convolutions are too small to split over threads: on a 2-core CPU two
     # intra-op threads made a training step many times slower than one (measured in the demo).
@@ -327,21 +341,23 @@ def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, An
     reporter.log(f"demo: benchmark in {bench}")
     info = _benchmark(demo, bench, results, times)
     manifests = info["manifests"]
-    plan = _plan_runs(demo, bench, runs, manifests,
-                      _baseline(demo, runs, manifests, times, reporter))
-    _train_runs(demo, plan.jobs, times, reporter)
+    plan = _plan_runs(demo, bench, runs, manifests)
+    workers = demo_workers(demo.workers, plan.configs["bound"][1].device)
+    _run_jobs(_jobs(demo, plan, manifests["val"], results, workers), workers, times, reporter)
+    scores = {name: json.loads((results / f"eval-{name.replace('=', '')}.json").read_text())
+              for name in plan.checkpoints}
     val = read_manifest(manifests["val"])
-    scores = _evaluate_runs(demo, plan.checkpoints, val, results, times, reporter)
     tags, pseudo = _pseudo_label_scores(plan.finetune, runs,
                                         read_truth(info["true_tags"], val.classes),
                                         read_manifest(manifests["tagged_oracle"]))
     report = {"config": asdict(demo), "benchmark": info.get("stats"), "classes": val.classes,
               "scores": scores, "tags": tags, "pseudo_labels": pseudo,
-              "timings_s": times.timings,
+              "timings_s": times.timings, "profile_s": _profile(plan),
               "commands": demo_commands(demo, bench, runs, plan.configs)}
     times.timed("figure", lambda: write_figure(out / "figure.png", plan.checkpoints, val, demo),
                 True)
     times.timed("curves", lambda: write_curves(out / "curves.png", report), True)
     report["timings_s"] = times.timings
+    report["wall_s"] = round(time.perf_counter() - tic, 1)  # this run, stages side by side
     write_report(out, report)
     return report

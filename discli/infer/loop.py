@@ -26,7 +26,9 @@ Two implementations of the same iterations (``InferenceConfig.method``):
 - ``"lowrank"``: subnet-1 and subnet-3 are affine in ``(u1, v1)``, so the steps can be run on the
   K-channel heads ``u3, v3`` through precomputed Gram operators, never forming a C-channel
   gradient (:mod:`discli.infer.lowrank`). Exact, proximity term included; a step costs about
-  as much as subnet-2. This is what ``"auto"`` (the default) picks.
+  as much as subnet-2. This is what ``"auto"`` (the default) picks. Its steps can also run
+  compiled (``torch.compile``; off by default: :func:`discli.infer.settings.use_compiled`,
+  :mod:`discli.infer.compiled`): the same iterations, up to float rounding.
 - ``"autograd"``: back-propagation to ``u1, v1`` every step, the reference. ``"auto"`` falls back
   to it when the model's subnet-1/subnet-3 are not the plain 3x3 conv / linear layer the
   reduction assumes (a subclass overriding the heads, hooks on them, another conv geometry).
@@ -165,8 +167,7 @@ def _refine_lowrank(model: DISNet, u1_0: torch.Tensor, v1_0: torch.Tensor, targe
             loss = loss + cfg.tag_weight * tag_loss(v3, tags)
         return loss, z3
 
-    snaps = refine_lowrank(model, u1_0, v1_0, wanted, lr=cfg.lr, momentum=cfg.momentum,
-                           proximity=cfg.proximity, head_loss=head_loss,
+    snaps = refine_lowrank(model, u1_0, v1_0, wanted, cfg, head_loss,
                            needs_v3_grad=tags is not None)
     return {step: _result(heads, losses, step) for step, (heads, losses) in snaps.items()}
 

@@ -55,10 +55,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from discli.infer.compiled import step_runner
+from discli.infer.settings import InferenceConfig
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # an element of the head space: (field (B,K,h,w), (B,K))
 OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # index d = 3*(dy+1) + (dx+1)
@@ -215,68 +219,142 @@ def _inner(x: Pair, y: Pair) -> torch.Tensor:
     return (x[0] * y[0]).sum(dim=(1, 2, 3)) + (x[1] * y[1]).sum(dim=1)
 
 
-def refine_lowrank(model: nn.Module, u1: torch.Tensor, v1: torch.Tensor, wanted: list[int],
-                   lr: float, momentum: float, proximity: float,
-                   head_loss: Callable[[torch.Tensor, torch.Tensor],
-                                       tuple[torch.Tensor, torch.Tensor]],
-                   needs_v3_grad: bool,
-                   ) -> dict[int, tuple[dict[str, torch.Tensor], list[torch.Tensor]]]:
-    """SGD with momentum on (u1, v1), carried out on the heads; see the module docstring.
+HeadLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Snapshots = dict[int, tuple[dict[str, torch.Tensor], list[torch.Tensor]]]
 
-    ``head_loss(u3, v3) -> (per-image loss (B,), z3)`` is the objective without the proximity
-    term. Returns, for every step in ``wanted`` (sorted, non-empty), the heads at that step and
-    the per-image losses of steps 0..step, as :func:`discli.infer.loop.refine_features` needs them.
-    """
+
+@dataclass(frozen=True)
+class Accumulated:
+    """The iterations without the proximity term: then ``B_u = B_v = B`` and
+    ``X_u/s_u = X_v/s_v = -ΣB``, so one momentum buffer and its running sum make the state
+    ``(B, ΣB)``, and the heads are ``(u3⁰, v3⁰) + (-s_u·G_u - s_v·G_v) ΣB``."""
+
+    start: Pair  # (u3⁰, v3⁰)
+    step_op: HeadOperator
+    momentum: float
+
+    def initial(self) -> tuple[Pair, Pair]:  # B, ΣB
+        return tuple((torch.zeros_like(self.start[0]), torch.zeros_like(self.start[1]))
+                     for _ in range(2))
+
+    def penalty(self, state: tuple[Pair, Pair]) -> torch.Tensor | None:
+        return None
+
+    def advance(self, state: tuple[Pair, Pair], grads: tuple[torch.Tensor, torch.Tensor | None]
+                ) -> tuple[tuple[Pair, Pair], Pair]:
+        """The next state and heads, from the head gradients (no v3 gradient: it is zero). New
+        tensors rather than in-place updates (the same values): a pure function compiles."""
+        (buf_u, buf_v), (total_u, total_v) = state
+        buf_u = buf_u * self.momentum + grads[0]
+        buf_v = buf_v if grads[1] is None else buf_v * self.momentum + grads[1]
+        total = (total_u + buf_u, total_v + buf_v)
+        y_u, y_v = self.step_op.apply(*total)
+        return ((buf_u, buf_v), total), (self.start[0] + y_u, self.start[1] + y_v)
+
+
+@dataclass(frozen=True)
+class Proximal:
+    """The iterations with the proximity term: the state is ``X_u, X_v, B_u, B_v`` and the
+    images ``Y_u = G_u X_u``, ``Y_v = G_v X_v`` (the displacements of the heads)."""
+
+    start: Pair  # (u3⁰, v3⁰)
+    op_u: HeadOperator  # G_u
+    op_v: HeadOperator  # G_v
+    momentum: float
+    steps: tuple[float, float]  # (s_u, s_v) = lr·h·w, lr
+    proximity: float
+    sizes: tuple[int, int]  # (C·h·w, C): ρ_u = proximity / (C·h·w), ρ_v = proximity / C
+
+    def initial(self) -> tuple[Pair, ...]:  # X_u, X_v, B_u, B_v, Y_u, Y_v
+        return tuple((torch.zeros_like(self.start[0]), torch.zeros_like(self.start[1]))
+                     for _ in range(6))
+
+    def penalty(self, state: tuple[Pair, ...]) -> torch.Tensor:
+        """``proximity/2 · (|u1 - u1⁰|²/(C·h·w) + |v1 - v1⁰|²/C)`` per image."""
+        x_u, x_v, _, _, y_u, y_v = state
+        chw, c = self.sizes
+        return 0.5 * self.proximity * (_inner(x_u, y_u) / chw + _inner(x_v, y_v) / c)
+
+    def advance(self, state: tuple[Pair, ...], grads: tuple[torch.Tensor, torch.Tensor | None]
+                ) -> tuple[tuple[Pair, ...], Pair]:
+        x_u, x_v, b_u, b_v, _, _ = state
+        g = (grads[0], torch.zeros_like(self.start[1]) if grads[1] is None else grads[1])
+        m, (s_u, s_v) = self.momentum, self.steps
+        rho_u, rho_v = self.proximity / self.sizes[0], self.proximity / self.sizes[1]
+        b_u = tuple(m * bu + gi + rho_u * xu for bu, gi, xu in zip(b_u, g, x_u))
+        b_v = tuple(m * bv + gi + rho_v * xv for bv, gi, xv in zip(b_v, g, x_v))
+        x_u = tuple(xu - s_u * bu for xu, bu in zip(x_u, b_u))
+        x_v = tuple(xv - s_v * bv for xv, bv in zip(x_v, b_v))
+        y_u, y_v = self.op_u.apply(*x_u), self.op_v.apply(*x_v)
+        heads = (self.start[0] + y_u[0] + y_v[0], self.start[1] + y_u[1] + y_v[1])
+        return (x_u, x_v, b_u, b_v, y_u, y_v), heads
+
+
+Rule = Accumulated | Proximal
+
+
+def momentum_rule(model: nn.Module, u1: torch.Tensor, v1: torch.Tensor, cfg: InferenceConfig
+                  ) -> Rule:
+    """The heads at t = 0 and the iterations of ``cfg`` on them (see the module docstring)."""
     c, h, w = u1.shape[1:]
     with torch.no_grad():
         u3_0 = model.labelmap_logits(u1, v1).contiguous()
         v3_0 = model.tag_logits(u1, v1)
         ops = gram_operators(model.subnet1.weight, model.subnet3.weight, u3_0.dtype)
-    s_u, s_v = lr * h * w, lr
-    if proximity == 0:  # B_u = B_v = B and X_u/s_u = X_v/s_v = -ΣB: one accumulator suffices
-        step_op = ops.at(h, w, -s_u, -s_v)
-        buf = (torch.zeros_like(u3_0), torch.zeros_like(v3_0))
-        total = (torch.zeros_like(buf[0]), torch.zeros_like(v3_0))
-    else:
-        op_u, op_v = ops.at(h, w, 1.0, 0.0), ops.at(h, w, 0.0, 1.0)
-        rho_u, rho_v = proximity / (c * h * w), proximity / c
-        zero = (torch.zeros_like(u3_0), torch.zeros_like(v3_0))
-        x_u, x_v, b_u, b_v, y_u, y_v = (zero,) * 6
-    u3, v3 = u3_0, v3_0
-    out: dict[int, tuple[dict[str, torch.Tensor], list[torch.Tensor]]] = {}
+    s_u, s_v = cfg.lr * h * w, cfg.lr
+    if cfg.proximity == 0:
+        return Accumulated((u3_0, v3_0), ops.at(h, w, -s_u, -s_v), cfg.momentum)
+    return Proximal((u3_0, v3_0), ops.at(h, w, 1.0, 0.0), ops.at(h, w, 0.0, 1.0), cfg.momentum,
+                    (s_u, s_v), cfg.proximity, (c * h * w, c))
+
+
+def plain_step(head_loss: HeadLoss, rule: Rule, needs_v3_grad: bool, heads: Pair,
+               state: tuple[Pair, ...], last: bool = False) -> tuple[Any, ...]:
+    """One step: (objective with the proximity term, reconstruction, next state, next heads);
+    the last step only evaluates the objective (None for the state and heads)."""
+    u3 = heads[0].detach().requires_grad_(not last)
+    v3 = heads[1].detach().requires_grad_(needs_v3_grad and not last)
+    with torch.enable_grad():
+        loss, z3 = head_loss(u3, v3)
+        grads = None if last else torch.autograd.grad(
+            loss.sum(), (u3, v3) if needs_v3_grad else (u3,))
+    with torch.no_grad():
+        penalty = rule.penalty(state)
+        loss = loss.detach() if penalty is None else loss.detach() + penalty
+        if grads is None:
+            return loss, z3.detach(), None, None
+        state, heads = rule.advance(state, (grads[0], grads[1] if needs_v3_grad else None))
+    return loss, z3.detach(), state, heads
+
+
+def refine_lowrank(model: nn.Module, u1: torch.Tensor, v1: torch.Tensor, wanted: list[int],
+                   cfg: InferenceConfig, head_loss: HeadLoss, needs_v3_grad: bool) -> Snapshots:
+    """SGD with momentum on (u1, v1), carried out on the heads; see the module docstring.
+
+    ``head_loss(u3, v3) -> (per-image loss (B,), z3)`` is the objective without the proximity
+    term; ``cfg`` gives lr, momentum and proximity. Returns, for every step in ``wanted``
+    (sorted, non-empty), the heads at that step and the per-image losses of steps 0..step, as
+    :func:`discli.infer.loop.refine_features` needs them. The steps run compiled when
+    :func:`discli.infer.settings.use_compiled` asks for it (:mod:`discli.infer.compiled`).
+    """
+    rule = momentum_rule(model, u1, v1, cfg)
+    compiled = step_runner(rule, cfg, head_loss, needs_v3_grad)
+    # distinct tensors: a compiled graph is specialised to which of its inputs alias
+    heads = rule.start if compiled is None else (rule.start[0].clone(), rule.start[1].clone())
+    state = rule.initial()
+    out: Snapshots = {}
     losses: list[torch.Tensor] = []
     for step in range(wanted[-1] + 1):
         last = step == wanted[-1]
-        u3 = u3.detach().requires_grad_(not last)
-        v3 = v3.detach().requires_grad_(needs_v3_grad and not last)
-        with torch.enable_grad():
-            loss, z3 = head_loss(u3, v3)
-            grads = None if last else torch.autograd.grad(
-                loss.sum(), (u3, v3) if needs_v3_grad else (u3,))
-        with torch.no_grad():
-            loss = loss.detach()
-            if proximity > 0:
-                loss = loss + 0.5 * proximity * (_inner(x_u, y_u) / (c * h * w)
-                                                 + _inner(x_v, y_v) / c)
-            losses.append(loss)
-            if step in wanted:
-                out[step] = ({"u3": u3.detach(), "v3": v3.detach(), "z3": z3.detach()},
-                             list(losses))
-            if grads is None:
-                break
-            if proximity == 0:
-                for part, grad in zip(buf, grads):  # a missing v3 gradient is zero
-                    part.mul_(momentum).add_(grad)
-                total[0].add_(buf[0])
-                total[1].add_(buf[1])
-                y_u, y_v = step_op.apply(*total)
-                u3, v3 = u3_0 + y_u, v3_0 + y_v
-                continue
-            g = (grads[0], grads[1] if needs_v3_grad else torch.zeros_like(v3_0))
-            b_u = tuple(momentum * bu + gi + rho_u * xu for bu, gi, xu in zip(b_u, g, x_u))
-            b_v = tuple(momentum * bv + gi + rho_v * xv for bv, gi, xv in zip(b_v, g, x_v))
-            x_u = tuple(xu - s_u * bu for xu, bu in zip(x_u, b_u))
-            x_v = tuple(xv - s_v * bv for xv, bv in zip(x_v, b_v))
-            y_u, y_v = op_u.apply(*x_u), op_v.apply(*x_v)
-            u3, v3 = u3_0 + y_u[0] + y_v[0], v3_0 + y_u[1] + y_v[1]
+        result = None if compiled is None or last else compiled(heads, state)
+        if result is None:  # plain steps; after a failed compiled one, from the state reached
+            compiled = None
+            result = plain_step(head_loss, rule, needs_v3_grad, heads, state, last)
+        loss, z3, next_state, next_heads = result
+        losses.append(loss)
+        if step in wanted:
+            out[step] = ({"u3": heads[0].detach(), "v3": heads[1].detach(), "z3": z3},
+                         list(losses))
+        heads, state = next_heads, next_state
     return out
+

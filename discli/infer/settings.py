@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from discli.errors import UsageError
 
 METHODS = ("auto", "autograd", "lowrank")
+COMPILE_ENV = "DIS_COMPILE"  # "1": start with compiled low-rank steps on (torchrun ranks too)
 
 
 @dataclass
@@ -34,3 +36,22 @@ def parse_steps(text: str) -> list[int]:
     if not steps or steps[0] < 0:
         raise UsageError(f"{{opt:t_ts}}: expected integers >= 0, got {text!r}")
     return steps
+
+
+# Compiling the low-rank steps (:mod:`discli.infer.compiled`) is a process-wide switch, like
+# torch.backends' flags, rather than an InferenceConfig field: the config's fields are written into
+# checkpoints and E-step caches, and compiling changes neither the iterations nor the settings a
+# result depends on (only the float rounding, within the tolerance the tests hold both paths to).
+_compiled = [os.environ.get(COMPILE_ENV, "0").strip() not in ("", "0")]
+
+
+def use_compiled(enabled: bool) -> bool:
+    """Run the low-rank inference steps through ``torch.compile`` (True) or plainly (False, the
+    default); returns the previous setting. Without a working compiler the plain path runs."""
+    previous, _compiled[0] = _compiled[0], bool(enabled)
+    return previous
+
+
+def compiled_requested() -> bool:
+    """Whether :func:`use_compiled` (or ``DIS_COMPILE=1`` at start) asked for compiled steps."""
+    return _compiled[0]

@@ -83,7 +83,10 @@ class SeededSources(Dataset):
     def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
         source, index, seed = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # the CPU generator only (the items are made on the CPU): torch.manual_seed also
+            # queues the seeds of lazily initialised CUDA/XPU/MTIA generators, a tenth of a
+            # training step of the demo
+            torch.default_generator.manual_seed(seed)
             state = random.getstate()
             random.seed(seed)
             item = self.sources[source][index]
@@ -99,6 +102,10 @@ def planned_loader(sources: Sequence[Source], cfg: TrainConfig, start: int, stop
                              [s.per_batch for s in sources], cfg.seed, start, stop, dist)
     from discli.data.dataset import collate
 
+    for source in sources:
+        keep = getattr(source.dataset, "keep_decoded", None)
+        if keep is not None and getattr(source.dataset, "memo", None) is None:
+            keep(cfg.decoded_mb)
     return DataLoader(SeededSources([s.dataset for s in sources]), batch_sampler=sampler,
                       collate_fn=collate, num_workers=cfg.num_workers,
                       pin_memory=device.type == "cuda",

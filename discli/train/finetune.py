@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,8 +88,9 @@ def mstep_records(tagged: Any, cfg: TrainConfig) -> Any:
 
 
 def log_estep(log: Path, cache_path: Path, cfg: TrainConfig, r: int,
-              mirror: Any = None) -> dict[str, Any]:
-    """Append the statistics of a finished E-step's cache to the run's log.jsonl."""
+              mirror: Any = None, seconds: float | None = None) -> dict[str, Any]:
+    """Append the statistics of a finished E-step's cache to the run's log.jsonl, with the
+    E-step's ``seconds`` (its ``time``, as the M-step's records give theirs) when known."""
     from discli.pseudo.stats import cache_stats
 
     cache = PseudoCache(cache_path)
@@ -97,6 +99,8 @@ def log_estep(log: Path, cache_path: Path, cfg: TrainConfig, r: int,
     finally:
         cache.close()
     record = {"stage": "finetune", "phase": "estep", "round": r, "t_tr": cfg.t_tr, **stats}
+    if seconds is not None:
+        record["time"] = round(seconds, 3)
     append(log, record, mirror)
     return record
 
@@ -300,10 +304,12 @@ def _estep(loop: DualLoop, r: int, source: Path, source_hash: str) -> None:
     execution = Execution(batch_size=cfg.estep_batch_size, device=loop.device,
                           num_workers=cfg.num_workers, amp=cfg.amp,
                           part_images=cfg.estep_part_images)
+    tic = time.perf_counter()
     run_estep(model, loop.tagged, cache_path, labelling, execution, reporter=loop.reporter,
               force=loop.force, dist=loop.dist)
     if loop.dist.is_main:
-        log_estep(loop.out / "log.jsonl", cache_path, cfg, r, loop.mirror)
+        log_estep(loop.out / "log.jsonl", cache_path, cfg, r, loop.mirror,
+                  time.perf_counter() - tic)
 
 
 def _mstep(loop: DualLoop, r: int, source: Path, source_hash: str) -> None:

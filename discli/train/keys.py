@@ -168,6 +168,8 @@ class TrainConfig:
     device: str = _run("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'", neutral=True)
     amp: bool = _run(True, "mixed precision on CUDA (ignored on CPU)")
     num_workers: int = _run(0, "DataLoader worker processes", neutral=True)
+    decoded_mb: int = _run(512, "decoded training images kept in memory, MB per process "
+                           "(0: decode every time)", neutral=True)
     ckpt_every: int = _run(100, "checkpoint every N iterations (the resume points)", neutral=True)
     log_every: int = _run(10, "log.jsonl record every N iterations", neutral=True)
     sync_bn: bool = _model(False, "synchronised BatchNorm under torchrun on CUDA")
@@ -261,7 +263,8 @@ def validate(cfg: TrainConfig, source: str = "config",
               ("estep_batch_size", cfg.estep_batch_size >= 1),
               ("estep_part_images", cfg.estep_part_images >= 1),
               ("ckpt_every", cfg.ckpt_every >= 1), ("log_every", cfg.log_every >= 1),
-              ("num_workers", cfg.num_workers >= 0), ("channels", cfg.channels >= 1),
+              ("num_workers", cfg.num_workers >= 0),
+              ("decoded_mb", cfg.decoded_mb >= 0), ("channels", cfg.channels >= 1),
               ("output_stride", cfg.output_stride in (4, 8)),
               ("scale_min", 0 < cfg.scale_min <= cfg.scale_max),
               ("optimizer", cfg.optimizer in ("sgd", "adamw")),

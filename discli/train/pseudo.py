@@ -149,6 +149,13 @@ class PseudoLabelled(SegDataset):
         return item
 
     def pseudo_item(self, index: int) -> dict[str, Any]:
+        decoded = self.memo.get(index, self._decode_pseudo) if self.memo else \
+            self._decode_pseudo(index)
+        image_id, image, labelmap, tags = decoded
+        return self.make_item(image_id, index, image, labelmap, tags.clone(), True)
+
+    def _decode_pseudo(self, index: int) -> tuple[str, np.ndarray, np.ndarray, torch.Tensor]:
+        """An image with its gated pseudo-labelmap and tag target, before the transform."""
         rec = self.manifest.records[index]
         image = read_image(self.manifest.image_path(rec))
         entry = self.cache.get(rec.id)
@@ -170,4 +177,4 @@ class PseudoLabelled(SegDataset):
         elif self.tag_gate == "noisy":
             labelmap = gate_labelmap(labelmap, entry.noisy_tags > 0)
         tags = tag_target(entry.noisy_tags, cleaned, self.tags)
-        return self.make_item(rec.id, index, image, labelmap, tags, True)
+        return rec.id, image, labelmap, tags
