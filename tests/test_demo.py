@@ -213,3 +213,28 @@ def test_demo_workers():
     assert 1 <= demo_workers(0, "cpu") <= 2
     with pytest.raises(UsageError, match="workers must be >= 0"):
         demo_workers(-1, "cpu")
+
+
+def test_demo_in_one_process_reports_every_stage_and_phase(tmp_path):
+    # --workers 1: every job in this process, in the report's order; the profile names every
+    # phase of every run from its log.jsonl, and a re-run only rewrites the report
+    from discli.demo.run import DemoConfig, run_demo
+
+    tiny = {"iters_step1": 4, "iters_step2": 2, "iters_step3": 3, "mstep_iters": 3,
+            "subnet2_refit_iters": 2, "channels": 64, "ckpt_every": 2, "log_every": 1}
+    demo = DemoConfig.quick_config(out=str(tmp_path / "d"), n_labelled=4, n_tagged=6, n_test=3,
+                                   t_tr=[0, 2], t_ts=[0, 1], workers=1, figure_rows=1,
+                                   min_size=48, max_size=64, train=tiny)
+    report = run_demo(demo)
+    assert list(report["timings_s"]) == [
+        "benchmark", "pretrain", "finetune t_tr=0", "finetune t_tr=2", "bound",
+        "evaluate baseline", "evaluate t_tr=0", "evaluate t_tr=2", "evaluate bound",
+        "figure", "curves"]
+    profile = report["profile_s"]
+    assert list(profile) == ["baseline", "t_tr=0", "t_tr=2", "bound"]
+    assert list(profile["baseline"]) == ["step1", "step2", "step3"]
+    assert list(profile["t_tr=2"]) == ["estep 1", "mstep 1", "refit 1"]
+    assert all(seconds >= 0 for phases in profile.values() for seconds in phases.values())
+    md = (tmp_path / "d" / "report.md").read_text()
+    assert "Per phase" in md and "| t_tr=2 | estep 1 " in md and "Wall time of this run" in md
+    assert run_demo(demo)["scores"] == report["scores"]
