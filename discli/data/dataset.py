@@ -186,8 +186,11 @@ class SegDataset(torch.utils.data.Dataset):
             warn_exif_rotation(manifest)
 
     def keep_decoded(self, limit_mb: int) -> None:
-        """Keep up to ``limit_mb`` MB of decoded inputs in memory (0: none)."""
-        self.memo = DecodedMemo(limit_mb * 2**20) if limit_mb > 0 else None
+        """Keep up to ``limit_mb`` MB of decoded inputs in memory (0: none). A memo of that size
+        stays as it is, so a dataset that trains several phases decodes its files once."""
+        limit = limit_mb * 2**20
+        if self.memo is None or self.memo.limit != limit:
+            self.memo = DecodedMemo(limit) if limit > 0 else None
 
     def __len__(self) -> int:
         return len(self.manifest.records)
@@ -198,9 +201,12 @@ class SegDataset(torch.utils.data.Dataset):
         except BadInputError as exc:
             raise DataItemError(str(exc)) from None
 
+    def decoded(self, index: int, decode: Callable[[int], tuple[Any, ...]]) -> tuple[Any, ...]:
+        """``decode(index)``, through the memo when :meth:`keep_decoded` turned it on."""
+        return self.memo.get(index, decode) if self.memo else decode(index)
+
     def _load(self, index: int) -> dict[str, Any]:
-        decoded = self.memo.get(index, self._decode) if self.memo else self._decode(index)
-        image_id, image, labelmap, tags, has_labelmap = decoded
+        image_id, image, labelmap, tags, has_labelmap = self.decoded(index, self._decode)
         return self.make_item(image_id, index, image, labelmap, tags.clone(), has_labelmap)
 
     def _decode(self, index: int) -> tuple[str, np.ndarray, np.ndarray, torch.Tensor, bool]:

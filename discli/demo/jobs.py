@@ -46,6 +46,12 @@ def demo_workers(requested: int, device: str) -> int:
     return max(1, min(2, cores))
 
 
+def stage_name(run: str) -> str:
+    """The Timings stage (and job name) of a demo run: "baseline" -> "pretrain", "bound" ->
+    "bound", "t_tr=T" -> "finetune t_tr=T"."""
+    return {"baseline": "pretrain", "bound": "bound"}.get(run, f"finetune {run}")
+
+
 def cached_json(path: Path, compute: Callable[[], Any]) -> Any:
     """Results of a finished stage are kept, so a re-run demo skips it."""
     if path.exists():

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from discli.demo.jobs import stage_name
 from discli.storage import atomic_write
 from discli.train.keys import TrainConfig
 
@@ -150,13 +151,12 @@ def profile_lines(report: dict[str, Any]) -> list[str]:
     profile = report.get("profile_s") or {}
     if not profile:
         return []
-    stage = {"baseline": "pretrain", "bound": "bound"}
     lines = ["", f"Wall time of this run: {report['wall_s']} s (the jobs run side by side)."
              if "wall_s" in report else ""]
     lines += ["", "Per phase (s; `other`: the job's time outside its phases):", "",
              "| run | phases | other |", "|---|---|---|"]
     for run, phases in profile.items():
-        job = report["timings_s"].get(stage.get(run, f"finetune {run}"))
+        job = report["timings_s"].get(stage_name(run))
         other = "" if job is None else f"{job - sum(phases.values()):.1f}"
         listed = ", ".join(f"{phase} {seconds:.1f}" for phase, seconds in phases.items())
         lines.append(f"| {run} | {listed} | {other} |")

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from discli.demo.jobs import (Job, cached_json, demo_workers, evaluate_job, run_graph,
-                              schedule, train_job)
+                              schedule, stage_name, train_job)
 from discli.storage import atomic_write
 from discli.errors import UsageError
 from discli.progress import NullReporter, Reporter
@@ -231,26 +231,30 @@ def _jobs(demo: DemoConfig, plan: DemoRuns, val: str, results: Path, workers: in
     """Every training run and evaluation as a job (stages 2 to 5), in the order they start:
     the baseline and the bound, the fine-tuning runs in the order that finishes soonest, then
     the evaluations (each once its model exists)."""
-    def train(name: str, stage: str, run: str, after: tuple[str, ...] = ()) -> Job:
+    def train(run: str, after: tuple[str, ...] = ()) -> Job:
         kind, cfg = plan.configs[run]
-        return Job(stage, train_job, (kind, cfg), after, _cost(kind, cfg, demo.n_tagged))
+        return Job(stage_name(run), train_job, (kind, cfg), after,
+                   _cost(kind, cfg, demo.n_tagged))
 
-    first = [train("pretrain", "pretrain", "baseline"), train("bound", "bound", "bound")]
-    tuned = [train(f"finetune t_tr={t}", f"finetune t_tr={t}", f"t_tr={t}", ("pretrain",))
-             for t in demo.t_tr]
-    stage_of = {"baseline": "pretrain", "bound": "bound",
-                **{f"t_tr={t}": f"finetune t_tr={t}" for t in demo.t_tr}}
+    first = [train("baseline"), train("bound")]
+    tuned = [train(f"t_tr={t}", (stage_name("baseline"),)) for t in demo.t_tr]
     evaluations = [Job(f"evaluate {name}", evaluate_job,
-                       (ckpt, val, demo.t_ts, results / f"eval-{name.replace('=', '')}.json"),
-                       (stage_of[name],), float(demo.n_test))
+                       (ckpt, val, demo.t_ts, _eval_result(results, name)),
+                       (stage_name(name),), float(demo.n_test))
                    for name, ckpt in plan.checkpoints.items()]
     if workers <= 1:  # one after the other, in the report's order
         return [first[0], *tuned, first[1], *evaluations]
     return schedule(first, tuned, evaluations, workers)
 
 
-def _run_jobs(jobs: list[Job], workers: int, times: StageTimes, reporter: Reporter) -> None:
-    """Stages 2 to 5: train and evaluate every model, side by side where cores allow."""
+def _eval_result(results: Path, run: str) -> Path:
+    return results / f"eval-{run.replace('=', '')}.json"
+
+
+def _run_jobs(jobs: list[Job], report_order: list[str], workers: int, times: StageTimes,
+              reporter: Reporter) -> None:
+    """Stages 2 to 5: train and evaluate every model, side by side where cores allow; their
+    timings in ``report_order`` (not as they finished)."""
     if workers > 1:
         reporter.log(f"demo: {len(jobs)} jobs (baseline, fine-tuning for every t_tr, bound, "
                      f"evaluations) in {workers} processes")
@@ -259,11 +263,7 @@ def _run_jobs(jobs: list[Job], workers: int, times: StageTimes, reporter: Report
     for name, seconds in run_graph(jobs, workers, reporter):
         reporter.log(f"demo: finished {_describe(name)} ({seconds:.0f} s)")
         times.record(name, seconds)
-    # the report lists them in the usual order (t_tr upwards), not as they finished
-    tuned = sorted((j.name for j in jobs if j.name.startswith("finetune")),
-                   key=lambda name: int(name.rpartition("=")[2]))
-    times.reorder(["pretrain", *tuned, "bound",
-                   *(j.name for j in jobs if j.name.startswith("evaluate "))])
+    times.reorder(report_order)
 
 
 def _round_scores(cache: Any, oracle: Any, truth: Any, cfg: TrainConfig,
@@ -343,9 +343,11 @@ def run_demo(demo: DemoConfig, reporter: Reporter | None = None) -> dict[str, An
     manifests = info["manifests"]
     plan = _plan_runs(demo, bench, runs, manifests)
     workers = demo_workers(demo.workers, plan.configs["bound"][1].device)
-    _run_jobs(_jobs(demo, plan, manifests["val"], results, workers), workers, times, reporter)
-    scores = {name: json.loads((results / f"eval-{name.replace('=', '')}.json").read_text())
-              for name in plan.checkpoints}
+    order = [*map(stage_name, plan.configs), *(f"evaluate {run}" for run in plan.checkpoints)]
+    _run_jobs(_jobs(demo, plan, manifests["val"], results, workers), order, workers, times,
+              reporter)
+    scores = {run: json.loads(_eval_result(results, run).read_text())
+              for run in plan.checkpoints}
     val = read_manifest(manifests["val"])
     tags, pseudo = _pseudo_label_scores(plan.finetune, runs,
                                         read_truth(info["true_tags"], val.classes),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -22,10 +22,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from discli.distributed import DistInfo
 from discli.train.keys import TrainConfig
 
+if TYPE_CHECKING:
+    from discli.data.dataset import SegDataset
+
 
 @dataclass
 class Source:
-    dataset: Dataset
+    dataset: SegDataset
     per_batch: int  # images of the global batch drawn from this source
 
 
@@ -103,9 +106,7 @@ def planned_loader(sources: Sequence[Source], cfg: TrainConfig, start: int, stop
     from discli.data.dataset import collate
 
     for source in sources:
-        keep = getattr(source.dataset, "keep_decoded", None)
-        if keep is not None and getattr(source.dataset, "memo", None) is None:
-            keep(cfg.decoded_mb)
+        source.dataset.keep_decoded(cfg.decoded_mb)
     return DataLoader(SeededSources([s.dataset for s in sources]), batch_sampler=sampler,
                       collate_fn=collate, num_workers=cfg.num_workers,
                       pin_memory=device.type == "cuda",

@@ -149,9 +149,7 @@ class PseudoLabelled(SegDataset):
         return item
 
     def pseudo_item(self, index: int) -> dict[str, Any]:
-        decoded = self.memo.get(index, self._decode_pseudo) if self.memo else \
-            self._decode_pseudo(index)
-        image_id, image, labelmap, tags = decoded
+        image_id, image, labelmap, tags = self.decoded(index, self._decode_pseudo)
         return self.make_item(image_id, index, image, labelmap, tags.clone(), True)
 
     def _decode_pseudo(self, index: int) -> tuple[str, np.ndarray, np.ndarray, torch.Tensor]:
