@@ -8,8 +8,18 @@ the tag F1 of the captions and of the cleaned tags (against their true tags):
     python benchmarks/dual_loop.py --difficulty bold --seed 2 --n-labelled 20 --t-tr 0,30 \\
         --set tag_rule=\\"evidence\\" --out /tmp/dual >> study.jsonl
     python benchmarks/dual_loop.py --summary study.jsonl
-    python benchmarks/dual_loop.py --difficulty bold --seed 2 --n-labelled 20 --out /tmp/dual \
+    python benchmarks/dual_loop.py --difficulty bold --seed 2 --n-labelled 20 --out /tmp/dual \\
         --score-finished --eval test        # every finished run on the test images, once
+    python benchmarks/dual_loop.py --difficulty bold --seed 2 --n-labelled 20 --out /tmp/dual \\
+        --oracle tags >> oracle.jsonl       # the true tags in place of the captions
+    python benchmarks/dual_loop.py --difficulty bold --seed 2 --n-labelled 20 --out /tmp/dual \\
+        --oracle pixels --t-tr 0 >> oracle.jsonl   # every batch from true labelmaps
+
+The oracle ablations go through the same fine-tuning and say how much each lever can give at
+most: ``tags`` trains and infers with the tagged images' true tags (``tagged_truetags.jsonl``),
+``pixels`` draws every M-step batch from the true labelmaps of the labelled and the tagged
+images (``all_labelled.jsonl``, ``tagged_ratio = 0``: the bound's data with the fine-tuning
+schedule; its E-steps still run and are not used, so one t_tr is enough).
 
 The benchmark and the baseline are made once per (difficulty, seed, n-labelled) under --out and
 reused by later runs with other --set values; each variant trains into its own folder, and a
@@ -22,10 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,7 +45,7 @@ import torch
 from dis_plugins.options import parse_sets
 from discli.pseudo.cache import PseudoCache
 from discli.infer.checkpoint import inference_config, inference_settings, load_model
-from discli.data.manifest import read_manifest
+from discli.data.manifest import Manifest, Record, read_manifest, write_manifest
 from discli.evaluation.evaluate import Scoring, evaluate
 from discli.infer.settings import parse_steps
 from discli.pseudo.stats import score_cache
@@ -71,6 +83,40 @@ def bench_root(args: argparse.Namespace) -> Path:
                              f"-t{args.n_tagged}-px{args.min_size}-{args.max_size}")
 
 
+def oracle_manifests(mdir: Path) -> dict[str, Path]:
+    """The oracle ablations' data, from the benchmark's hidden truth: ``tagged_truetags.jsonl``
+    (the tagged images with their true tags in place of the captions' and no labelmaps) and
+    ``all_labelled.jsonl`` (the labelled images and the tagged ones with their true labelmaps:
+    the bound's data)."""
+    train, oracle = read_manifest(mdir / "train.jsonl"), read_manifest(mdir / "tagged_oracle.jsonl")
+    paths = {"tags": mdir / "tagged_truetags.jsonl", "pixels": mdir / "all_labelled.jsonl"}
+    true_tags = [replace(r, labelmap=None, tag_source="manual", split="tagged")
+                 for r in oracle.records]
+    write_manifest(paths["tags"], replace(oracle, records=true_tags))
+    root = mdir.parent.absolute()
+
+    def moved(m: Manifest, rec: Record) -> Record:  # paths relative to the benchmark folder
+        prefix = Path(os.path.relpath(m.root.absolute(), root))
+        return replace(rec, image=(prefix / rec.image).as_posix(),
+                       labelmap=(prefix / rec.labelmap).as_posix())
+
+    records = [moved(m, r) for m in (train, oracle) for r in m.records]
+    write_manifest(paths["pixels"], replace(train, records=records, root=root))
+    return paths
+
+
+def oracle_overrides(oracle: str | None, m: dict[str, Path]) -> dict[str, object]:
+    """Fine-tuning keys of an oracle ablation, through the same M-step: ``tags``, the true tags
+    in place of the captions; ``pixels``, every M-step batch from the true labelmaps of the
+    labelled and the tagged images (the bound's data with the fine-tuning schedule)."""
+    if oracle is None:
+        return {}
+    paths = oracle_manifests(m["train"].parent)
+    if oracle == "tags":
+        return {"tagged": str(paths["tags"])}
+    return {"labelled": str(paths["pixels"]), "tagged_ratio": 0.0}
+
+
 def run(args: argparse.Namespace) -> dict[str, object]:
     torch.set_num_threads(1)
     sets = parse_sets(args.sets)
@@ -99,11 +145,15 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     tag = "-".join(sorted(args.sets)).replace("/", "_").replace('"', "") or "preset"
     if args.preset != "demo":
         tag = f"{Path(args.preset).stem}-{tag}"
+    if args.oracle:
+        tag = f"oracle_{args.oracle}-{tag}"
+        result["oracle"] = args.oracle
+    oracle_keys = oracle_overrides(args.oracle, m)
     for t in parse_steps(args.t_tr):
         out = root / f"t{t}-{tag}"
-        cfg = load_config(args.preset, {"out": str(out), "init": str(baseline), "t_tr": t,
-                                        "labelled": str(m["train"]), "tagged": str(m["tagged"]),
-                                        "seed": args.seed, **sets}, section="finetune")
+        keys = {"out": str(out), "init": str(baseline), "t_tr": t, "labelled": str(m["train"]),
+                "tagged": str(m["tagged"]), "seed": args.seed, **sets, **oracle_keys}
+        cfg = load_config(args.preset, keys, section="finetune")
         finetune(cfg)
         rounds = [round_scores(out / "finetune" / f"round-{r}" / "cache.h5", oracle, truth, cfg)
                   for r in range(1, cfg.rounds + 1)]
@@ -139,7 +189,8 @@ def summary(paths: list[str]) -> None:
             if line.strip().startswith("{")]
     by_variant: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
-        by_variant[f"{r.get('preset', 'demo')} {' '.join(r['set']) or '(preset)'} "
+        oracle = f" oracle {r['oracle']}" if r.get("oracle") else ""
+        by_variant[f"{r.get('preset', 'demo')}{oracle} {' '.join(r['set']) or '(preset)'} "
                    f"[{r.get('eval', 'test')}]"].append(r)
     for variant, rs in by_variant.items():
         print(f"\n## {variant}")
@@ -189,6 +240,9 @@ def main() -> None:
     parser.add_argument("--preset", default="demo")
     parser.add_argument("--set", dest="sets", action="append", default=[],
                         help="fine-tuning key=value (TOML syntax), repeatable")
+    parser.add_argument("--oracle", choices=("tags", "pixels"),
+                        help="oracle ablation: the tagged images' true tags in place of the "
+                             "captions, or every M-step batch from true labelmaps")
     parser.add_argument("--out", default="dual-loop-study")
     parser.add_argument("--summary", nargs="+", metavar="JSONL",
                         help="print the table of earlier results instead of running")

@@ -141,7 +141,7 @@ def diff_cmd(
 def stats(
     cache: Path = typer.Argument(..., help="Pseudo-label cache."),
     truth: str = typer.Option(..., "--truth", help='Ground-truth tags: JSON Lines {"id": ..., '
-                              '"tags": [names]}, or a dis manifest of the same images (its '
+                              '"tags": \\[names]}, or a dis manifest of the same images (its '
                               'tags from labelmaps, not captions); - = stdin.'),
     threshold: float | None = THRESHOLD,
     json_out: bool = JSON,

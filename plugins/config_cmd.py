@@ -40,8 +40,8 @@ def keys(stage: str | None = StageOpt, json_out: bool = JsonOpt) -> None:
     help.
 
     Keys marked 'any' in the 'rerun' column change no result: a run may be continued with
-    other values of them. The group is the table a key is written in ([train.<group>], or
-    [<group>]; `--set GROUP.KEY=VALUE`).
+    other values of them. The group is the table a key is written in (\\[train.<group>], or
+    \\[<group>]; `--set GROUP.KEY=VALUE`).
     """
     stage = _stage(stage)
     rows = [k for k in config_keys() if stage is None or k.stage in (None, stage)]
@@ -65,9 +65,9 @@ def show(name: str = typer.Argument(..., metavar="NAME_OR_PATH",
     get.
 
     The output is itself a config file: without --stage, the keys both commands use and get
-    the same value of in shared [train.<group>] tables, then a [pretrain] and a [finetune]
-    table with the keys only that command uses (or gets another value of); with --stage, one
-    [<stage>] table.
+    the same value of in shared \\[train.<group>] tables, then a \\[pretrain] and a
+    \\[finetune] table with the keys only that command uses (or gets another value of); with
+    --stage, one \\[<stage>] table.
     """
     stage = _stage(stage)
     path = resolve_config_path(name)

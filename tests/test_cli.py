@@ -111,3 +111,25 @@ def test_library_errors_name_keywords_and_the_cli_names_flags(tmp_path, capsys):
                  "--t-ts", "1,x"])
     assert code == 2
     assert "--t-ts: expected comma-separated integers, got '1,x'" in capsys.readouterr().err
+
+
+def _commands(command, path=()):
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+def test_help_texts_survive_rich_markup():
+    """Typer renders help through rich markup, which silently drops a bracketed word such as
+    [names] or [train.<group>]; every built-in text must come out as written (escape with \\[)."""
+    from rich.text import Text
+
+    eaten = []
+    for path, command in _commands(typer.main.get_command(build_app())):
+        texts = [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+        for text in texts:
+            if Text.from_markup(text).plain != text.replace("\\[", "["):
+                eaten.append((" ".join(path), text[:80]))
+    assert not eaten
+    out = runner.invoke(build_app(), ["config", "show", "--help"], terminal_width=200).output
+    assert "[train.<group>]" in out and "[finetune]" in out

@@ -359,3 +359,38 @@ def test_estep_flip_averages_the_image_and_its_mirror(tmp_path):
         entry = cache.get(item["id"])
         assert np.array_equal(entry.labelmap, want.indices[0].numpy().astype(np.uint8))
         assert np.allclose(entry.confidence, want.values[0].numpy(), atol=2e-3)
+
+
+def test_study_oracle_manifests_hold_the_hidden_truth(tmp_path):
+    """benchmarks/dual_loop.py --oracle: the true tags in place of the captions (no labelmaps),
+    and every labelmap of the benchmark (the bound's data) in one manifest whose paths resolve."""
+    import importlib.util
+
+    from discli.synth import SynthConfig, generate_benchmark
+
+    script = Path(__file__).parents[1] / "benchmarks" / "dual_loop.py"
+    spec = importlib.util.spec_from_file_location("dual_loop_study", script)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    bench = tmp_path / "bench"
+    generate_benchmark(bench, SynthConfig(seed=3, n_labelled=3, n_tagged=6, n_test=2,
+                                          min_size=32, max_size=40))
+    mdir = bench / "manifests"
+    paths = study.oracle_manifests(mdir)
+    caption = read_manifest(mdir / "tagged.jsonl")
+    oracle = read_manifest(mdir / "tagged_oracle.jsonl")
+    true_tags = read_manifest(paths["tags"])
+    assert [r.id for r in true_tags.records] == [r.id for r in caption.records]
+    assert [r.tags for r in true_tags.records] == [r.tags for r in oracle.records]
+    assert all(r.labelmap is None for r in true_tags.records)
+    assert [r.tags for r in caption.records] != [r.tags for r in oracle.records]  # noisy captions
+    everything = read_manifest(paths["pixels"])
+    train = read_manifest(mdir / "train.jsonl")
+    assert [r.id for r in everything.records] == [r.id for r in train.records + oracle.records]
+    by_id = {r.id: r for r in everything.records}
+    for m in (train, oracle):
+        for r in m.records:
+            assert everything.image_path(by_id[r.id]).samefile(m.image_path(r))
+            assert everything.labelmap_path(by_id[r.id]).samefile(m.labelmap_path(r))
+    keys = study.oracle_overrides("pixels", {"train": mdir / "train.jsonl"})
+    assert keys == {"labelled": str(paths["pixels"]), "tagged_ratio": 0.0}
