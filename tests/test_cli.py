@@ -133,3 +133,33 @@ def test_help_texts_survive_rich_markup():
     assert not eaten
     out = runner.invoke(build_app(), ["config", "show", "--help"], terminal_width=200).output
     assert "[train.<group>]" in out and "[finetune]" in out
+
+
+def test_help_paragraphs_reflow_to_the_terminal(capsys, monkeypatch):
+    """The source wraps docstrings at 100 columns; `dis CMD --help` joins those breaks so that
+    rich wraps each paragraph to the terminal (no ragged lines at 80 columns), keeps the
+    paragraphs, and leaves a click \\b paragraph as written."""
+    from discli.cli.app import unwrap_help
+
+    app = typer.Typer()
+
+    @app.command()
+    def fake() -> None:
+        """First line
+        goes on.
+
+        Second paragraph,
+        two lines.
+
+        \b
+        kept
+        as is
+        """
+
+    command = unwrap_help(typer.main.get_command(app))
+    assert command.help == "First line goes on.\n\nSecond paragraph, two lines.\n\n\b\nkept\nas is"
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["finetune", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Each round: E-step (inferred labelmaps and cleaned tags -> round-N/cache.h5)," in out
+    assert "then M-step. Re-running continues" in out  # one paragraph, wrapped by rich at 80

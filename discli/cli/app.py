@@ -8,6 +8,7 @@ stderr and every other command still works.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import os
 import signal
@@ -97,6 +98,20 @@ def refuse_non_finite(command: Any) -> Any:
 
     checked._dis_finite = True  # type: ignore[attr-defined]
     command.callback = checked
+    return command
+
+
+def unwrap_help(command: Any) -> Any:
+    """Join the hard line breaks inside each paragraph of every command's help (recursively).
+    Docstrings are wrapped at 100 columns in the source; typer keeps their line breaks, which
+    in a narrower terminal gives ragged text. Paragraphs stay; one marked with click's ``\\b``
+    keeps its lines."""
+    for sub in getattr(command, "commands", {}).values():
+        unwrap_help(sub)
+    if command.help:
+        paragraphs = inspect.cleandoc(command.help).split("\n\n")
+        command.help = "\n\n".join(p if p.startswith("\b") else " ".join(p.split("\n"))
+                                    for p in paragraphs)
     return command
 
 
@@ -239,7 +254,8 @@ def _main(argv: list[str] | None) -> int:
     debug = "--debug" in argv or bool(os.environ.get("DIS_DEBUG"))
     _open_absent_streams()
     try:
-        command = carry_interrupts(refuse_non_finite(typer.main.get_command(build_app())))
+        command = typer.main.get_command(build_app())
+        command = carry_interrupts(refuse_non_finite(unwrap_help(command)))
         code = command(args=argv, prog_name="dis", standalone_mode=False)
     except SystemExit as exc:
         return _exited(exc)
