@@ -18,7 +18,7 @@ the tag F1 of the captions and of the cleaned tags (against their true tags):
 The oracle ablations go through the same fine-tuning and say how much each lever can give at
 most: ``tags`` trains and infers with the tagged images' true tags (``tagged_truetags.jsonl``),
 ``pixels`` draws every M-step batch from the true labelmaps of the labelled and the tagged
-images (``all_labelled.jsonl``, ``tagged_ratio = 0``: the bound's data with the fine-tuning
+images (``bound.jsonl``, ``tagged_ratio = 0``: the bound's data with the fine-tuning
 schedule; its E-steps still run and are not used, so one t_tr is enough).
 
 The benchmark and the baseline are made once per (difficulty, seed, n-labelled) under --out and
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -45,11 +44,11 @@ import torch
 from dis_plugins.options import parse_sets
 from discli.pseudo.cache import PseudoCache
 from discli.infer.checkpoint import inference_config, inference_settings, load_model
-from discli.data.manifest import Manifest, Record, read_manifest, write_manifest
+from discli.data.manifest import read_manifest, write_manifest
 from discli.evaluation.evaluate import Scoring, evaluate
 from discli.infer.settings import parse_steps
 from discli.pseudo.stats import score_cache
-from discli.synth import SynthConfig, generate_benchmark
+from discli.synth import SynthConfig, bound_manifest, generate_benchmark
 from discli.pseudo.tags import read_truth, tag_stats
 from discli.train.config import load_config
 from discli.train.finetune import finetune
@@ -86,23 +85,13 @@ def bench_root(args: argparse.Namespace) -> Path:
 def oracle_manifests(mdir: Path) -> dict[str, Path]:
     """The oracle ablations' data, from the benchmark's hidden truth: ``tagged_truetags.jsonl``
     (the tagged images with their true tags in place of the captions' and no labelmaps) and
-    ``all_labelled.jsonl`` (the labelled images and the tagged ones with their true labelmaps:
-    the bound's data)."""
-    train, oracle = read_manifest(mdir / "train.jsonl"), read_manifest(mdir / "tagged_oracle.jsonl")
-    paths = {"tags": mdir / "tagged_truetags.jsonl", "pixels": mdir / "all_labelled.jsonl"}
+    ``bound.jsonl`` (the labelled images and the tagged ones with their true labelmaps: the
+    bound's data, :func:`discli.synth.bound_manifest`)."""
+    oracle = read_manifest(mdir / "tagged_oracle.jsonl")
     true_tags = [replace(r, labelmap=None, tag_source="manual", split="tagged")
                  for r in oracle.records]
-    write_manifest(paths["tags"], replace(oracle, records=true_tags))
-    root = mdir.parent.absolute()
-
-    def moved(m: Manifest, rec: Record) -> Record:  # paths relative to the benchmark folder
-        prefix = Path(os.path.relpath(m.root.absolute(), root))
-        return replace(rec, image=(prefix / rec.image).as_posix(),
-                       labelmap=(prefix / rec.labelmap).as_posix())
-
-    records = [moved(m, r) for m in (train, oracle) for r in m.records]
-    write_manifest(paths["pixels"], replace(train, records=records, root=root))
-    return paths
+    write_manifest(mdir / "tagged_truetags.jsonl", replace(oracle, records=true_tags))
+    return {"tags": mdir / "tagged_truetags.jsonl", "pixels": bound_manifest(mdir.parent)}
 
 
 def oracle_overrides(oracle: str | None, m: dict[str, Path]) -> dict[str, object]:

@@ -131,21 +131,6 @@ def _describe(job: str) -> str:
     return names.get(job, job.replace("finetune", "fine-tuning with"))
 
 
-def _union_manifest(bench: Path, manifests: dict[str, str]) -> Path:
-    """Labelled images plus every tagged image with its true labelmap (for the upper bound)."""
-    from discli.data.manifest import Manifest, read_manifest, write_manifest
-    from discli.data.prepare import rebase
-
-    path = bench / "manifests" / "bound.jsonl"
-    if not path.exists():
-        train = read_manifest(manifests["train"])
-        oracle = read_manifest(manifests["tagged_oracle"])
-        records = (rebase(train.records, train.root, bench)
-                   + rebase(oracle.records, oracle.root, bench))
-        write_manifest(path, Manifest(train.classes, records, bench))
-    return path
-
-
 class StageTimes:
     """Seconds spent on each stage, summed over the runs that worked on it (kept in
     ``results/timings.json``): a resumed demo reports what its stages cost, not the near-zero
@@ -196,6 +181,8 @@ def _benchmark(demo: DemoConfig, bench: Path, results: Path, times: StageTimes) 
 def _plan_runs(demo: DemoConfig, bench: Path, runs: Path,
                manifests: dict[str, str]) -> DemoRuns:
     """The runs: the baseline, fine-tuning from it for every t_tr, and the upper bound."""
+    from discli.synth import bound_manifest
+
     baseline_cfg = _train_config(demo, runs / "baseline", "pretrain",
                                  labelled=manifests["train"])
     baseline = runs / "baseline" / "pretrain" / "final.pth"
@@ -210,8 +197,8 @@ def _plan_runs(demo: DemoConfig, bench: Path, runs: Path,
     # The fully supervised upper bound: as many iterations as the baseline and the longest
     # fine-tuning together.
     extra_iters = max((c.rounds * c.mstep_iters for c in plan.finetune.values()), default=0)
-    bound_cfg = _train_config(demo, runs / "bound", "pretrain", labelled=str(_union_manifest(
-        bench, manifests)), iters_step3=baseline_cfg.iters_step3 + extra_iters)
+    bound_cfg = _train_config(demo, runs / "bound", "pretrain", labelled=str(bound_manifest(
+        bench)), iters_step3=baseline_cfg.iters_step3 + extra_iters)
     plan.configs["bound"] = ("pretrain", bound_cfg)
     plan.checkpoints["bound"] = runs / "bound" / "pretrain" / "final.pth"
     return plan

@@ -74,6 +74,16 @@ def _load_into(module: nn.Module, path: str | Path, ignore_prefixes: tuple[str, 
     module.load_state_dict(state, strict=not ignore_prefixes)
 
 
+def _load_own(module: nn.Module, weights: str | None, name: str) -> None:
+    """A small backbone's ``weights``: none, or a local state dict (:func:`shipped_weights` has
+    turned a shipped name into its file); torchvision has no imagenet weights for it."""
+    if weights in (None, "", "none"):
+        return
+    if weights == "imagenet":
+        raise UsageError(f"the {name} backbone has no imagenet weights")
+    _load_into(module, weights)
+
+
 def _init_torchvision(net: nn.Module, weights: str | None, imagenet: object, name: str,
                       head: str) -> None:
     """Initialise a torchvision classifier ``net`` in place: ``"imagenet"`` from the torch hub
@@ -177,10 +187,7 @@ class TinyBackbone(nn.Module):
         self.stage4 = _conv_bn_relu(channels, channels, dilation=2 * dilation)
         self.out_channels = channels
         self.image_branch = ImageBranch(channels, channels)
-        if weights not in (None, "", "none"):
-            if weights == "imagenet":
-                raise UsageError("the tiny backbone has no imagenet weights")
-            _load_into(self, weights)
+        _load_own(self, weights, "tiny")
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mid = self.stage3(self.stage2(self.stage1(images)))
@@ -206,10 +213,7 @@ class SmallBackbone(nn.Module):
                                     _conv_bn_relu(channels, channels, dilation=4 * dilation))
         self.out_channels = channels
         self.image_branch = ImageBranch(96, channels)
-        if weights not in (None, "", "none"):
-            if weights == "imagenet":
-                raise UsageError("the small backbone has no imagenet weights")
-            _load_into(self, weights)
+        _load_own(self, weights, "small")
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mid = self.stage3(self.stage2(self.stage1(images)))

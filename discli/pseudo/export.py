@@ -24,9 +24,8 @@ from typing import Any
 import numpy as np
 
 from discli.errors import UsageError
-from discli.pseudo.tags import TagRule
+from discli.pseudo.tags import GATES, TagRule
 
-GATES = ("none", "noisy", "cleaned")
 TAGS_FILE = "tags.jsonl"
 
 
@@ -38,7 +37,7 @@ def export_cache(cache_path: str | Path, out_dir: str | Path, rule: TagRule,
     from discli.storage import atomic_write
     from discli.data.labelmap import IGNORE, write_palette_png
     from discli.infer.inputs import safe_join
-    from discli.pseudo.tags import entry_rows, gate_labelmap, open_cache, row_dict
+    from discli.pseudo.tags import apply_gate, entry_rows, open_cache, row_dict
 
     cache_path, out = Path(cache_path), Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -55,10 +54,7 @@ def export_cache(cache_path: str | Path, out_dir: str | Path, rule: TagRule,
         for entry, row in entry_rows(cache, rule):
             labelmap = entry.labelmap.astype(np.uint8)  # a copy
             labelmap[entry.confidence.astype(np.float32) < confidence] = IGNORE
-            if gate == "noisy":
-                labelmap = gate_labelmap(labelmap, row.noisy)
-            elif gate == "cleaned":
-                labelmap = gate_labelmap(labelmap, row.cleaned)
+            labelmap = apply_gate(labelmap, gate, row.noisy, row.cleaned)
             name = f"{row.id}.png"
             write_palette_png(safe_join(out, name), labelmap)
             void = int((labelmap == IGNORE).sum())

@@ -36,6 +36,7 @@ from discli.data.labelmap import IGNORE
 from discli.errors import BadInputError, UsageError
 
 FORMATS = ("jsonl", "csv", "tsv")
+GATES = ("none", "noisy", "cleaned")  # which tags gate a pseudo-labelmap's classes (tag_gate)
 DEFAULT_THRESHOLD = 0.5
 LIST_SEP = ";"
 
@@ -100,6 +101,16 @@ def entry_tags(entry: Any, rule: TagRule) -> tuple[np.ndarray, np.ndarray]:
     cleaned = rule.clean(noisy, entry.tag_probs, entry.labelmap)
     noisy[0] = cleaned[0] = True  # background is always there
     return noisy, cleaned
+
+
+def apply_gate(labelmap: np.ndarray, tag_gate: str, noisy: np.ndarray, cleaned: np.ndarray
+               ) -> np.ndarray:
+    """``labelmap`` as a tag gate leaves it (:data:`GATES`): ``"none"`` as it is, ``"noisy"``
+    and ``"cleaned"`` with the pixels of classes the caption's or the cleaned tags call absent
+    set to ignore."""
+    if tag_gate == "none":
+        return labelmap
+    return gate_labelmap(labelmap, cleaned if tag_gate == "cleaned" else noisy)
 
 
 def gate_labelmap(labelmap: np.ndarray, present: np.ndarray) -> np.ndarray:

@@ -91,10 +91,10 @@ from discli.synth.captions import make_caption, noisy_mentions
 from discli.synth.looks import DIFFICULTIES, LOOKS, PALETTE, TEXTURES, Difficulty, Look
 from discli.synth.scenes import Scene, render_scene
 from discli.synth.shapes import ANY_LOOK, DEFAULT_CLASSES, SHAPES, SOURCE_CLASSES
-from discli.synth.writing import (SynthConfig, generate_benchmark, oracle_manifest,
-                                  write_benchmark_manifests)
+from discli.synth.writing import (SynthConfig, bound_manifest, generate_benchmark,
+                                  oracle_manifest, write_benchmark_manifests)
 
 __all__ = ["ANY_LOOK", "DEFAULT_CLASSES", "DIFFICULTIES", "Difficulty", "LOOKS", "Look",
            "PALETTE", "SHAPES", "SOURCE_CLASSES", "Scene", "SynthConfig", "TEXTURES",
-           "generate_benchmark", "make_caption", "noisy_mentions", "oracle_manifest",
+           "bound_manifest", "generate_benchmark", "make_caption", "noisy_mentions", "oracle_manifest",
            "render_scene", "write_benchmark_manifests"]

@@ -17,8 +17,9 @@ from discli.data.captions import parse_caption
 from discli.data.fileio import read_text, write_text
 from discli.storage import atomic_write
 from discli.data.idw import prepare_idw
-from discli.data.manifest import Manifest, Record, parse_classes, write_manifest
-from discli.data.prepare import prepare_voc
+from discli.data.manifest import (Manifest, Record, parse_classes, read_manifest,
+                                  write_manifest)
+from discli.data.prepare import prepare_voc, rebase
 from discli.errors import UsageError
 from discli.data.labelmap import write_palette_png
 from discli.synth.looks import DIFFICULTIES
@@ -205,6 +206,21 @@ def oracle_manifest(bench_dir: str | Path) -> Manifest:
                               labelmap=f"labels/{row['id']}.png", tags=row["tags"],
                               tag_source="pixels", split="tagged_oracle"))
     return Manifest(classes, records, bench / "idw")
+
+
+def bound_manifest(bench_dir: str | Path) -> Path:
+    """``manifests/bound.jsonl`` of a benchmark whose manifests are written: the pixel-labelled
+    images and every tagged image with its true labelmap, the fully supervised bound's data
+    (written once, paths relative to the benchmark folder)."""
+    bench = Path(bench_dir)
+    path = bench / "manifests" / "bound.jsonl"
+    if not path.exists():
+        train = read_manifest(bench / "manifests" / "train.jsonl")
+        oracle = read_manifest(bench / "manifests" / "tagged_oracle.jsonl")
+        records = (rebase(train.records, train.root, bench)
+                   + rebase(oracle.records, oracle.root, bench))
+        write_manifest(path, Manifest(train.classes, records, bench))
+    return path
 
 
 def write_benchmark_manifests(bench_dir: str | Path) -> dict[str, str]:

@@ -130,7 +130,10 @@ def run_clean(checkpoint: str | Path, manifest_path: str | Path, cache_path: str
                   PseudoLabelling(loaded.checkpoint_hash, t_tr, cfg), execution,
                   reporter=reporter)
     cache = PseudoCache(cache_path)
-    summary = diff(cache, settings.threshold)
+    try:
+        summary = diff(cache, settings.threshold)
+    finally:
+        cache.close()
     summary.pop("images")
     return {"cache": str(cache_path), "reused": reused, "t_tr": t_tr, **summary}
 
@@ -140,8 +143,12 @@ def _reusable(cache_path: Path, loaded: Any, t_tr: int, manifest: Any,
     """Whether the cache at ``cache_path`` holds every image of ``manifest``; one made by
     another checkpoint or t_tr (or of other classes) is refused."""
     old = PseudoCache(cache_path)
-    check_classes(loaded.classes, old.classes, "existing cache", cache_path, checkpoint)
-    made = {"checkpoint": old.attrs.get("checkpoint_hash"), "t_tr": old.attrs.get("t_tr")}
+    try:
+        check_classes(loaded.classes, old.classes, "existing cache", cache_path, checkpoint)
+        made = {"checkpoint": old.attrs.get("checkpoint_hash"), "t_tr": old.attrs.get("t_tr")}
+        ids = set(old.ids())
+    finally:
+        old.close()  # before a refusal too, and before run_estep rewrites the file
     wanted = {"checkpoint": loaded.checkpoint_hash, "t_tr": t_tr}
     for key in made:
         if str(made[key]) != str(wanted[key]):
@@ -149,6 +156,4 @@ def _reusable(cache_path: Path, loaded: Any, t_tr: int, manifest: Any,
                                     f"{wanted[key]}; pass {{opt:overwrite=True}} or another "
                                     f"{{opt:out}}",
                                     cache_path)
-    reused = set(old.ids()) >= {rec.id for rec in manifest.records}
-    old.close()
-    return reused
+    return ids >= {rec.id for rec in manifest.records}

@@ -17,7 +17,7 @@ from typing import Any
 
 from discli.errors import BadInputError
 from discli.infer.settings import InferenceConfig
-from discli.pseudo.tags import TAG_RULES, TagRule
+from discli.pseudo.tags import GATES, TAG_RULES, TagRule
 
 
 # Every key is declared with `_key(default, help, ...)`: its one-line help (what `dis config keys`
@@ -269,7 +269,7 @@ def validate(cfg: TrainConfig, source: str = "config",
               ("scale_min", 0 < cfg.scale_min <= cfg.scale_max),
               ("optimizer", cfg.optimizer in ("sgd", "adamw")),
               ("mstep_tags", cfg.mstep_tags in ("noisy", "cleaned", "mix")),
-              ("tag_gate", cfg.tag_gate in ("none", "noisy", "cleaned")),
+              ("tag_gate", cfg.tag_gate in GATES),
               ("mstep_lr_mult", cfg.mstep_lr_mult > 0), ("mstep_warmup", cfg.mstep_warmup >= 0),
               ("warmup_iters", cfg.warmup_iters >= 0),
               ("clip_grad_norm", cfg.clip_grad_norm >= 0),

@@ -39,7 +39,6 @@ PHASES = {
 }
 
 
-
 def param_groups(model: DISNet, phase: Phase, cfg: TrainConfig) -> list[dict[str, Any]]:
     """Pretrained backbone layers at lr, new layers (image branch, subnets) at head_lr_mult*lr."""
     backbone, head = [], []

@@ -37,11 +37,10 @@ from discli.data.manifest import Manifest
 from discli.errors import BadInputError
 from discli.model.losses import IGNORE_INDEX
 from discli.model.net import BACKGROUND
-from discli.pseudo.tags import gate_labelmap
+from discli.pseudo.tags import GATES, apply_gate
 from discli.train.keys import TrainConfig
 
 TAG_TARGETS = ("noisy", "cleaned", "mix")
-TAG_GATES = ("none", "noisy", "cleaned")
 
 
 def tag_target(noisy: np.ndarray, cleaned_tags: np.ndarray, kind: str) -> torch.Tensor:
@@ -128,8 +127,8 @@ class PseudoLabelled(SegDataset):
         tags, tag_gate = cfg.mstep_tags, cfg.tag_gate
         if tags not in TAG_TARGETS:
             raise ValueError(f"tag target must be one of {', '.join(TAG_TARGETS)}, got {tags!r}")
-        if tag_gate not in TAG_GATES:
-            raise ValueError(f"tag gate must be one of {', '.join(TAG_GATES)}, got {tag_gate!r}")
+        if tag_gate not in GATES:
+            raise ValueError(f"tag gate must be one of {', '.join(GATES)}, got {tag_gate!r}")
         self.cache, self.confidence, self.rule = cache, cfg.confidence, cfg.tag_cleaning()
         self.tags, self.tag_gate, self.cutmix = tags, tag_gate, cfg.cutmix
         self.thresholds = (class_thresholds(cache, cfg.confidence, cfg.class_keep)
@@ -170,9 +169,6 @@ class PseudoLabelled(SegDataset):
         else:
             limit = np.append(self.thresholds, np.ones(256 - len(self.thresholds), np.float32))
             labelmap[conf < limit[labelmap]] = IGNORE_INDEX
-        if self.tag_gate == "cleaned":
-            labelmap = gate_labelmap(labelmap, cleaned)
-        elif self.tag_gate == "noisy":
-            labelmap = gate_labelmap(labelmap, entry.noisy_tags > 0)
+        labelmap = apply_gate(labelmap, self.tag_gate, entry.noisy_tags > 0, cleaned)
         tags = tag_target(entry.noisy_tags, cleaned, self.tags)
         return rec.id, image, labelmap, tags
