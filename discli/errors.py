@@ -45,6 +45,18 @@ def shorten(text: object, limit: int = MAX_QUOTED) -> str:
     return f"{text[:keep]}...[{len(text) - 2 * keep} characters cut]...{text[-keep:]}"
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """What an exception says, for a message of ours: its first line, cut at a word boundary
+    when longer than ``limit`` (marked "..."), or its type's name when it says nothing."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    if not text:
+        return type(exc).__name__
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + "..."
+    return text
+
+
 def quote(value: object, limit: int = 80) -> str:
     """``repr(value)`` for a message, shortened: ids, keys and words from untrusted files."""
     return shorten(repr(value), limit)
@@ -250,3 +262,26 @@ def system_error(exc: OSError, path: object | None = None) -> SystemRefusedError
     if where is None:
         advice += " (the error named no file)"
     return SystemRefusedError(advice, where)
+
+
+# What torch's allocators say when a tensor does not fit (CPU: "DefaultCPUAllocator: can't
+# allocate memory: you tried to allocate N bytes"; CUDA: torch.OutOfMemoryError).
+_NO_MEMORY = ("can't allocate memory", "out of memory", "unable to allocate")
+_TRIED = re.compile(r"(?:allocate|Allocation of) (\d+) bytes|allocate ([\d.]+ [KMGT]i?B)")
+
+
+def out_of_memory(exc: BaseException) -> SystemRefusedError | None:
+    """The one-line error for an allocation that the machine could not satisfy (None for any
+    other exception): the input's sizes, not dis, decide how much memory a step needs."""
+    if not (isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and any(
+            words in str(exc).lower() for words in _NO_MEMORY))):
+        return None
+    match = _TRIED.search(str(exc))
+    tried = ""
+    if match and match.group(1):
+        tried = f" (a tensor of {int(match.group(1)) / 2**30:.1f} GiB)"
+    elif match:
+        tried = f" (a tensor of {match.group(2).replace('. ', ' ')})"
+    return SystemRefusedError(f"not enough memory{tried}; use smaller images, crops or "
+                              f"batches (--max-size, --crop-size, --batch-size), or a machine "
+                              f"with more memory")

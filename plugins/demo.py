@@ -40,8 +40,8 @@ def demo(
     from discli.infer.settings import parse_steps
     from discli.demo.report import table_rows
 
-    options = dict(out=str(out), t_tr=parse_steps(t_tr), t_ts=parse_steps(t_ts), seed=seed,
-                   device=device, difficulty=difficulty, n_labelled=n_labelled,
+    options = dict(out=str(out), t_tr=parse_steps(t_tr, "t_tr"), t_ts=parse_steps(t_ts),
+                   seed=seed, device=device, difficulty=difficulty, n_labelled=n_labelled,
                    min_size=min_size, max_size=max_size, workers=workers)
     cfg = DemoConfig.quick_config(**options) if quick else DemoConfig(**options)
     with RichReporter(quiet=quiet) as reporter:

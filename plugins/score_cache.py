@@ -45,11 +45,11 @@ def score_cache(
                   else "the default: no run config.toml beside the cache")
     else:
         source = "--confidence"
-    note(f"confidence {confidence:g} ({source})")
     report = {"cache": str(cache), "truth": str(truth), "confidence": confidence,
               "confidence_from": source,
               **run_score(pseudo, truth_manifest, confidence),
               "stats": cache_stats(pseudo, confidence, run_rule(cache))}
+    note(f"confidence {confidence:g} ({source})")  # after the scores: an error stays one line
     if json_out:
         print_json(report)
         return

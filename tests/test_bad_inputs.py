@@ -437,6 +437,147 @@ def _(env, tmp):
     return infer(env, str(tmp / "in"), extra=["-o", str(tmp / "out")]), "out", None
 
 
+# --- found by a sweep of 625 bad inputs across the subcommands (2026-12-06)
+@case("weights-file-empty", 4, "weights file is empty (0 bytes)")
+def _(env, tmp):
+    (tmp / "e.pth").write_bytes(b"")
+    return ["pretrain", *train_args(env, tmp / "run"), "--backbone-weights",
+            str(tmp / "e.pth")], "e.pth", None
+
+
+@case("output-folder-where-a-file-is", 6, "a component of the path is a file")
+def _(env, tmp):
+    png(tmp / "a.png")
+    (tmp / "caps.jsonl").write_text('{"image": "a.png", "caption": "a cat"}\n')
+    (tmp / "taken.txt").write_text("a file")
+    return ["prepare-idw", str(tmp / "caps.jsonl"), "-o", str(tmp / "taken.txt" / "m.jsonl")], \
+        "taken.txt", None
+
+
+@case("synth-negative-seed", 2, "--seed must be an integer from 0")
+def _(env, tmp):
+    return ["synth", str(tmp / "s"), "--seed", "-1"], "--seed", None
+
+
+@case("synth-nothing-to-write", 2, "every image count is 0")
+def _(env, tmp):
+    return ["synth", str(tmp / "s"), "--n-labelled", "0", "--n-tagged", "0", "--n-test", "0",
+            "--n-dev", "0"], "nothing to write", None
+
+
+@case("synth-count-past-int64", 2, "image counts must be from 0 to")
+def _(env, tmp):
+    return ["synth", str(tmp / "s"), "--n-labelled", "99999999999999999999"], "counts", None
+
+
+@case("t-ts-beyond-any-run", 2, "expected integers from 0 to 10000")
+def _(env, tmp):
+    return ["evaluate", str(env.labelled), "-c", str(env.ckpt), "--device", "cpu", "-q",
+            "--t-ts", "99999999999999999999"], "--t-ts", None
+
+
+@case("set-t-ts-beyond-any-run", 2, "(at most 10000)")
+def _(env, tmp):
+    return ["pretrain", *train_args(env, tmp / "run"), "--set", "t_ts=99999999"], "t_ts", None
+
+
+@case("iters-beyond-any-run", 2, "(at most 1000000000)")
+def _(env, tmp):
+    args = train_args(env, tmp / "run")
+    args[args.index("--iters") + 1] = "99999999999999999999"
+    return ["pretrain", *args], "iters_step1", None
+
+
+@case("demo-t-tr-not-integers", 2, "--t-tr: expected comma-separated integers")
+def _(env, tmp):
+    return ["demo", "--t-tr", "abc", "--out", str(tmp / "demo")], "--t-tr", None
+
+
+@case("val-manifest-of-other-classes", 3, "differ from the labelled manifest")
+def _(env, tmp):
+    val = labelled_set(tmp / "val", classes=["background", "cow"])
+    return ["pretrain", *train_args(env, tmp / "run"), "--val", str(val)], "set.jsonl", None
+
+
+@case("captions-file-empty", 3, "no captioned image found")
+def _(env, tmp):
+    (tmp / "caps.jsonl").write_text("\n\n")
+    return ["prepare-idw", str(tmp / "caps.jsonl"), "-o", str(tmp / "out.jsonl")], "caps.jsonl", \
+        None
+
+
+@case("truth-manifest-of-other-classes", 3, "differ from the cache's")
+def _(env, tmp):
+    truth = labelled_set(tmp / "truth", classes=["background", "cow"])
+    return ["clean-tags", "stats", str(env.cache), "--truth", str(truth)], "set.jsonl", None
+
+
+@case("cache-without-entries", 4, "no 'entries' group")
+def _(env, tmp):
+    import h5py
+
+    bad = tmp / "c.h5"
+    shutil.copy(env.cache, bad)
+    with h5py.File(bad, "a") as h5:
+        del h5["entries"]
+    return ["clean-tags", "export", str(bad)], "c.h5", None
+
+
+@case("cache-entry-not-a-group", 4, "entry 'i0' is incomplete or unreadable")
+def _(env, tmp):
+    import h5py
+
+    bad = tmp / "c.h5"
+    shutil.copy(env.cache, bad)
+    with h5py.File(bad, "a") as h5:
+        del h5["entries/i0"]
+        h5["entries/i0"] = np.zeros(3)
+    return ["score-cache", str(bad), str(env.labelled)], "c.h5", None
+
+
+@case("cache-is-a-folder", 3, "expected a cache file, found a folder")
+def _(env, tmp):
+    (tmp / "c.h5").mkdir()
+    return ["clean-tags", "show", str(tmp / "c.h5"), "i0"], "c.h5", None
+
+
+@case("probs-file-is-a-folder", 3, "expected a probabilities file (.h5), found a folder")
+def _(env, tmp):
+    (tmp / "p.h5").mkdir()
+    return infer(env, str(env.img), extra=["--probs", str(tmp / "p.h5")]), "p.h5", None
+
+
+@case("infer-record-torn", 4, "does not read back")
+def _(env, tmp):
+    (tmp / "out").mkdir()
+    (tmp / "out" / ".dis-infer.json").write_text('{"x')
+    return infer(env, str(env.img), extra=["-o", str(tmp / "out")]), "out", None
+
+
+@case("log-value-of-wrong-type", 3, "malformed training log: ValueError")
+def _(env, tmp):
+    (tmp / "run" / "pretrain").mkdir(parents=True)
+    (tmp / "run" / "pretrain" / "log.jsonl").write_text(
+        '{"stage": "pretrain", "phase": "step1", "iter": "x"}\n')
+    return ["plot", str(tmp / "run"), "-o", str(tmp / "p.png")], "log.jsonl", None
+
+
+@case("evaluation-report-confusion-not-a-matrix", 3, "'confusion' is not a 2x2 matrix")
+def _(env, tmp):
+    report = {"classes": ["background", "cat"], "setups": [
+        {"name": "t=0", "iou": {"background": 0.9, "cat": 0.5}, "confusion": "x"}]}
+    (tmp / "ev.json").write_text(json.dumps(report))
+    return ["plot", str(tmp / "ev.json")], "ev.json", None
+
+
+@case("evaluation-report-classes-cut", 3, "'iou' does not hold one value per class")
+def _(env, tmp):
+    report = {"classes": ["background"], "setups": [
+        {"name": "t=0", "iou": {"background": 0.9, "cat": 0.5}}]}
+    (tmp / "ev.json").write_text(json.dumps(report))
+    return ["plot", str(tmp / "ev.json")], "ev.json", None
+
+
 def run_main(capfd, argv: list[str], stdin: str | None, monkeypatch) -> tuple[int, str, str]:
     from discli.cli.app import main
 
@@ -568,6 +709,107 @@ def test_failed_runs_leave_finished_work_alone(env, tmp_path, capfd, monkeypatch
                                          extra=["-o", str(pred)]), None, monkeypatch)
     assert code == 3 and "zero.png" in err
     assert (pred / "good.png").read_bytes() == first
+
+
+def test_an_output_truncated_outside_dis_is_redone(env, tmp_path, capfd, monkeypatch):
+    pred = tmp_path / "pred"
+    argv = infer(env, str(env.img), extra=["-o", str(pred)])
+    assert run_main(capfd, argv, None, monkeypatch)[0] == 0
+    first = (pred / "good.png").read_bytes()
+    (pred / "good.png").write_bytes(b"")  # e.g. a copy that ran out of space
+    code, out, err = run_main(capfd, argv, None, monkeypatch)
+    assert code == 0, err
+    assert (pred / "good.png").read_bytes() == first
+
+
+def test_out_of_memory_is_one_line_naming_what_to_reduce(capfd, monkeypatch):
+    from discli.cli import app
+    from discli.errors import EXIT_SYSTEM, out_of_memory
+
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't "
+                       "allocate memory: you tried to allocate 479793622176 bytes. Error code "
+                       "12 (Cannot allocate memory)")
+    numpy = MemoryError("Unable to allocate 149. GiB for an array with shape (100000, 100000, "
+                        "4) and data type float32")
+    assert "a tensor of 446.8 GiB" in str(out_of_memory(cpu))
+    assert "a tensor of 149 GiB" in str(out_of_memory(numpy))
+    assert out_of_memory(RuntimeError("shape mismatch")) is None
+    assert out_of_memory(ValueError("out of memory")) is None  # only allocators' errors
+
+    def exhausted(*args, **kwargs):
+        raise numpy
+
+    monkeypatch.setattr(app, "build_app", exhausted)
+    capfd.readouterr()
+    assert app.main(["plugins"]) == EXIT_SYSTEM
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dis: error: not enough memory"), err
+    assert "--batch-size" in err[0] and "internal error" not in err[0]
+
+
+def test_a_full_disk_while_saving_a_checkpoint_names_it(tmp_path, monkeypatch):
+    import errno
+
+    from discli.errors import SystemRefusedError
+    from discli.storage import atomic
+
+    real_open = open
+
+    class Full:  # a file on a disk with 1 KiB left
+        def __init__(self, path, mode):
+            self.file, self.left = real_open(path, mode), 1024
+
+        def write(self, data):
+            if len(data) > self.left:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.left -= len(data)
+            return self.file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    target = tmp_path / "run" / "last.pth"
+    save_checkpoint(target, {"model": tiny_model().state_dict()})
+    before = target.read_bytes()
+    monkeypatch.setattr(atomic, "open", Full, raising=False)
+    with pytest.raises(SystemRefusedError, match="no space left on the device") as caught:
+        save_checkpoint(target, {"model": tiny_model(channels=16).state_dict()})
+    assert str(target) in str(caught.value)  # torch's own error would be "unexpected pos"
+    assert target.read_bytes() == before  # the checkpoint before is kept
+    assert [p.name for p in target.parent.iterdir()] == ["last.pth"]  # no temporary left
+
+
+def test_a_full_disk_while_finishing_a_cache_part_gives_its_space_back(tmp_path):
+    from discli.errors import SystemRefusedError
+    from discli.pseudo.cache import CacheWriter, make_attrs
+
+    writer = CacheWriter(tmp_path / "cache.h5", make_attrs(list(CLASSES), 0, "h", {}))
+    parts = writer._writer
+    k = len(CLASSES)
+    entry = CacheEntry("i0", np.zeros((4, 4), np.uint8), np.ones((4, 4), np.float16),
+                       np.full(k, 0.5, np.float32), np.ones(k, np.uint8))
+    parts.add("i0", lambda g: [g.create_dataset(n, data=a) for n, a in
+                               zip(("labelmap", "confidence"), (entry.labelmap,
+                                                                entry.confidence))])
+    torn = parts._tmp
+    assert torn is not None and torn.exists()
+
+    class FullDisk:  # what HDF5 raises when the last write of a file fails
+        def close(self):
+            raise RuntimeError("Can't decrement id ref count (file write failed: errno = 28, "
+                               "error message = 'No space left on device')")
+
+    real, parts._h5 = parts._h5, FullDisk()
+    real.close()
+    with pytest.raises(SystemRefusedError, match="no space left on the device"):
+        parts.flush()
+    assert not torn.exists() and parts.parts() == []  # nothing half-written kept
 
 
 # ----------------------------------------------------------------------------- pipes

@@ -28,7 +28,7 @@ from discli import __version__
 from discli.cli.output import error, warn
 from discli.entrypoints import COMMANDS_GROUP, Plugin, load_group
 from discli.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, DisError, DisWarning, Interrupted,
-                           UsageError, peer_failure, system_error)
+                           UsageError, out_of_memory, peer_failure, system_error)
 
 # click >= 8.2 raises this for a group called without a command (it prints the help)
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -242,6 +242,8 @@ def _bug(exc: Exception, debug: bool) -> int:
     if debug:
         traceback.print_exc()
     lost = peer_failure(exc, os.environ.get("RANK", 0), os.environ.get("WORLD_SIZE", 1))
+    if lost is None:
+        lost = out_of_memory(exc)
     if lost is not None:
         error(lost.cli_message())
         return lost.exit_code

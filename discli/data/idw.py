@@ -214,9 +214,11 @@ class CaptionReading:
 
 def prepare_idw(source: str | Path, out: str | Path, classes: Sequence[str] = VOC_CLASSES,
                 split: str = "train", reading: CaptionReading = CaptionReading(),
-                skip_bad: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
+                skip_bad: bool = False, reporter: Reporter | None = None,
+                allow_empty: bool = False) -> dict[str, Any]:
     """Write a caption-tagged manifest to ``out`` (``"-"``: stdout) and return a report:
-    ``{"out", "format", "records", "tag_counts", "untagged", "bad"}``."""
+    ``{"out", "format", "records", "tag_counts", "untagged", "bad"}``. A source without any
+    usable image is refused unless ``allow_empty`` (a benchmark without tagged images)."""
     reporter = reporter or NullReporter()
     classes = list(classes)
     source = Path(source)
@@ -261,6 +263,10 @@ def prepare_idw(source: str | Path, out: str | Path, classes: Sequence[str] = VO
                                   tag_source="caption", split=split,
                                   caption="\n".join(item.captions) if item.captions else None))
         reporter.advance()
+    if not records and not allow_empty:  # it would only fail later, in finetune
+        left_out = f" ({len(problems.items)} left out as bad)" if problems.items else ""
+        raise BadInputError(f"no captioned image found ({fmt} format){left_out}; nothing "
+                            f"written", source)
     write_manifest(out, Manifest(classes, records, image_root))
     counts = Counter(t for r in records for t in r.tags)
     return {"out": str(out), "format": fmt, "records": len(records),

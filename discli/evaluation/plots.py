@@ -28,7 +28,7 @@ from typing import Any
 
 from discli.data.fileio import read_text
 from discli.storage import atomic_write
-from discli.errors import BadInputError, UsageError
+from discli.errors import BadInputError, UsageError, first_line
 
 LOSS_KEYS = ("loss", "map", "img", "tag")
 ESTEP_KEYS = ("mean_confidence", "kept_share")
@@ -345,6 +345,28 @@ def _read_json(path: Path) -> Any:
         raise BadInputError(f"not JSON ({exc.msg} at line {exc.lineno})", path) from None
 
 
+def _check_evaluation(report: dict[str, Any], path: Path) -> None:
+    """Refuse an evaluation report whose per-class lists do not match its class list (the
+    plot would label the wrong bars and cells)."""
+    classes = report["classes"]
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise BadInputError("'classes' is not a list of class names", path)
+    k = len(classes)
+    if not isinstance(report["setups"], list):
+        raise BadInputError("'setups' is not a list", path)
+    for setup in report["setups"]:
+        if not isinstance(setup, dict) or not isinstance(setup.get("name"), str):
+            raise BadInputError("a setup without a name", path)
+        iou, confusion = setup.get("iou"), setup.get("confusion")
+        if not isinstance(iou, dict) or sorted(iou) != sorted(classes):
+            raise BadInputError(f"setup {setup['name']!r}: 'iou' does not hold one value per "
+                                f"class of 'classes' ({k})", path)
+        if confusion and not (isinstance(confusion, list) and len(confusion) == k and all(
+                isinstance(row, list) and len(row) == k for row in confusion)):
+            raise BadInputError(f"setup {setup['name']!r}: 'confusion' is not a {k}x{k} "
+                                f"matrix", path)
+
+
 def plot(source: str | Path, out: str | Path | None = None) -> list[Path]:
     """Plot a run folder, a ``log.jsonl``, a demo report or an evaluation report (see the
     module docstring); returns the written path(s)."""
@@ -354,14 +376,29 @@ def plot(source: str | Path, out: str | Path | None = None) -> list[Path]:
     report_path = source / "report.json" if source.is_dir() else source
     if source.is_dir() and not report_path.is_file():
         logs = find_logs(source)
-        return [plot_training(logs, Path(out) if out else source / "training.png")]
+        return _drawn(lambda: plot_training(logs, Path(out) if out else source / "training.png"),
+                      "training log", logs[0] if len(logs) == 1 else source)
     if report_path.suffix == ".json":
         report = _read_json(report_path)
         target = Path(out) if out else report_path.with_suffix(".png")
         if isinstance(report, dict) and "scores" in report and "classes" in report:
-            return [plot_demo(report, target, report_path)]
+            return _drawn(lambda: plot_demo(report, target, report_path), "demo report",
+                          report_path)
         if isinstance(report, dict) and "setups" in report and "classes" in report:
-            return [plot_evaluation(report, target, report_path)]
+            _check_evaluation(report, report_path)
+            return _drawn(lambda: plot_evaluation(report, target, report_path),
+                          "evaluation report", report_path)
         raise BadInputError("neither a dis demo report (report.json) nor a dis evaluate --json "
                             "report", report_path)
-    return [plot_training([source], Path(out) if out else source.with_suffix(".png"))]
+    return _drawn(lambda: plot_training([source], Path(out) if out else source.with_suffix(".png")),
+                  "training log", source)
+
+
+def _drawn(draw: Any, what: str, path: Path) -> list[Path]:
+    """``[draw()]``; a value of the wrong type or shape in the file read becomes one line
+    naming it (these files are written by dis, but can be edited or torn by hand)."""
+    try:
+        return [draw()]
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise BadInputError(f"malformed {what}: {type(exc).__name__}: {first_line(exc)}",
+                            path) from None

@@ -42,8 +42,8 @@ from discli.storage import atomic_write
 
 atomic_write_bytes = atomic_write  # the name earlier releases exported (CHANGELOG 0.x)
 from discli.errors import (BadInputError, CorruptError, DisError, IncompatibleError, UsageError,
-                           quote)
-from discli.infer.loop import METHODS, InferenceConfig
+                           first_line, quote)
+from discli.infer.loop import MAX_STEPS, METHODS, InferenceConfig
 from discli.model.net import DISNet, ModelConfig
 
 FORMAT = "dis-checkpoint"
@@ -125,12 +125,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        first = first_line(exc, 160)
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise IncompatibleError("refusing to load: the file needs arbitrary pickle code "
                                     "(only weights_only checkpoints are accepted)", path) from None
         raise CorruptError(f"not a readable checkpoint (truncated or corrupt?): "
-                           f"{type(exc).__name__} {first}", path) from None
+                           f"{type(exc).__name__}: {first}", path) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise IncompatibleError("not a dis checkpoint (no 'format: dis-checkpoint' key)", path)
     if state.get("format_version") != FORMAT_VERSION:
@@ -229,7 +229,7 @@ def model_from_checkpoint(state: dict[str, Any], path: str | Path = "checkpoint"
         model.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as exc:
         raise IncompatibleError(f"weights do not fit {config.backbone} with "
-                                f"{config.num_classes} classes: {str(exc).splitlines()[0]}",
+                                f"{config.num_classes} classes: {first_line(exc)}",
                                 path) from None
     return model
 
@@ -266,8 +266,9 @@ def inference_settings(state: dict[str, Any], path: str | Path = "checkpoint") -
         if key not in settings:
             continue
         if key in ("t_tr", "t_ts"):
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-            want = "an integer >= 0"
+            ok = (isinstance(value, int) and not isinstance(value, bool)
+                  and 0 <= value <= MAX_STEPS)
+            want = f"an integer from 0 to {MAX_STEPS}"
         elif key == "method":
             ok = isinstance(value, str) and value in METHODS
             want = f"one of {', '.join(METHODS)}"

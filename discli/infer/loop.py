@@ -53,7 +53,7 @@ from discli.model.losses import recon_loss, recon_target, tag_loss
 from discli.model.net import DISNet, final_probs
 
 # The settings live in a module without torch, so that the CLI can show them in --help fast.
-from discli.infer.settings import METHODS, InferenceConfig  # noqa: E402,F401
+from discli.infer.settings import MAX_STEPS, METHODS, InferenceConfig  # noqa: E402,F401
 
 
 @dataclass
@@ -143,8 +143,8 @@ def refine_features(model: DISNet, u1: torch.Tensor, v1: torch.Tensor, images: t
                     snapshots: Iterable[int] | None = None) -> dict[int, InferenceResult]:
     """Gradient descent on (u1, v1); returns a result for every step in snapshots."""
     wanted = sorted(set(snapshots) if snapshots is not None else {cfg.steps})
-    if wanted and wanted[0] < 0:
-        raise ValueError(f"inference steps must be >= 0, got {wanted[0]}")
+    if wanted and not 0 <= wanted[0] <= wanted[-1] <= MAX_STEPS:
+        raise ValueError(f"inference steps must be in 0..{MAX_STEPS}, got {wanted}")
     if not wanted:
         return {}
     dtype = _work_dtype(u1)

@@ -257,8 +257,10 @@ def _plan(plans: list[Plan], overwrite: bool, probs: ProbsWriter | None,
     """(skipped, to do, batches of the to-do images when sharded), decided by rank 0."""
     skipped, todo = [], []
     for i, (item, paths) in enumerate(plans):
+        # A 0-byte output is a file truncated outside dis (dis writes atomically): redo it.
         done = (bool(paths) or probs is not None) and not overwrite and all(
-            p.is_file() for p in paths.values()) and (probs is None or item.id in probs.done)
+            p.is_file() and p.stat().st_size > 0 for p in paths.values()) and (
+            probs is None or item.id in probs.done)
         if done:  # outputs of this id exist: were they made from this input, these settings?
             digest = input_hash(item.path)
             done = ((records is None or records.matches(item.id, digest))

@@ -25,7 +25,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from discli.errors import BadInputError, IncompatibleError
+from discli.errors import BadInputError, IncompatibleError, first_line
 from discli.storage.parts import PartWriter
 
 PROBS_FORMAT = "dis-probs"
@@ -89,12 +89,14 @@ class ProbsWriter:
         return self._writer._h5
 
     def _check(self, path: Path) -> None:
+        if path.is_dir():
+            raise BadInputError("expected a probabilities file (.h5), found a folder", path)
         try:
             with h5py.File(path, "r") as h5:
                 attrs = dict(h5.attrs)
         except OSError as exc:
-            raise BadInputError(f"not a readable HDF5 file ({exc}); pass {{opt:overwrite=True}} "
-                                f"to replace it", path) from None
+            raise BadInputError(f"not a readable HDF5 file ({first_line(exc, 120)}); pass "
+                                f"{{opt:overwrite=True}} to replace it", path) from None
         if attrs.get("format") != PROBS_FORMAT:
             raise IncompatibleError("not a dis probabilities file; pass {opt:overwrite=True} to "
                                     "replace it",

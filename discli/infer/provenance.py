@@ -114,6 +114,11 @@ def check_run_info(out_dir: Path, info: dict[str, Any], overwrite: bool) -> None
                                     f"finish, so it holds outputs of two settings (see "
                                     f"{RUN_INFO}); pass "
                                     f"{{opt:overwrite=True}} to finish replacing them", out_dir)
+        if not isinstance(old, dict):
+            raise IncompatibleError(f"its {RUN_INFO} does not read back (not a JSON object: torn "
+                                    f"or edited), so what its outputs were made with is unknown; "
+                                    f"pass {{opt:overwrite=True}} to replace them, or another "
+                                    f"{{opt:out}}", out_dir)
         if old != info:
             changed = sorted(k for k in info if not isinstance(old, dict) or old.get(k) != info[k])
             raise IncompatibleError(f"outputs there were made with another {', '.join(changed)} "

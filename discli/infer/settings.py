@@ -27,14 +27,22 @@ class InferenceConfig:
                              f"got {self.method!r}")
 
 
-def parse_steps(text: str) -> list[int]:
-    """"0,10,30" -> [0, 10, 30] (sorted, unique, each >= 0)."""
+# The most inference steps a setting may ask for: the paper uses up to 50, and a number beyond
+# this is a typo that would run for days.
+MAX_STEPS = 10_000
+
+
+def parse_steps(text: str, option: str = "t_ts") -> list[int]:
+    """"0,10,30" -> [0, 10, 30] (sorted, unique, each in 0..MAX_STEPS); ``option`` names the
+    option in messages."""
     try:
         steps = sorted({int(part) for part in text.replace(" ", "").split(",") if part})
     except ValueError:
-        raise UsageError(f"{{opt:t_ts}}: expected comma-separated integers, got {text!r}") from None
-    if not steps or steps[0] < 0:
-        raise UsageError(f"{{opt:t_ts}}: expected integers >= 0, got {text!r}")
+        raise UsageError(f"{{opt:{option}}}: expected comma-separated integers, got "
+                         f"{text!r}") from None
+    if not steps or steps[0] < 0 or steps[-1] > MAX_STEPS:
+        raise UsageError(f"{{opt:{option}}}: expected integers from 0 to {MAX_STEPS}, got "
+                         f"{text!r}")
     return steps
 
 

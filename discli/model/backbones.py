@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from discli.errors import BadInputError, IncompatibleError, UsageError
+from discli.errors import BadInputError, IncompatibleError, UsageError, first_line
 from discli.registry import Registry
 
 BackboneFactory = Callable[..., nn.Module]
@@ -47,11 +47,13 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise BadInputError("weights file not found", path)
+    if path.stat().st_size == 0:
+        raise IncompatibleError("weights file is empty (0 bytes)", path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated file, foreign pickle, not a torch file
         raise IncompatibleError(f"cannot load weights safely ({type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0][:200]})", path) from None
+                                f"{first_line(exc)})", path) from None
     for key in ("state_dict", "model"):  # common wrappers around a bare state dict
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -162,6 +162,8 @@ class PseudoCache:
     def __init__(self, path: str | Path, checkpoint_hash: str | None = None,
                  force: bool = False):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise BadInputError("expected a cache file, found a folder", self.path)
         if not self.path.is_file():
             raise BadInputError("cache not found", self.path)
         try:
@@ -170,7 +172,11 @@ class PseudoCache:
                               for k, v in h5.attrs.items()}
                 # From the link names alone: opening 50k groups for their "id" attribute cost
                 # seconds and a hundred MB (each object header stays cached while open).
-                self._ids = [id_of(key) for key in h5.get("entries", {}).keys()]
+                entries = h5.get("entries")
+                if not isinstance(entries, h5py.Group):
+                    raise CorruptError("no 'entries' group: not a finished dis cache (corrupt "
+                                       "cache?) delete it and re-run the E-step", self.path)
+                self._ids = [id_of(key) for key in entries.keys()]
         except OSError as exc:
             raise BadInputError(f"not a readable HDF5 file ({exc})", self.path) from None
         check_attrs(self.attrs, self.path, checkpoint_hash, force)
@@ -208,7 +214,7 @@ class PseudoCache:
         try:
             arrays = [g[name][()] for name in ARRAYS]
             stored = g.attrs.get("digest")
-        except (KeyError, OSError) as exc:
+        except (KeyError, OSError, ValueError, TypeError, AttributeError) as exc:
             raise CorruptError(f"entry {image_id!r} is incomplete or unreadable ({exc}); "
                                f"corrupt cache? delete it and re-run the E-step",
                                self.path) from None

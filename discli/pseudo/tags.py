@@ -272,7 +272,7 @@ def read_truth(path: str | Path, classes: Sequence[str]) -> dict[str, set[str]]:
     truth: dict[str, set[str]] = {}
     text = read_text(path, "ground-truth tag file")
     if _manifest_header(text):
-        return _manifest_truth(text, path, known)
+        return _manifest_truth(text, path, list(classes))
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -305,13 +305,18 @@ def _manifest_header(text: str) -> bool:
     return isinstance(header, dict) and header.get("format") == FORMAT
 
 
-def _manifest_truth(text: str, path: str | Path, known: set[str]) -> dict[str, set[str]]:
+def _manifest_truth(text: str, path: str | Path, classes: list[str]) -> dict[str, set[str]]:
     """The tags of a manifest's records as ground truth: those from labelmaps or set by hand;
-    caption tags are the noisy input being scored, never the truth."""
+    caption tags are the noisy input being scored, never the truth. Its class list must be the
+    cache's: a class it lacks would count as absent from every image."""
     from discli.data.manifest import parse_manifest
 
     name = "<stdin>" if str(path) == "-" else path
     manifest = parse_manifest(text, name, base=Path(str(path)).absolute().parent)
+    if list(manifest.classes) != classes:
+        raise BadInputError(f"classes {list(manifest.classes)} differ from the cache's "
+                            f"{classes}", path)
+    known = set(classes[1:])
     truth = {r.id: set(r.tags) for r in manifest.records if r.tag_source != "caption"}
     if not truth:
         raise BadInputError("every record's tags come from captions (tag_source caption): "

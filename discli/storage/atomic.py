@@ -9,6 +9,7 @@ files of a dead writer from those of a live one.
 
 from __future__ import annotations
 
+import errno as _errno
 import os
 import re
 from collections.abc import Callable
@@ -39,7 +40,10 @@ def atomic_path(path: str | Path, fill: Callable[[Path], object], durable: bool 
     path = Path(path)
     tmp = temp_path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as exc:  # a file where the folder should be
+            raise NotADirectoryError(_errno.ENOTDIR, str(exc), exc.filename) from exc
         fill(tmp)
         if durable:
             _fsync(tmp)
@@ -62,12 +66,46 @@ def atomic_write(path: str | Path, writer: Callable[[IO[bytes]], object],
     (:func:`atomic_path`)."""
     def fill(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            writer(f)
+            stream = _Remembering(f)
+            try:
+                writer(stream)  # type: ignore[arg-type]
+            except Exception as exc:
+                # torch.save swallows its stream's OSError (a full disk) and raises a
+                # RuntimeError about the write position instead: say what really happened.
+                if stream.failure is not None and not isinstance(exc, OSError):
+                    raise stream.failure from exc
+                raise
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
 
     atomic_path(path, fill, durable=False)
+
+
+class _Remembering:
+    """A binary file that remembers the OSError of a failed write, for writers that replace
+    it with an error of their own."""
+
+    def __init__(self, file: IO[bytes]):
+        self._file = file
+        self.failure: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as exc:
+            self.failure = exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._file.flush()
+        except OSError as exc:
+            self.failure = exc
+            raise
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._file, name)
 
 
 def same_bytes(a: str | Path, b: str | Path, chunk: int = 1 << 22) -> bool:

@@ -46,6 +46,15 @@ def entry_attrs(path: Path) -> dict[str, dict[str, Any]]:
         return {str(g.attrs["id"]): dict(g.attrs) for g in h5.get("entries", {}).values()}
 
 
+def _as_os_error(exc: BaseException) -> OSError:
+    """``exc`` as the OSError it reports: HDF5 turns a failed write into a RuntimeError whose
+    text carries the errno ("errno = 28, error message = 'No space left on device'")."""
+    if isinstance(exc, OSError):
+        return exc
+    match = re.search(r"errno = (\d+)", str(exc))
+    return OSError(int(match.group(1)) if match else None, str(exc))
+
+
 def write_h5(path: Path, fill: Callable[[h5py.File], object]) -> None:
     """Write an HDF5 file atomically: ``fill(h5)`` on a temporary file, fsync, rename."""
     def make(tmp: Path) -> None:
@@ -159,10 +168,13 @@ class PartWriter:
                 if key in entries:
                     del entries[key]
                 raise
-        except OSError as exc:  # a full disk: name the file, not "Can't write data"
-            refused = system_error(exc, self.path)
+        except (OSError, RuntimeError) as exc:  # a full disk: name the file, not "Can't write"
+            refused = system_error(_as_os_error(exc), self.path)
             if refused is None:
                 raise
+            # Give the space of the unfinished part back (its images are redone on resume):
+            # left behind, it keeps the disk full for the next run.
+            self.abort()
             raise refused from exc
         self._count += 1
         if ((self.part_images is not None and self._count >= self.part_images)
@@ -170,12 +182,31 @@ class PartWriter:
                     and time.monotonic() - self._opened >= self.part_seconds)):
             self.flush()
 
+    def abort(self) -> None:
+        """Drop the part being written, unfinished (its entries are not done)."""
+        h5, tmp = self._h5, self._tmp
+        self._h5 = self._tmp = None
+        try:
+            if h5 is not None:
+                h5.close()
+        except Exception:  # noqa: BLE001 - a torn file on a full disk: removed below anyway
+            pass
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
     def flush(self) -> None:
         """Finish the part being written: close it and give it its final name (an empty one is
         dropped)."""
         if self._h5 is None:
             return
-        self._h5.close()
+        try:
+            self._h5.close()
+        except (OSError, RuntimeError) as exc:  # HDF5 reports a failed write as RuntimeError
+            refused = system_error(_as_os_error(exc), self.path)
+            if refused is None:
+                raise
+            self.abort()
+            raise refused from exc
         self._h5 = None
         tmp, self._tmp = self._tmp, None
         assert tmp is not None

@@ -59,9 +59,19 @@ class SynthConfig:
         if self.difficulty not in DIFFICULTIES:
             raise UsageError(f"unknown difficulty {self.difficulty!r}: choose one of "
                              f"{', '.join(DIFFICULTIES)}")
-        if min(self.n_labelled, self.n_tagged, self.n_test, self.n_dev) < 0:
-            raise UsageError("image counts must be >= 0")
+        counts = (self.n_labelled, self.n_tagged, self.n_test, self.n_dev)
+        if min(counts) < 0 or max(counts) > MAX_IMAGES:
+            raise UsageError(f"image counts must be from 0 to {MAX_IMAGES}")
+        if sum(counts) == 0:
+            raise UsageError("nothing to write: every image count is 0")
+        if not 0 <= self.seed < 2**63:
+            raise UsageError("{opt:seed} must be an integer from 0 to 2**63 - 1")
+        if self.max_size > MAX_SIZE:
+            raise UsageError(f"{{opt:max_size}} must be at most {MAX_SIZE} pixels")
 
+
+MAX_IMAGES = 10_000_000  # per part: a larger count is a typo that would run for days
+MAX_SIZE = 4096  # pixels of an image side; VOC's are at most 500
 
 PARTS = {"labelled": 0, "tagged": 1, "test": 2, "dev": 3}
 PREFIX = {"labelled": "lab", "tagged": "web", "test": "test", "dev": "dev"}
@@ -233,7 +243,7 @@ def write_benchmark_manifests(bench_dir: str | Path) -> dict[str, str]:
     report = prepare_voc(bench / "VOCdevkit", mdir, classes=classes)
     paths = {name: m["path"] for name, m in report["manifests"].items()}
     prepare_idw(bench / "idw" / "captions.jsonl", mdir / "tagged.jsonl", classes=classes,
-                split="tagged")
+                split="tagged", allow_empty=True)  # a benchmark may have no tagged part
     write_manifest(mdir / "tagged_oracle.jsonl", oracle_manifest(bench))
     paths.update(tagged=str(mdir / "tagged.jsonl"),
                  tagged_oracle=str(mdir / "tagged_oracle.jsonl"))

@@ -16,8 +16,11 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from discli.errors import BadInputError
-from discli.infer.settings import InferenceConfig
+from discli.infer.settings import MAX_STEPS, InferenceConfig
 from discli.pseudo.tags import GATES, TAG_RULES, TagRule
+
+# The largest count (iterations, batch size, workers, ...) a config may hold.
+MAX_COUNT = 10**9
 
 
 # Every key is declared with `_key(default, help, ...)`: its one-line help (what `dis config keys`
@@ -294,4 +297,10 @@ def validate(cfg: TrainConfig, source: str = "config",
         if getattr(cfg, name) < 0:
             raise BadInputError(f"invalid value {getattr(cfg, name)!r} for {name!r}",
                                 where(name))
+    for f in fields(cfg):  # a count no run reaches is a typo that would run for days
+        value = getattr(cfg, f.name)
+        limit = {"t_tr": MAX_STEPS, "t_ts": MAX_STEPS, "seed": 2**64 - 1}.get(f.name, MAX_COUNT)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            raise BadInputError(f"invalid value {value!r} for {f.name!r} (at most {limit})",
+                                where(f.name))
     return cfg

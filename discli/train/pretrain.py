@@ -78,6 +78,11 @@ def labelled_dataset(cfg: TrainConfig):  # noqa: ANN201
     manifest.records = [r for r in manifest.records if r.labelmap]
     if not manifest.records:
         raise BadInputError("no record with a labelmap (nothing to train on)", cfg.labelled)
+    if cfg.val:  # refused now, not at the first validation after minutes of training
+        val_classes = read_manifest(cfg.val, root=cfg.root or None).classes
+        if val_classes != manifest.classes:
+            raise BadInputError(f"classes {val_classes} differ from the labelled manifest's "
+                                f"{manifest.classes}", cfg.val)
     transform = train_transform(cfg.crop_size, scale=(cfg.scale_min, cfg.scale_max))
     return manifest, SegDataset(manifest, transform=transform)
 
