@@ -838,6 +838,81 @@ def test_stdout_closed_early_in_a_pipeline(env, tmp_path):
     assert "Traceback" not in r.stderr and r.stderr.strip().endswith("codes 0 141 0"), r.stderr
 
 
+def test_a_table_cut_short_by_its_reader_exits_141(env, tmp_path):
+    """rich's own handler of a broken pipe exits 1 without a word: a table on stdout ends like
+    any other output (`| true` has gone before dis, a second later, writes)."""
+    for command, plugin in ((f"clean-tags show {env.cache} i0", "clean-tags"),
+                            ("plugins", "plugins")):
+        r = _shell(f"{DIS} {command} | true; echo \"codes ${{PIPESTATUS[*]}}\" >&2",
+                   DIS_LOAD_PLUGINS=plugin)
+        assert r.stderr.strip() == "codes 141 0", (command, r.stderr)
+
+
+def test_stderr_closed_keeps_the_exit_codes(env, tmp_path):
+    """`2>&-`: the error line has nowhere to go, but the exit code still says what happened."""
+    r = _shell(f"{DIS} infer {tmp_path / 'nope.png'} -c {env.ckpt} -o {tmp_path / 'o'} "
+               f"--device cpu -q 2>&-; echo \"code $?\"", DIS_LOAD_PLUGINS="infer")
+    assert r.stdout.strip().endswith("code 3"), r.stdout
+    r = _shell(f"{DIS} plugins 2>&- >/dev/null; echo \"code $?\"")
+    assert r.stdout.strip().endswith("code 0"), r.stdout
+
+
+def test_file_names_dis_cannot_store_or_would_misread(env, tmp_path, capfd, monkeypatch):
+    from discli.data.idw import make_ids
+
+    assert make_ids(["-x.jpg", "sub/.y.jpg"]) == ["x", "y"]  # no option-like or hidden ids
+    images, masks = tmp_path / "i", tmp_path / "m"
+    png(images / os.fsdecode(b"bad\xff.png"))
+    write_palette_png(masks / os.fsdecode(b"bad\xff.png"), np.zeros((32, 40), np.uint8))
+    code, _, err = run_main(capfd, ["prepare-folder", str(images), str(masks), "--classes",
+                                    ",".join(CLASSES), "-o", str(tmp_path / "m.jsonl")], None,
+                            monkeypatch)
+    assert code == 3 and "is not valid UTF-8" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_helper_files_of_a_long_output_name_fit_the_file_system(tmp_path):
+    from discli.storage.atomic import atomic_write, temp_path
+    from discli.storage.lock import file_lock_path, lock_file
+
+    target = tmp_path / ("C" * 247 + ".h5")  # 250 bytes: a valid name
+    assert len(temp_path(target).name.encode()) <= 255
+    assert len(file_lock_path(target).name.encode()) <= 255
+    assert temp_path(target) != temp_path(tmp_path / ("C" * 246 + "D.h5"))  # still unique
+    with lock_file(target):
+        atomic_write(target, lambda f: f.write(b"data"))
+    assert target.read_bytes() == b"data"
+
+
+def test_what_dis_may_not_read_is_refused_not_skipped(env, tmp_path, capfd, monkeypatch):
+    import errno
+
+    from discli.data import fileio, images
+
+    (tmp_path / "imgs" / "locked").mkdir(parents=True)
+    png(tmp_path / "imgs" / "ok.png")
+    real_walk = os.walk
+
+    def walk(top, onerror=None, **kwargs):  # as os.walk finds a folder it may not list
+        yield from real_walk(top, onerror=onerror, **kwargs)
+        onerror(PermissionError(errno.EACCES, "Permission denied",
+                                str(tmp_path / "imgs" / "locked")))
+
+    monkeypatch.setattr(fileio.os, "walk", walk)
+    code, _, err = run_main(capfd, infer(env, str(tmp_path / "imgs"),
+                                         extra=["-o", str(tmp_path / "o")]), None, monkeypatch)
+    assert code == 6 and "locked: permission denied" in err, err
+    monkeypatch.setattr(fileio.os, "walk", real_walk)
+
+    def unreadable(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(images.Image, "open", unreadable)
+    code, _, err = run_main(capfd, infer(env, str(tmp_path / "imgs" / "ok.png"),
+                                         extra=["-o", str(tmp_path / "o2")]), None, monkeypatch)
+    assert code == 6 and "ok.png: permission denied" in err, err
+
+
 def test_stdin_closed_gives_no_input_images(env):
     r = _shell(f"{DIS} infer - -c {env.ckpt} --device cpu --json <&-", DIS_LOAD_PLUGINS="infer")
     assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr

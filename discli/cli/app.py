@@ -209,12 +209,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _open_absent_streams() -> None:
-    """Started with a standard stream closed (`dis ... <&-`): Python leaves it None. Read an
-    absent stdin as empty input (so `-` arguments say what is missing) and discard writes to an
-    absent stdout/stderr, instead of failing on None."""
-    for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
-        if getattr(sys, name) is None:
+    """Started with a standard stream closed (`dis ... <&-`, `2>&-`): Python leaves it None, or
+    (stderr) a stream on the closed descriptor whose every write fails. Read an absent stdin as
+    empty input (so `-` arguments say what is missing) and discard writes to an absent
+    stdout/stderr, instead of failing on None or turning every exit code into 1. The null
+    device takes the free descriptor, so no file dis opens later lands on it."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        stream = getattr(sys, name)
+        if stream is None or (stream is getattr(sys, f"__{name}__") and not _usable(fd, mode)):
             setattr(sys, name, open(os.devnull, mode, encoding="utf-8"))
+
+
+def _usable(fd: int, mode: str) -> bool:
+    """Whether descriptor ``fd`` is open for ``mode``: a closed one may have been reused, read-only,
+    by whatever opened a file first (the interpreter reading the console script)."""
+    try:
+        import fcntl  # POSIX: elsewhere every stream Python opened is taken as usable
+    except ImportError:
+        return True
+    try:
+        access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    except OSError:
+        return False
+    return access in ((os.O_RDONLY, os.O_RDWR) if mode == "r" else (os.O_WRONLY, os.O_RDWR))
 
 
 def _exited(exc: SystemExit) -> int:

@@ -18,6 +18,16 @@ from discli.errors import shorten
 PIPE_WIDTH = 1000
 
 
+class _Console(Console):
+    """rich's Console, except that a reader going away (`dis ... | head`) raises
+    BrokenPipeError for the CLI to end with 141 as for any other output, where rich's own
+    handler exits 1 without a word."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def console(stderr: bool = False) -> Console:
     """A rich Console on stdout (data) or stderr (logs), as wide as needed when not a tty."""
     stream = sys.stderr if stderr else sys.stdout
@@ -25,7 +35,7 @@ def console(stderr: bool = False) -> Console:
         tty = stream.isatty()
     except (AttributeError, ValueError):  # closed or replaced stream
         tty = False
-    return Console(stderr=stderr, width=None if tty else PIPE_WIDTH)
+    return _Console(stderr=stderr, width=None if tty else PIPE_WIDTH)
 
 
 err_console = console(stderr=True)

@@ -30,6 +30,19 @@ MAX_TEXT_BYTES = int(os.environ.get("DIS_MAX_TEXT_BYTES", 256 << 20))
 MAX_LINE_BYTES = 1 << 20
 
 
+def check_tree_readable(folder: Path) -> None:
+    """Refuse a folder holding a subfolder dis may not list: ``Path.rglob`` skips it without a
+    word, and its images would silently be missing from the result."""
+    from discli.errors import system_error
+
+    def refuse(exc: OSError) -> None:
+        refused = system_error(exc, exc.filename)
+        raise refused if refused is not None else exc
+
+    for _ in os.walk(folder, onerror=refuse):
+        pass
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write UTF-8 text atomically; ``"-"`` writes to stdout."""
     if str(path) == "-":

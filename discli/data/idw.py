@@ -28,7 +28,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from discli.data.captions import parse_captions
-from discli.data.fileio import check_line, decode_utf8, json_loads, read_bytes, read_text
+from discli.data.fileio import (check_line, check_tree_readable, decode_utf8, json_loads,
+                                read_bytes, read_text)
 from discli.data.images import read_image
 from discli.data.manifest import (FORMAT as MANIFEST_FORMAT, Manifest, Record, check_id,
                                   check_relpath, read_manifest, write_manifest)
@@ -133,6 +134,7 @@ def read_coco(path: Path, problems: Problems) -> CaptionSource:
 
 def read_folder(path: Path, problems: Problems) -> CaptionSource:
     items = []
+    check_tree_readable(path)
     for image in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
                         and p.is_file() and not p.name.startswith(".")):
         rel = image.relative_to(path).as_posix()
@@ -175,7 +177,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 def make_ids(images: Sequence[str]) -> list[str]:
     """File-name-safe ids: the file stem, or the whole relative path where stems collide."""
     def safe(text: str) -> str:
-        return _UNSAFE.sub("_", text).lstrip(".") or "image"
+        return _UNSAFE.sub("_", text).lstrip(".-") or "image"  # no hidden or option-like ids
 
     stems = [safe(PurePosixPath(p.replace("\\", "/")).stem) for p in images]
     counts = Counter(stems)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from discli.errors import BadInputError
+from discli.errors import BadInputError, system_error
 
 # 50 megapixels: above any camera photo in common datasets (VOC images are ~0.2 MP) and well
 # under the memory a decoded image may take on a small machine (50 MP RGB = 150 MB).
@@ -70,6 +70,8 @@ def open_checked(path: str | Path, max_pixels: int | None = None,
     except UnidentifiedImageError:
         raise BadInputError(f"not a decodable {what} (unknown or corrupt format)", path) from None
     except OSError as exc:
+        if isinstance(exc, PermissionError):  # the machine refused, not the data: exit 6
+            raise system_error(exc, path) or exc from None
         raise BadInputError(f"cannot open {what}: {exc}", path) from None
     w, h = im.size
     if w * h > limit:

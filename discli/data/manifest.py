@@ -89,7 +89,7 @@ class Manifest:
 def check_id(value: object) -> str:
     if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
         raise ValueError(f"id {quote(value)} is not a safe file name (letters, digits, '_', '-', "
-                         "'+', '.', not starting with '.', at most 200 characters)")
+                         "'+', '.', not starting with '.' or '-', at most 200 characters)")
     return value
 
 
@@ -99,6 +99,11 @@ def check_relpath(value: object, key: str) -> str:
         raise ValueError(f"{key!r} must be a non-empty string")
     if "\x00" in value:
         raise ValueError(f"{key!r} contains a NUL byte")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a file name of bytes that are not UTF-8 (os.fsdecode's escapes)
+        raise ValueError(f"{key!r} path {quote(value)} is not valid UTF-8, which a manifest "
+                         f"(JSON) cannot hold; rename the file") from None
     if os.path.isabs(value):
         return value
     if ".." in PurePosixPath(value.replace("\\", "/")).parts:

@@ -10,6 +10,7 @@ files of a dead writer from those of a live one.
 from __future__ import annotations
 
 import errno as _errno
+import hashlib
 import os
 import re
 from collections.abc import Callable
@@ -21,7 +22,19 @@ from discli.errors import UsageError, system_error
 
 def temp_path(path: Path) -> Path:
     """The temporary name of a write of ``path`` by this process."""
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+    return path.with_name(f".{fitting_name(path.name, 16)}.tmp{os.getpid()}")
+
+
+def fitting_name(name: str, extra: int) -> str:
+    """``name``, or a shortened form unique to it, such that ``extra`` more bytes (a helper
+    file's prefix and suffix) still fit the 255 bytes a file name may have: an output whose own
+    name is 250 bytes long is fine, its temporary or lock file must be too."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) + extra <= 255:
+        return name
+    digest = hashlib.sha1(raw).hexdigest()[:12]
+    head = raw[:255 - extra - 13].decode("utf-8", "ignore")
+    return f"{head}~{digest}"
 
 
 def _fsync(path: Path) -> None:

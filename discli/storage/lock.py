@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from discli.errors import BusyError
+from discli.storage.atomic import fitting_name
 
 try:
     import fcntl
@@ -56,7 +57,7 @@ def folder_lock_path(folder: str | Path) -> Path:
 def file_lock_path(path: str | Path) -> Path:
     """The lock of a single output file: ``.<name>.lock`` beside it (hidden)."""
     path = Path(path)
-    return path.with_name(f".{path.name}.lock{_rank_suffix()}")
+    return path.with_name(f".{fitting_name(path.name, 24)}.lock{_rank_suffix()}")
 
 
 def _holder(lock_path: Path) -> str:
