@@ -512,26 +512,30 @@ def _(env, tmp):
     return ["clean-tags", "stats", str(env.cache), "--truth", str(truth)], "set.jsonl", None
 
 
-@case("cache-without-entries", 4, "no 'entries' group")
-def _(env, tmp):
+def edited_cache(env: Env, tmp: Path, edit: Callable[[object], object]) -> Path:
+    """A copy of the good cache with ``edit(h5_file)`` applied."""
     import h5py
 
     bad = tmp / "c.h5"
     shutil.copy(env.cache, bad)
     with h5py.File(bad, "a") as h5:
-        del h5["entries"]
+        edit(h5)
+    return bad
+
+
+@case("cache-without-entries", 4, "no 'entries' group")
+def _(env, tmp):
+    bad = edited_cache(env, tmp, lambda h5: h5.pop("entries"))
     return ["clean-tags", "export", str(bad)], "c.h5", None
 
 
 @case("cache-entry-not-a-group", 4, "entry 'i0' is incomplete or unreadable")
 def _(env, tmp):
-    import h5py
-
-    bad = tmp / "c.h5"
-    shutil.copy(env.cache, bad)
-    with h5py.File(bad, "a") as h5:
+    def to_dataset(h5):
         del h5["entries/i0"]
         h5["entries/i0"] = np.zeros(3)
+
+    bad = edited_cache(env, tmp, to_dataset)
     return ["score-cache", str(bad), str(env.labelled)], "c.h5", None
 
 
