@@ -30,17 +30,18 @@ MAX_TEXT_BYTES = int(os.environ.get("DIS_MAX_TEXT_BYTES", 256 << 20))
 MAX_LINE_BYTES = 1 << 20
 
 
-def check_tree_readable(folder: Path) -> None:
-    """Refuse a folder holding a subfolder dis may not list: ``Path.rglob`` skips it without a
-    word, and its images would silently be missing from the result."""
+def files_under(folder: Path) -> list[Path]:
+    """Every non-folder entry below ``folder`` (symbolic links to folders are not followed, as
+    with ``Path.rglob``), in one walk that refuses a subfolder dis may not list, where
+    ``rglob`` skips it without a word and its images would silently be missing."""
     from discli.errors import system_error
 
     def refuse(exc: OSError) -> None:
         refused = system_error(exc, exc.filename)
         raise refused if refused is not None else exc
 
-    for _ in os.walk(folder, onerror=refuse):
-        pass
+    return [Path(top, name) for top, _, names in os.walk(folder, onerror=refuse)
+            for name in names]
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from discli.data.fileio import check_tree_readable
+from discli.data.fileio import files_under
 from discli.data.idw import IMAGE_SUFFIXES, make_ids
 from discli.data.images import probe_image, read_image
 from discli.data.manifest import Manifest, Record, write_manifest
@@ -41,8 +41,7 @@ MASK_STEMS = ("", "_mask", "_label", "_gt")
 
 
 def _files(folder: Path, suffixes: set[str]) -> list[Path]:
-    check_tree_readable(folder)
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file()
+    return sorted(p for p in files_under(folder) if p.suffix.lower() in suffixes and p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 

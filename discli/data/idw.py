@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from discli.data.captions import parse_captions
-from discli.data.fileio import (check_line, check_tree_readable, decode_utf8, json_loads,
+from discli.data.fileio import (check_line, decode_utf8, files_under, json_loads,
                                 read_bytes, read_text)
 from discli.data.images import read_image
 from discli.data.manifest import (FORMAT as MANIFEST_FORMAT, Manifest, Record, check_id,
@@ -134,8 +134,7 @@ def read_coco(path: Path, problems: Problems) -> CaptionSource:
 
 def read_folder(path: Path, problems: Problems) -> CaptionSource:
     items = []
-    check_tree_readable(path)
-    for image in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+    for image in sorted(p for p in files_under(path) if p.suffix.lower() in IMAGE_SUFFIXES
                         and p.is_file() and not p.name.startswith(".")):
         rel = image.relative_to(path).as_posix()
         with problems.guard():

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TextIO
 
 from discli.infer.checkpoint import file_hash
-from discli.data.fileio import MAX_LINE_BYTES, MAX_TEXT_BYTES, check_tree_readable
+from discli.data.fileio import MAX_LINE_BYTES, MAX_TEXT_BYTES, files_under
 from discli.errors import BadInputError, quote
 from discli.infer.provenance import OUTPUT_RECORDS, RUN_INFO
 from discli.infer.visual import check_overlay_format
@@ -58,8 +58,7 @@ def _inside(path: Path, folder: Path | None) -> bool:
 
 
 def _folder_images(folder: Path, exclude: Path | None = None) -> list[InputImage]:
-    check_tree_readable(folder)
-    found = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
+    found = sorted(p for p in files_under(folder) if p.is_file() and not p.name.startswith(".")
                    and p.suffix.lower() in IMAGE_EXTENSIONS and not _inside(p, exclude))
     return [InputImage(p.relative_to(folder).with_suffix("").as_posix(), p) for p in found]
 
