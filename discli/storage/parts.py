@@ -169,18 +169,23 @@ class PartWriter:
                     del entries[key]
                 raise
         except (OSError, RuntimeError) as exc:  # a full disk: name the file, not "Can't write"
-            refused = system_error(_as_os_error(exc), self.path)
-            if refused is None:
-                raise
-            # Give the space of the unfinished part back (its images are redone on resume):
-            # left behind, it keeps the disk full for the next run.
-            self.abort()
-            raise refused from exc
+            self._refuse(exc)
+            raise
         self._count += 1
         if ((self.part_images is not None and self._count >= self.part_images)
                 or (self.part_seconds is not None
                     and time.monotonic() - self._opened >= self.part_seconds)):
             self.flush()
+
+    def _refuse(self, exc: BaseException) -> None:
+        """Raise the one-line error naming the file for a failed write of the user's machine
+        (a full disk), after giving the space of the unfinished part back (its images are
+        redone on resume; left behind, it would keep the disk full for the next run). Any
+        other failure returns, for the caller to re-raise."""
+        refused = system_error(_as_os_error(exc), self.path)
+        if refused is not None:
+            self.abort()
+            raise refused from exc
 
     def abort(self) -> None:
         """Drop the part being written, unfinished (its entries are not done)."""
@@ -202,11 +207,8 @@ class PartWriter:
         try:
             self._h5.close()
         except (OSError, RuntimeError) as exc:  # HDF5 reports a failed write as RuntimeError
-            refused = system_error(_as_os_error(exc), self.path)
-            if refused is None:
-                raise
-            self.abort()
-            raise refused from exc
+            self._refuse(exc)
+            raise
         self._h5 = None
         tmp, self._tmp = self._tmp, None
         assert tmp is not None
