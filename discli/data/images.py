@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from discli.errors import BadInputError, system_error
+from discli.errors import BadInputError, first_line, system_error
 
 # 50 megapixels: above any camera photo in common datasets (VOC images are ~0.2 MP) and well
 # under the memory a decoded image may take on a small machine (50 MP RGB = 150 MB).
@@ -173,8 +173,8 @@ def read_image(path: str | Path, max_pixels: int | None = None,
         except BadInputError:
             raise
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-            raise BadInputError(f"truncated or corrupt image data ({detail})", path) from None
+            raise BadInputError(f"truncated or corrupt image data ({first_line(exc, 120)})",
+                                path) from None
     h, w = rgb.shape[:2]
     if min(h, w) < min_side:
         raise BadInputError(f"image too small ({w}x{h} pixels; the smallest side must be at least "

@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from discli.errors import BadInputError, DisError, IncompatibleError, system_error
+from discli.errors import BadInputError, DisError, IncompatibleError, first_line, system_error
 
 # torch.hub's convention: the file name's "-<hex>." part is a prefix of its SHA-256
 _HASH_PREFIX = re.compile(r"-([a-f0-9]+)\.")
@@ -78,7 +78,7 @@ def _download(url: str, path: Path, backbone: str) -> None:
             raise refused from None
         if isinstance(exc, RuntimeError) and "hash" not in str(exc):
             raise  # not a failed download: a bug, with its traceback under --debug
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        reason = f"{type(exc).__name__}: {first_line(exc)}"
         raise BadInputError(
             f"ImageNet weights of the {backbone} backbone not found, and downloading them "
             f"from {url} failed ({reason}); torchvision looks for this file here ("

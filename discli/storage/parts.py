@@ -26,7 +26,7 @@ from typing import Any
 
 import h5py
 
-from discli.errors import system_error, warn
+from discli.errors import first_line, system_error, warn
 from discli.storage.atomic import atomic_path, remove_stale_temps, temp_path
 
 
@@ -118,10 +118,10 @@ class PartWriter:
             try:
                 entry_attrs(part)
             except (OSError, KeyError) as exc:
-                detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
                 part.unlink(missing_ok=True)
-                warn(f"part file does not read back ({type(exc).__name__}: {detail}); removed "
-                     f"it, its images will be done again", part)
+                warn(f"part file does not read back ({type(exc).__name__}: "
+                     f"{first_line(exc, 160)}); removed it, its images will be done again",
+                     part)
 
     def drop_parts(self) -> None:
         """Delete every finished part (a run that replaces the file starts afresh)."""

@@ -287,18 +287,18 @@ def validate(cfg: TrainConfig, source: str = "config",
         if not ok:
             raise BadInputError(f"invalid value {getattr(cfg, name)!r} for {name!r}",
                                 where(name))
-    for f in fields(cfg):  # nan and inf pass every comparison above the wrong way: refuse them
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise BadInputError(f"invalid value {value!r} for {f.name!r} (not a finite number)",
-                                where(f.name))
     for name in ("iters_step1", "iters_step2", "iters_step3", "mstep_iters",
                  "subnet2_refit_iters"):
         if getattr(cfg, name) < 0:
             raise BadInputError(f"invalid value {getattr(cfg, name)!r} for {name!r}",
                                 where(name))
-    for f in fields(cfg):  # a count no run reaches is a typo that would run for days
+    for f in fields(cfg):
         value = getattr(cfg, f.name)
+        # nan and inf pass every comparison above the wrong way: refuse them
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadInputError(f"invalid value {value!r} for {f.name!r} (not a finite number)",
+                                where(f.name))
+        # a count no run reaches is a typo that would run for days
         limit = {"t_tr": MAX_STEPS, "t_ts": MAX_STEPS, "seed": 2**64 - 1}.get(f.name, MAX_COUNT)
         if isinstance(value, int) and not isinstance(value, bool) and value > limit:
             raise BadInputError(f"invalid value {value!r} for {f.name!r} (at most {limit})",
