@@ -96,5 +96,5 @@ from discli.synth.writing import (SynthConfig, bound_manifest, generate_benchmar
 
 __all__ = ["ANY_LOOK", "DEFAULT_CLASSES", "DIFFICULTIES", "Difficulty", "LOOKS", "Look",
            "PALETTE", "SHAPES", "SOURCE_CLASSES", "Scene", "SynthConfig", "TEXTURES",
-           "bound_manifest", "generate_benchmark", "make_caption", "noisy_mentions", "oracle_manifest",
-           "render_scene", "write_benchmark_manifests"]
+           "bound_manifest", "generate_benchmark", "make_caption", "noisy_mentions",
+           "oracle_manifest", "render_scene", "write_benchmark_manifests"]
