@@ -236,8 +236,10 @@ def resolve_device(name: str | None = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"{{opt:device}}: unknown device {name!r} (use cpu or cuda)") from None
-    if device.type != "cuda":
+    if device.type == "cpu":
         return device
+    if device.type != "cuda":  # mps, xpu, meta...: neither the training nor the AMP code knows them
+        raise UsageError(f"{{opt:device}}: device {name!r} is not supported (use cpu or cuda)")
     if not torch.cuda.is_available():
         raise UsageError("{opt:device=cuda}: CUDA is not available on this machine (use "
                          "{opt:device=cpu})")

@@ -10,7 +10,9 @@ Groups: ``dis.commands`` (subcommands: a ``typer.Typer`` group or a plain functi
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -39,6 +41,15 @@ def entry_points(group: str) -> list[metadata.EntryPoint]:
     return list(metadata.entry_points(group=group))
 
 
+def backbone_names() -> set[str]:
+    """The backbones a config may name, without importing torch: the entry points of
+    ``dis.backbones`` (the built-in ones are declared there too) and any factory registered
+    in this process."""
+    names = {ep.name for ep in entry_points(BACKBONES_GROUP)}
+    registry = getattr(sys.modules.get("discli.model.backbones"), "BACKBONES", None)
+    return names | set(getattr(registry, "_factories", {}))
+
+
 def allowed(name: str) -> bool:
     spec = os.environ.get(ALLOW_ENV)
     if spec is None:
@@ -53,6 +64,25 @@ def describe(ep: metadata.EntryPoint, group: str) -> Plugin:
                   version=dist.version if dist is not None else "?")
 
 
+class PluginLoadError(Exception):
+    """An entry point whose module failed to import or exited while importing."""
+
+
+def load_entry_point(ep: metadata.EntryPoint) -> Any:
+    """``ep.load()``, shielded from what a broken plugin module may do on import: raise
+    (PluginLoadError), call ``sys.exit`` (which would end dis with that code having run nothing:
+    PluginLoadError too), or print (to stderr here: stdout carries the commands' data, such as
+    ``--json`` lines). A KeyboardInterrupt still interrupts."""
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            return ep.load()
+    except SystemExit as exc:
+        raise PluginLoadError(f"SystemExit: the module exited while loading (code "
+                              f"{exc.code!r})") from None
+    except Exception as exc:
+        raise PluginLoadError(f"{type(exc).__name__}: {exc}") from None
+
+
 def load_group(group: str) -> list[Plugin]:
     """Load every allowed entry point of ``group``; failures are recorded, never raised."""
     plugins = []
@@ -62,8 +92,8 @@ def load_group(group: str) -> list[Plugin]:
             plugin.error = f"not loaded ({ALLOW_ENV})"
         else:
             try:
-                plugin.obj = ep.load()
-            except Exception as exc:  # a broken plugin must never take the others down
-                plugin.error = f"{type(exc).__name__}: {exc}"
+                plugin.obj = load_entry_point(ep)
+            except PluginLoadError as exc:  # a broken plugin must never take the others down
+                plugin.error = str(exc)
         plugins.append(plugin)
     return plugins

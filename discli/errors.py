@@ -150,6 +150,11 @@ class TrainingDivergedError(DisError):
     exit_code = EXIT_DIVERGED
 
 
+class PluginError(DisError):
+    """A third-party plugin (an entry point of another package) failed at its own work: a bug
+    of that package, not of dis or the data. The message names the plugin and its package."""
+
+
 class PeerFailureError(DisError):
     """Another process of the same torchrun job died (killed, out of memory, its machine lost)
     or the process group broke: not a bug of dis nor of the data. Every rank checkpoints the

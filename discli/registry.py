@@ -9,13 +9,12 @@ declaring an entry point, exactly as the built-in ones do.
 from __future__ import annotations
 
 import importlib
-import warnings
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
 
-from discli.entrypoints import allowed
-from discli.errors import UsageError
+from discli.entrypoints import PluginLoadError, allowed, describe, load_entry_point
+from discli.errors import UsageError, warn
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -28,6 +27,7 @@ class Registry(Generic[F]):
         # (so they may import the registry's module without an import cycle)
         self.builtins = builtins
         self._factories: dict[str, F] = {}
+        self._packages: dict[str, str] = {}  # name -> distribution, for plugins' factories
         self._entry_points_loaded = False
 
     def register(self, name: str | None = None) -> Callable[[F], F]:
@@ -54,10 +54,17 @@ class Registry(Generic[F]):
         for ep in entry_points(group=self.group):
             if ep.name in self._factories or not allowed(ep.name):
                 continue
+            package = describe(ep, self.group).distribution
             try:
-                self.add(ep.name, ep.load())
-            except Exception as exc:  # a broken plugin must not break the others
-                warnings.warn(f"{self.kind} plugin {ep.name!r} failed to load: {exc}", stacklevel=2)
+                self.add(ep.name, load_entry_point(ep))
+            except PluginLoadError as exc:  # a broken plugin must not break the others
+                warn(f"{self.kind} plugin {ep.name!r} ({package}) failed to load: {exc}")
+                continue
+            self._packages[ep.name] = package
+
+    def package(self, name: str) -> str | None:
+        """The distribution whose entry point added ``name``; None for a built-in."""
+        return self._packages.get(name)
 
     def names(self) -> list[str]:
         self._load_entry_points()

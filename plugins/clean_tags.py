@@ -9,6 +9,7 @@ import typer
 
 from dis_plugins import options as opt
 from discli.cli.output import RichReporter, print_json
+from discli.infer.settings import MAX_STEPS
 
 app = typer.Typer(help="Noisy vs cleaned image tags of a pseudo-label cache (export, show, "
                   "diff, stats) or of a tagged manifest (run).", no_args_is_help=True)
@@ -180,9 +181,10 @@ def stats(
 def run(
     manifest: Path = typer.Argument(..., help="Tagged manifest (JSON Lines)."),
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Model checkpoint."),
-    out: Path = typer.Option(..., "--out", "-o", help="Cache file to write (cache.h5)."),
-    t_tr: int | None = typer.Option(None, "--t-tr", min=0, help="Training-time inference "
-                                    "iterations (default: the checkpoint's)."),
+    out: Path = typer.Option(..., "--out", "-o", parser=opt.output_file,
+                                  help="Cache file to write (cache.h5)."),
+    t_tr: int | None = typer.Option(None, "--t-tr", min=0, max=MAX_STEPS, help="Training-time "
+                                    "inference iterations (default: the checkpoint's)."),
     split: str | None = typer.Option(None, "--split", help="Only records of this split."),
     threshold: float | None = THRESHOLD,
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute an existing cache."),

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import typer
 
-from dis_plugins.options import DEVICE_HELP, json_option
+from dis_plugins.options import DEVICE_HELP, json_option, output_folder
 from discli.cli.output import RichReporter, err_console, print_json
 
 
 def demo(
-    out: Path = typer.Option(Path("dis-demo"), "--out", "-o", help="Folder for the benchmark, "
+    out: Path = typer.Option(Path("dis-demo"), "--out", "-o", parser=output_folder,
+                             help="Folder for the benchmark, "
                              "runs and the report (re-running resumes)."),
     quick: bool = typer.Option(False, "--quick", help="A smoke run (the 'quick' preset, half "
                                "the tagged images) instead of the default ('demo' preset)."),

@@ -14,7 +14,8 @@ def infer(
     inputs: list[str] = typer.Argument(..., help="Image files, folders, a manifest, or - to read "
                                        "paths (one per line) from stdin."),
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Model checkpoint."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder: <id>.png (class "
+    out: Path | None = typer.Option(None, "--out", "-o", parser=opt.output_folder,
+                                    help="Output folder: <id>.png (class "
                                     "indices), <id>_color.png (VOC palette), <id>_overlay.jpg "
                                     "(--overlay)."),
     t_ts: str | None = typer.Option(None, "--t-ts", help="Test-time inference iterations, "
@@ -26,7 +27,8 @@ def infer(
     opacity: float = typer.Option(0.5, "--opacity", min=0.0, max=1.0, help="Overlay colour "
                                   "weight over labelled non-background pixels (background "
                                   "pixels stay as they are)."),
-    probs: Path | None = typer.Option(None, "--probs", help="HDF5 file for class and tag "
+    probs: Path | None = typer.Option(None, "--probs", parser=opt.output_file,
+                                      help="HDF5 file for class and tag "
                                       "probabilities."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute images whose outputs "
                                    "already exist (default: skip them)."),

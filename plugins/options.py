@@ -28,7 +28,7 @@ import typer
 from discli.configs import PRESETS
 from discli.errors import BadInputError, UsageError
 from discli.train.config import SECTIONS, load_config, split_set_key
-from discli.train.keys import TrainConfig, coerce, unknown_key_message
+from discli.train.keys import MAX_WORKERS, TrainConfig, coerce, unknown_key_message
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 
@@ -209,6 +209,23 @@ def shown_default(name: str) -> str:
     return "none" if value == "" else str(value)
 
 
+def output_folder(value: str | Path) -> Path:
+    """``--out DIR``: an empty value (an unset shell variable) would be the current folder."""
+    if isinstance(value, Path):  # a default, or a value converted before
+        return value
+    if not value.strip():
+        raise typer.BadParameter("an empty path (an unset shell variable?)")
+    return Path(value)
+
+
+def output_file(value: str | Path) -> Path:
+    """``--out FILE``: not empty, and a name a file can have (not ``/``, ``.`` or ``..``)."""
+    path = output_folder(value)
+    if path.name in ("", ".", ".."):
+        raise typer.BadParameter(f"{str(value)!r} is a folder, not a file name")
+    return path
+
+
 def key_option(name: str, *flags: str, help: str | None = None, **kwargs: Any) -> Any:
     """The option of config key ``name``: None unless given, the key's help and default."""
     text = help or _FIELDS[name].metadata["help"]
@@ -229,8 +246,9 @@ SetOpt = typer.Option([], "--set", metavar="KEY=VALUE", help="Any config key as 
                       "finetune.t_tr=30: ignored by the other). `dis config keys` lists every "
                       "key.",
                       show_default=False)
-OutOpt = typer.Option(..., "--out", "-o", help="Run folder (checkpoints, logs, caches). "
-                      "Re-running on it continues its run, with the same settings only.")
+OutOpt = typer.Option(..., "--out", "-o", parser=output_folder, help="Run folder (checkpoints, "
+                      "logs, caches). Re-running on it continues its run, with the same settings "
+                      "only.")
 LabelledOpt = key_option("labelled", help="manifest of pixel-labelled images (required, unless "
                          "--config sets labelled)", show_default=False)
 RootOpt = key_option("root", show_default=False)
@@ -241,7 +259,7 @@ CropOpt = key_option("crop_size")
 LrOpt = key_option("lr")
 SeedOpt = key_option("seed")
 DeviceOpt = key_option("device", help=DEVICE_HELP[len("Device: "):].rstrip("."))
-WorkersOpt = key_option("num_workers", "--num-workers", min=0)
+WorkersOpt = key_option("num_workers", "--num-workers", min=0, max=MAX_WORKERS)
 AmpOpt = key_option("amp", "--amp/--no-amp", show_default="amp")
 ValOpt = key_option("val")
 ValEveryOpt = key_option("val_every", min=0)
@@ -257,9 +275,10 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar and no sum
 
 InfBatchOpt = typer.Option(8, "--batch-size", "-b", min=1, help="Images per batch (images of one "
                            "size only).")
-InfWorkersOpt = typer.Option(0, "--num-workers", min=0, help="DataLoader worker processes.")
+InfWorkersOpt = typer.Option(0, "--num-workers", min=0, max=MAX_WORKERS,
+                             help="DataLoader worker processes.")
 # The older spelling, still accepted and left out of --help (one spelling per idea).
-InfOldWorkersOpt = typer.Option(None, "--workers", min=0, hidden=True)
+InfOldWorkersOpt = typer.Option(None, "--workers", min=0, max=MAX_WORKERS, hidden=True)
 InfDeviceOpt = typer.Option(None, "--device", help=DEVICE_HELP, show_default="auto")
 InfAmpOpt = typer.Option(True, "--amp/--no-amp", help="float16 backbone forward on CUDA.")
 InfLrOpt = typer.Option(None, "--lr", help="Inference step size (default: the checkpoint's).")

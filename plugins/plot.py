@@ -6,12 +6,15 @@ from pathlib import Path
 
 import typer
 
+from dis_plugins.options import output_file
+
 
 def plot(
     source: Path = typer.Argument(..., metavar="RUN_OR_REPORT", help="A run folder (or its "
                                   "pretrain/ or finetune/, or a log.jsonl), a dis demo "
                                   "report.json (or its folder), or dis evaluate --json output."),
-    output: Path | None = typer.Option(None, "--output", "-o", help="PNG to write (default: "
+    output: Path | None = typer.Option(None, "--output", "-o", parser=output_file,
+                                       help="PNG to write (default: "
                                        "training.png in a run folder, <name>.png beside a "
                                        "file)."),
 ) -> None:

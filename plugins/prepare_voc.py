@@ -14,7 +14,8 @@ from discli.cli.output import err_console, print_json
 def prepare_voc(
     voc: Path = typer.Argument(..., help="VOCdevkit/VOC2012, VOCdevkit, or the folder holding "
                                          "VOCdevkit."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for the manifests "
+    out: Path = typer.Option(..., "--out", "-o", parser=opt.output_folder,
+                                    help="Folder for the manifests "
                                                       "(<split>.jsonl)."),
     sbd: Path | None = typer.Option(None, "--sbd", help="SBD 'VOC augment' (benchmark_RELEASE "
                                     "or its dataset/): adds sbd_train, sbd_val and train_aug."),

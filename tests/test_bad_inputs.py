@@ -582,6 +582,108 @@ def _(env, tmp):
     return ["plot", str(tmp / "ev.json")], "ev.json", None
 
 
+# --- found by the third sweep: values and files that reached torch or Python unchecked
+@case("device-of-another-backend", 2, "device 'mps' is not supported")
+def _(env, tmp):
+    return ["infer", str(env.img), "-c", str(env.ckpt), "--device", "mps", "--json", "-q"], \
+        "--device", None
+
+
+@case("output-folder-empty", 2, "an empty path")
+def _(env, tmp):  # an unset shell variable: the current folder, silently
+    return infer(env, str(env.img), extra=("-o", "")), "--out", None
+
+
+@case("probs-file-is-root", 2, "is a folder, not a file name")
+def _(env, tmp):
+    return infer(env, str(env.img), extra=("--probs", "/")), "--probs", None
+
+
+@case("set-negative-weight-decay", 2, "invalid value -1.0 for 'weight_decay'")
+def _(env, tmp):
+    return ["pretrain", *train_args(env, tmp / "o"), "--set", "weight_decay=-1"], \
+        "command line", None
+
+
+@case("config-momentum-of-one", 3, "invalid value 1.0 for 'momentum'")
+def _(env, tmp):
+    (tmp / "m.toml").write_text("optimizer = 'sgd'\nmomentum = 1.0\n")
+    return ["pretrain", *train_args(env, tmp / "o"), "--config", str(tmp / "m.toml")], \
+        "m.toml", None
+
+
+@case("config-device-of-another-backend", 3, "invalid value 'mps' for 'device'")
+def _(env, tmp):
+    (tmp / "d.toml").write_text("device = 'mps'\n")
+    args = [a for a in train_args(env, tmp / "o") if a not in ("--device", "cpu")]
+    return ["pretrain", *args, "--config", str(tmp / "d.toml")], "d.toml", None
+
+
+@case("config-unknown-backbone", 3, "unknown backbone 'nope'")
+def _(env, tmp):
+    (tmp / "b.toml").write_text("backbone = 'nope'\n")
+    args = [a for a in train_args(env, tmp / "o") if a not in ("--backbone", "tiny")]
+    return ["pretrain", *args, "--config", str(tmp / "b.toml")], "b.toml", None
+
+
+@case("workers-beyond-any-machine", 2, "--num-workers")
+def _(env, tmp):  # 100000 worker processes exhaust the memory before the first batch
+    return ["clean-tags", "run", str(env.labelled), "-c", str(env.ckpt), "-o",
+            str(tmp / "c.h5"), "--num-workers", "100000"], "--num-workers", None
+
+
+@case("inference-momentum-of-five", 2, "--momentum must be at least 0 and below 1")
+def _(env, tmp):
+    return infer(env, str(env.img), extra=("--t-ts", "2", "--momentum", "5")), "--momentum", None
+
+
+@case("clean-tags-steps-beyond-the-limit", 2, "--t-tr")
+def _(env, tmp):
+    return ["clean-tags", "run", str(env.labelled), "-c", str(env.ckpt), "-o",
+            str(tmp / "c.h5"), "--t-tr", "100000000"], "--t-tr", None
+
+
+@case("evaluate-classes-in-another-order", 4, "(names or order)")
+def _(env, tmp):
+    lines = env.labelled.read_text().splitlines()
+    header = json.loads(lines[0])
+    header["classes"] = [header["classes"][0], *reversed(header["classes"][1:])]
+    header["root"] = str(env.labelled.parent)
+    (tmp / "r.jsonl").write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    return ["evaluate", str(tmp / "r.jsonl"), "-c", str(env.ckpt), "--device", "cpu", "-q"], \
+        "r.jsonl", None
+
+
+@case("manifest-number-of-5000-digits", 3, "not a dis manifest")
+def _(env, tmp):
+    lines = env.labelled.read_text().splitlines()
+    (tmp / "v.jsonl").write_text("\n".join([lines[0].replace('"version": 1', '"version": 1'
+                                                              + "0" * 5000), *lines[1:]]) + "\n")
+    return ["evaluate", str(tmp / "v.jsonl"), "-c", str(env.ckpt), "-q"], "v.jsonl", None
+
+
+@case("caption-half-a-character", 3, "lone surrogate")
+def _(env, tmp):
+    (tmp / "c.jsonl").write_text('{"image": "%s", "caption": "a \\ud800 cat"}\n' % env.img)
+    return ["prepare-idw", str(tmp / "c.jsonl"), "-o", str(tmp / "m.jsonl")], "c.jsonl", None
+
+
+@case("checkpoint-is-an-image", 4, "not a checkpoint: a PNG image")
+def _(env, tmp):
+    return infer(env, str(env.img), ckpt=env.img), "good.png", None
+
+
+@case("cache-truncated", 4, "a truncated or corrupt HDF5 file")
+def _(env, tmp):
+    (tmp / "t.h5").write_bytes(env.cache.read_bytes()[:4000])
+    return ["score-cache", str(tmp / "t.h5"), str(env.labelled)], "t.h5", None
+
+
+@case("cache-is-a-device", 3, "found a device, pipe or socket")
+def _(env, tmp):
+    return ["score-cache", "/dev/null", str(env.labelled)], "/dev/null", None
+
+
 def run_main(capfd, argv: list[str], stdin: str | None, monkeypatch) -> tuple[int, str, str]:
     from discli.cli.app import main
 
@@ -873,6 +975,80 @@ def test_file_names_dis_cannot_store_or_would_misread(env, tmp_path, capfd, monk
                             monkeypatch)
     assert code == 3 and "is not valid UTF-8" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_an_input_file_name_that_is_not_utf8_is_refused_by_infer(env, tmp_path, capfd,
+                                                                   monkeypatch):
+    png(tmp_path / "i" / os.fsdecode(b"x\xff.png"))
+    code, stdout, err = run_main(capfd, infer(env, str(tmp_path / "i"), extra=(
+        "--probs", str(tmp_path / "p.h5"))), None, monkeypatch)
+    assert code == 3 and "is not valid UTF-8" in err and len(err.strip().splitlines()) == 1, err
+    assert not stdout and not (tmp_path / "p.h5").exists()
+
+
+def test_a_size_limit_in_the_environment_is_checked_when_used(env, capfd, monkeypatch):
+    """A bad DIS_MAX_IMAGE_PIXELS used to fail on import, taking every plugin (and command)
+    with it, without naming the variable."""
+    monkeypatch.setenv("DIS_MAX_IMAGE_PIXELS", "1e9")
+    code, _, err = run_main(capfd, infer(env, str(env.img)), None, monkeypatch)
+    assert code == 2 and err.strip() == ("dis: error: environment variable DIS_MAX_IMAGE_PIXELS: "
+                                         "expected a positive whole number, got '1e9'"), err
+    monkeypatch.setenv("DIS_MAX_IMAGE_PIXELS", "100")  # a valid one applies
+    code, _, err = run_main(capfd, infer(env, str(env.img)), None, monkeypatch)
+    assert code == 3 and "more than the limit of 100" in err, err
+
+
+def test_the_largest_seed_trains(env, tmp_path, capfd, monkeypatch):
+    """Every seed the config accepts (up to 2**64 - 1) seeds the batch order: the mixed seeds
+    overflowed torch's 64-bit generator seed before."""
+    code, _, err = run_main(capfd, ["pretrain", *train_args(env, tmp_path / "o"), "--set",
+                                    f"seed={2**64 - 1}"], None, monkeypatch)
+    assert code == 0 and (tmp_path / "o" / "pretrain" / "final.pth").is_file(), err
+
+
+def test_a_plugin_module_that_exits_or_prints_on_import(tmp_path, monkeypatch, capsys):
+    from importlib import metadata
+
+    from discli.entrypoints import PluginLoadError, load_entry_point
+
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit(0)\n")
+    (tmp_path / "prints.py").write_text("print('noise')\ndef cmd(): pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PluginLoadError, match="exited while loading"):
+        load_entry_point(metadata.EntryPoint("x", "exits:cmd", "dis.commands"))
+    assert callable(load_entry_point(metadata.EntryPoint("y", "prints:cmd", "dis.commands")))
+    out, err = capsys.readouterr()
+    assert out == "" and "noise" in err  # stdout carries the commands' data
+
+
+@pytest.mark.parametrize("factory, needle", [
+    (lambda weights=None: 1 / 0, "failed to build: ZeroDivisionError"),
+    (lambda weights=None: None, "returned NoneType, not a backbone"),
+])
+def test_a_backbone_plugin_that_fails_is_named(factory, needle, monkeypatch):
+    from discli.errors import PluginError
+    from discli.model.backbones import BACKBONES, build_backbone
+
+    monkeypatch.setitem(BACKBONES._factories, "broken", factory)
+    monkeypatch.setitem(BACKBONES._packages, "broken", "broken-pkg")
+    with pytest.raises(PluginError, match=f"backbone 'broken' of the plugin package broken-pkg "
+                                          f".*{needle}"):
+        build_backbone("broken")
+
+
+def test_a_full_disk_when_taking_the_lock_is_left_to_the_outputs(tmp_path, monkeypatch):
+    """The pid in a lock file only informs a second process: a full disk there must not end
+    the command with a message that names no file (its first output names its own path)."""
+    import errno
+
+    from discli.storage import lock
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lock.os, "write", full)
+    with lock.lock_folder(tmp_path / "out") as path:
+        assert path.exists()
 
 
 def test_helper_files_of_a_long_output_name_fit_the_file_system(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import sys
 from pathlib import Path
@@ -23,11 +24,36 @@ from discli.errors import BadInputError
 from discli.storage.atomic import atomic_write
 
 # A text input (manifest, captions, lexicon, tag file) larger than this is refused: 256 MiB is
-# several times the largest real one (COCO's train captions are ~90 MB).
-MAX_TEXT_BYTES = int(os.environ.get("DIS_MAX_TEXT_BYTES", 256 << 20))
+# several times the largest real one (COCO's train captions are ~90 MB). DIS_MAX_TEXT_BYTES
+# raises it (:func:`text_limit`).
+MAX_TEXT_BYTES = 256 << 20
 # One line of a line-based text input (a manifest record, a caption line, a path): a real one
 # is a few hundred bytes.
 MAX_LINE_BYTES = 1 << 20
+
+
+def env_limit(name: str, default: int) -> int:
+    """The positive whole number in environment variable ``name`` (unset or empty: ``default``).
+    Read when a limit is applied, not on import: a bad value then fails the command that needs
+    it with one line, instead of every plugin module that imports this one."""
+    from discli.errors import UsageError
+
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(f"environment variable {name}: expected a positive whole number, got "
+                         f"{text[:40]!r}")
+    return value
+
+
+def text_limit() -> int:
+    """Bytes a text input may have: DIS_MAX_TEXT_BYTES, else :data:`MAX_TEXT_BYTES`."""
+    return env_limit("DIS_MAX_TEXT_BYTES", MAX_TEXT_BYTES)
 
 
 def files_under(folder: Path) -> list[Path]:
@@ -86,9 +112,9 @@ def _too_big(size: int, what: str, limit: int) -> str:
 
 
 def read_bytes(path: str | Path, what: str = "file", limit: int | None = None) -> bytes:
-    """A whole regular file of at most ``limit`` bytes (default :data:`MAX_TEXT_BYTES`)."""
+    """A whole regular file of at most ``limit`` bytes (default :func:`text_limit`)."""
     path = Path(path)
-    limit = MAX_TEXT_BYTES if limit is None else limit
+    limit = text_limit() if limit is None else limit
     st = check_regular(path, what)
     if st.st_size > limit:
         raise BadInputError(_too_big(st.st_size, what, limit), path)
@@ -106,7 +132,7 @@ def read_bytes(path: str | Path, what: str = "file", limit: int | None = None) -
 
 def read_stdin_bytes(what: str = "input", limit: int | None = None) -> bytes:
     """All of stdin, refusing more than ``limit`` bytes (``dis infer - < /dev/zero``)."""
-    limit = MAX_TEXT_BYTES if limit is None else limit
+    limit = text_limit() if limit is None else limit
     stream = getattr(sys.stdin, "buffer", None)
     data = stream.read(limit + 1) if stream is not None else sys.stdin.read(limit + 1).encode()
     if len(data) > limit:
@@ -130,9 +156,27 @@ def read_text(path: str | Path, what: str = "text file") -> str:
 
 
 def json_loads(text: str | bytes) -> object:
-    """:func:`json.loads`, with nesting too deep for the parser (``[[[[...``, a RecursionError)
-    reported as the :class:`json.JSONDecodeError` every caller already handles."""
+    """:func:`json.loads`, with what the parser accepts or raises but no caller can use
+    reported as the :class:`json.JSONDecodeError` every caller already handles: nesting too
+    deep (``[[[[...``, a RecursionError), an integer of more than 4300 digits (a ValueError),
+    and a ``\\uD800``-style escape of half a character (a lone surrogate: not text, and no
+    output file can hold it)."""
     try:
-        return json.loads(text)
+        obj = json.loads(text)
     except RecursionError:
         raise json.JSONDecodeError("nested too deeply", "", 0) from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError:
+        raise json.JSONDecodeError("a number with too many digits", "", 0) from None
+    raw = text if isinstance(text, str) else text.decode("utf-8", "replace")
+    if _SURROGATE_ESCAPE.search(raw):  # rare: check the parsed strings only then
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise json.JSONDecodeError("a \\u escape of half a character (a lone surrogate), "
+                                       "which is not text", "", 0) from None
+    return obj
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")

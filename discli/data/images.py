@@ -25,18 +25,19 @@ the network's stride-8 output; ``min_side=1`` accepts them for callers that real
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from discli.data.fileio import env_limit
 from discli.errors import BadInputError, first_line, system_error
 
 # 50 megapixels: above any camera photo in common datasets (VOC images are ~0.2 MP) and well
 # under the memory a decoded image may take on a small machine (50 MP RGB = 150 MB).
-MAX_IMAGE_PIXELS = int(os.environ.get("DIS_MAX_IMAGE_PIXELS", 50_000_000))
+# DIS_MAX_IMAGE_PIXELS raises it.
+MAX_IMAGE_PIXELS = 50_000_000
 MIN_SIDE = 8
 
 # EXIF orientations 5..8 are transposes: width and height swap.
@@ -58,7 +59,7 @@ def open_checked(path: str | Path, max_pixels: int | None = None,
         raise BadInputError(f"expected a {what} file, found a device, pipe or socket", path)
     if path.stat().st_size == 0:
         raise BadInputError(f"empty {what} file (0 bytes)", path)
-    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    limit = max_pixels or env_limit("DIS_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS)
     try:
         # We apply our own limit below; PIL's warning (at ~89 MP) would only duplicate it.
         with warnings.catch_warnings():

@@ -122,6 +122,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
         raise BadInputError("checkpoint not found", path)
     if not path.is_file():  # /dev/zero, a FIFO: torch.load would read forever
         raise BadInputError("expected a checkpoint file, found a device, pipe or socket", path)
+    kind = _not_torch_file(path)
+    if kind is not None:
+        raise IncompatibleError(f"not a checkpoint: {kind} (a checkpoint is a torch.save "
+                                f"file, such as final.pth)", path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
@@ -140,6 +144,27 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
         verify_digest(state, path)
     state.pop(DIGEST_KEY, None)
     return state
+
+
+# What a file given as a checkpoint by mistake usually is, by its first bytes.
+_MAGIC = [(b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
+          (b"\x89HDF", "an HDF5 file (a cache?)"), (b"{", "JSON text"), (b"\x1f\x8b", "gzip data")]
+
+
+def _not_torch_file(path: Path) -> str | None:
+    """None when the file starts as torch.save writes (a zip archive; a legacy pickle), else
+    what it looks like: torch would otherwise report any other file as needing pickle code."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None  # torch.load reports it
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return None
+    if not head:
+        return "the file is empty (0 bytes)"
+    return next((what for magic, what in _MAGIC if head.startswith(magic)),
+                "neither a zip archive nor a pickle")
 
 
 def _scalar_ok(value: object) -> bool:
@@ -290,9 +315,14 @@ def inference_config(settings: dict[str, Any], steps: int | None = None,
     override that is not None taking the place of the checkpoint's value."""
     values = {k: settings[k] for k in ("lr", "momentum", "tag_weight", "proximity", "method")}
     for key, value in overrides.items():
+        flag = f"--{key.replace('_', '-')}"
         # nan passes every range check the wrong way and yields an all-background labelmap
         if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"--{key.replace('_', '-')} must be a finite number, got {value}")
+            raise UsageError(f"{flag} must be a finite number, got {value}")
+        if key == "momentum" and value is not None and not 0 <= value < 1:
+            raise UsageError(f"{flag} must be at least 0 and below 1, got {value}")
+        if key in ("lr", "tag_weight", "proximity") and value is not None and value < 0:
+            raise UsageError(f"{flag} must be at least 0, got {value}")
     values.update({k: v for k, v in overrides.items() if v is not None})
     return InferenceConfig(steps=steps or 0, **values)
 
@@ -341,9 +371,15 @@ def load_for_inference(checkpoint: str | Path, device: torch.device | str = "cpu
 
 def check_classes(model_classes: Sequence[str], other: Sequence[str], what: str,
                   path: str | Path | None, checkpoint: str | Path | None = None) -> None:
-    """Refuse data or a cache whose class count differs from the checkpoint's."""
+    """Refuse data or a cache whose classes differ from the checkpoint's: in number, or in
+    name or order (the same count would otherwise score one class's pixels as another's)."""
+    model = f"checkpoint {checkpoint}" if checkpoint is not None else "the model"
     if len(model_classes) != len(other):
-        model = f"checkpoint {checkpoint}" if checkpoint is not None else "the model"
         raise IncompatibleError(f"{what} has {len(other)} classes but {model} has "
                                 f"{len(model_classes)}; use a checkpoint trained on these "
                                 f"classes", path)
+    named = list(model_classes) != checkpoint_classes({}, len(model_classes))  # not placeholders
+    if named and [str(c) for c in model_classes] != [str(c) for c in other]:
+        raise IncompatibleError(f"{what} classes {list(other)} differ from {model}'s "
+                                f"{list(model_classes)} (names or order); use a "
+                                f"checkpoint trained on these classes", path)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TextIO
 
 from discli.infer.checkpoint import file_hash
-from discli.data.fileio import MAX_LINE_BYTES, MAX_TEXT_BYTES, files_under
+from discli.data.fileio import MAX_LINE_BYTES, files_under, text_limit
 from discli.errors import BadInputError, quote
 from discli.infer.provenance import OUTPUT_RECORDS, RUN_INFO
 from discli.infer.visual import check_overlay_format
@@ -88,16 +88,16 @@ def _stdin_lines(stream: TextIO | None) -> Iterator[str]:
     piped by mistake) is refused instead of read until memory runs out."""
     if stream is None:  # sys.stdin is None when fd 0 is closed
         return
-    total = 0
+    total, limit = 0, text_limit()
     for n in itertools.count(1):
         line = stream.readline(MAX_LINE_BYTES + 1)
         if not line:
             return
         total += len(line)
-        if len(line) > MAX_LINE_BYTES or total > MAX_TEXT_BYTES:
+        if len(line) > MAX_LINE_BYTES or total > limit:
             raise BadInputError(f"line {n}: the list of paths has a line longer than "
                                 f"{MAX_LINE_BYTES >> 20} MiB or is larger than "
-                                f"{MAX_TEXT_BYTES >> 20} MiB: not a list of paths", "<stdin>")
+                                f"{limit >> 20} MiB: not a list of paths", "<stdin>")
         yield line
 
 
@@ -126,6 +126,12 @@ def collect_inputs(sources: Sequence[str], stdin: TextIO | None = None,
             images.extend(_expand(source, exclude))
     seen: dict[str, Path] = {}
     for image in images:
+        try:
+            image.id.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8, as os.fsdecode's escapes
+            raise BadInputError(f"file name {quote(image.id)} is not valid UTF-8, which the "
+                                f"outputs (JSON, HDF5) cannot hold; rename the file",
+                                image.path) from None
         if image.id in seen:
             raise BadInputError(f"two inputs share the id {quote(image.id)}: {seen[image.id]} and "
                                 f"{image.path}; rename one or pass them in separate runs",

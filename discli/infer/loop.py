@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from discli.errors import TrainingDivergedError
 from discli.infer.lowrank import refine_lowrank, supports_lowrank
 from discli.model.losses import recon_loss, recon_target, tag_loss
 from discli.model.net import DISNet, final_probs
@@ -91,6 +92,13 @@ def _objective(model: DISNet, u1: torch.Tensor, v1: torch.Tensor, target: torch.
 def _result(heads: dict[str, torch.Tensor], losses: list[torch.Tensor], steps: int
             ) -> InferenceResult:
     u3, v3 = heads["u3"].detach(), heads["v3"].detach()
+    if not (torch.isfinite(u3).all() and torch.isfinite(v3).all()):
+        # an all-NaN map argmaxes to background: a silent wrong answer, never a result
+        raise TrainingDivergedError(
+            "the model's labelmap or tag outputs are not finite numbers (NaN weights?)"
+            if steps == 0 else
+            f"feature inference diverged by step {steps} (the labelmap or tags are not finite "
+            f"numbers): lower its step size (dis infer --lr; inf_lr in training)")
     return InferenceResult(u3=u3, v3=v3, z3=heads["z3"].detach(), probs=final_probs(u3, v3),
                            losses=torch.stack(losses, dim=1), steps=steps)
 

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from discli.errors import BadInputError, IncompatibleError, UsageError, first_line
+from discli.errors import (BadInputError, DisError, IncompatibleError, PluginError, UsageError,
+                           first_line)
 from discli.registry import Registry
 
 BackboneFactory = Callable[..., nn.Module]
@@ -46,7 +47,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict saved by torch.save, refusing anything that needs pickle to run code."""
     path = Path(path)
     if not path.is_file():
-        raise BadInputError("weights file not found", path)
+        raise BadInputError("weights file not found" if not path.exists() else
+                            "expected a weights file, found a folder, device, pipe or socket", path)
     if path.stat().st_size == 0:
         raise IncompatibleError("weights file is empty (0 bytes)", path)
     try:
@@ -279,4 +281,19 @@ def backbone_options(name: str) -> tuple[str, ...]:
 
 
 def build_backbone(name: str, weights: str | None = None, **kwargs: object) -> nn.Module:
-    return BACKBONES.get(name)(weights=weights, **kwargs)
+    factory, package = BACKBONES.get(name), BACKBONES.package(name)
+    if package is None:  # built in
+        return factory(weights=weights, **kwargs)
+    plugin = f"backbone {name!r} of the plugin package {package}"
+    try:
+        backbone = factory(weights=weights, **kwargs)
+    except DisError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the plugin's bug, named as such
+        raise PluginError(f"{plugin} failed to build: {type(exc).__name__}: "
+                          f"{first_line(exc)}") from exc
+    if not isinstance(backbone, nn.Module) or not isinstance(
+            getattr(backbone, "out_channels", None), int):
+        raise PluginError(f"{plugin} returned {type(backbone).__name__}, not a backbone (an "
+                          f"nn.Module with an integer out_channels)")
+    return backbone

@@ -156,6 +156,15 @@ class CacheWriter:
 REOPEN_EVERY = 1000
 
 
+def _hdf5_signature(path: Path) -> bool:
+    """Whether the file starts with the HDF5 signature (at offset 0, where dis writes it)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        return False
+
+
 class PseudoCache:
     """Read access to a finished cache; the file is opened lazily (safe in DataLoader workers)."""
 
@@ -165,7 +174,8 @@ class PseudoCache:
         if self.path.is_dir():
             raise BadInputError("expected a cache file, found a folder", self.path)
         if not self.path.is_file():
-            raise BadInputError("cache not found", self.path)
+            raise BadInputError("cache not found" if not self.path.exists() else
+                                "expected a cache file, found a device, pipe or socket", self.path)
         try:
             with h5py.File(self.path, "r") as h5:
                 self.attrs = {k: (v.item() if isinstance(v, np.generic) else v)
@@ -178,6 +188,9 @@ class PseudoCache:
                                        "cache?) delete it and re-run the E-step", self.path)
                 self._ids = [id_of(key) for key in entries.keys()]
         except OSError as exc:
+            if _hdf5_signature(self.path):  # an HDF5 file cut short or damaged
+                raise CorruptError(f"a truncated or corrupt HDF5 file ({exc}); re-run the step "
+                                   f"that wrote it", self.path) from None
             raise BadInputError(f"not a readable HDF5 file ({exc})", self.path) from None
         check_attrs(self.attrs, self.path, checkpoint_hash, force)
         try:

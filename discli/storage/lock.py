@@ -85,8 +85,11 @@ def _acquire(lock_path: Path, what: Path) -> None:
                 raise BusyError(f"another dis process ({_holder(lock_path)}) is writing here; "
                                 f"wait for it to finish (or stop it) and run again",
                                 what) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError:  # a full disk: the pid only informs a second process; the flock holds,
+            pass  # and the command's first real output fails with its own path named
         _held[key] = (fd, 1)
 
 

@@ -42,12 +42,17 @@ class PlannedBatches(Sampler[list[tuple[int, int, int]]]):
         self.start, self.stop, self.dist = start, stop, dist
         self._perm_cache: dict[tuple[int, int], torch.Tensor] = {}
 
+    def _seed(self, source: int, n: int) -> int:
+        """A generator seed of (run seed, source, n), within the 63 bits torch takes for any
+        run seed up to 2**64 - 1."""
+        return (self.seed * 1_000_003 + source * 7919 + n) % 2**63
+
     def _index(self, source: int, position: int) -> int:
         n = self.sizes[source]
         epoch, offset = divmod(position, n)
         key = (source, epoch)
         if key not in self._perm_cache:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + source * 7919 + epoch)
+            g = torch.Generator().manual_seed(self._seed(source, epoch))
             self._perm_cache = {key: torch.randperm(n, generator=g)}
         return int(self._perm_cache[key][offset])
 
@@ -56,7 +61,7 @@ class PlannedBatches(Sampler[list[tuple[int, int, int]]]):
         for source, count in enumerate(self.per_batch):
             for j in range(count):
                 position = iteration * count + j
-                sample_seed = (self.seed * 1_000_003 + source * 7919 + position) % (2**63)
+                sample_seed = self._seed(source, position)
                 items.append((source, self._index(source, position), sample_seed))
         # Dealt out round-robin, so that every rank's share mixes the sources in the global
         # batch's proportion: a contiguous slice gave one rank only pixel-labelled images and

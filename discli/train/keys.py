@@ -10,17 +10,22 @@ import dataclasses
 import difflib
 import functools
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, fields
 from typing import Any
 
+from discli.entrypoints import backbone_names
 from discli.errors import BadInputError
 from discli.infer.settings import MAX_STEPS, InferenceConfig
 from discli.pseudo.tags import GATES, TAG_RULES, TagRule
 
-# The largest count (iterations, batch size, workers, ...) a config may hold.
+# The largest count (iterations, batch size, ...) a config may hold.
 MAX_COUNT = 10**9
+# DataLoader worker processes: each is a Python process of its own, and a number far above the
+# cores is a typo that exhausts the machine's memory before the first batch.
+MAX_WORKERS = 128
 
 
 # Every key is declared with `_key(default, help, ...)`: its one-line help (what `dis config keys`
@@ -282,7 +287,22 @@ def validate(cfg: TrainConfig, source: str = "config",
               ("pseudo_map", cfg.pseudo_map in ("final", "labelmap")),
               ("tag_threshold", 0.0 < cfg.tag_threshold < 1.0),
               ("tag_rule", cfg.tag_rule in TAG_RULES),
-              ("tag_keep", 0.0 <= cfg.tag_keep <= 1.0), ("tag_add", 0.0 <= cfg.tag_add <= 1.0)]
+              ("tag_keep", 0.0 <= cfg.tag_keep <= 1.0), ("tag_add", 0.0 <= cfg.tag_add <= 1.0),
+              # torch refuses these mid-run, or they make no sense (a negative loss weight
+              # maximises that loss; a momentum of 1 or more never forgets and diverges)
+              ("weight_decay", cfg.weight_decay >= 0), ("momentum", 0 <= cfg.momentum < 1),
+              ("poly_power", cfg.poly_power >= 0), ("head_lr_mult", cfg.head_lr_mult >= 0),
+              ("loss_map", cfg.loss_map >= 0), ("loss_img", cfg.loss_img >= 0),
+              ("loss_tag", cfg.loss_tag >= 0), ("inf_lr", cfg.inf_lr >= 0),
+              ("inf_momentum", 0 <= cfg.inf_momentum < 1),
+              ("inf_tag_weight", cfg.inf_tag_weight >= 0),
+              ("inf_proximity", cfg.inf_proximity >= 0),
+              ("num_workers", cfg.num_workers <= MAX_WORKERS),
+              ("device", re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None)]
+    known = backbone_names()
+    if cfg.backbone not in known:  # here, where the file that set it is known
+        raise BadInputError(f"unknown backbone {cfg.backbone!r} (known: "
+                            f"{', '.join(sorted(known))})", where("backbone"))
     for name, ok in checks:
         if not ok:
             raise BadInputError(f"invalid value {getattr(cfg, name)!r} for {name!r}",
