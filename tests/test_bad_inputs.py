@@ -108,11 +108,25 @@ def train_args(env: Env, out: Path) -> list[str]:
             "--iters", "1", "--iters", "1", "--iters", "1", "--quiet"]
 
 
+def with_config(env: Env, tmp: Path, toml: str, name: str = "run.toml", without=()
+                ) -> tuple[list[str], str, None]:
+    """A pretrain command reading the config file ``toml`` (its options ``without`` left out,
+    so that the file's value is the one used): the case's argv, the file's name, no stdin."""
+    (tmp / name).write_text(toml)
+    args = [a for a in train_args(env, tmp / "o") if a not in without]
+    return ["pretrain", *args, "--config", str(tmp / name)], name, None
+
+
 def finetune_args(env: Env, out: Path, tagged: Path | None = None) -> list[str]:
     return ["--labelled", str(env.labelled), "--tagged", str(tagged or env.labelled),
             "--init", str(env.ckpt), "--out", str(out), "--backbone", "tiny", "--batch-size",
             "2", "--crop-size", "16", "--device", "cpu", "--set", "channels=8", "--t-tr", "1",
             "--mstep-iters", "1", "--rounds", "1", "--quiet"]
+
+
+def clean_tags_run(env: Env, tmp: Path, *extra: str) -> list[str]:
+    return ["clean-tags", "run", str(env.labelled), "-c", str(env.ckpt), "-o", str(tmp / "c.h5"),
+            *extra]
 
 
 def infer(env: Env, *inputs: str, ckpt: Path | None = None, extra=()) -> list[str]:
@@ -248,30 +262,22 @@ def _(env, tmp):
 # --- configuration and options
 @case("config-unknown-key", 3, "unknown key 'bogus'")
 def _(env, tmp):
-    (tmp / "run.toml").write_text("[train]\nbogus = 1\n")
-    return ["pretrain", *train_args(env, tmp / "o"), "--config", str(tmp / "run.toml")], \
-        "run.toml", None
+    return with_config(env, tmp, "[train]\nbogus = 1\n")
 
 
 @case("config-wrong-type", 3, "key 'batch_size' must be int, got str")
 def _(env, tmp):
-    (tmp / "run.toml").write_text("batch_size = 'eight'\n")
-    return ["pretrain", *train_args(env, tmp / "o"), "--config", str(tmp / "run.toml")], \
-        "run.toml", None
+    return with_config(env, tmp, "batch_size = 'eight'\n")
 
 
 @case("config-not-toml", 3, "not valid TOML")
 def _(env, tmp):
-    (tmp / "run.toml").write_text("lr = = 1\n")
-    return ["pretrain", *train_args(env, tmp / "o"), "--config", str(tmp / "run.toml")], \
-        "run.toml", None
+    return with_config(env, tmp, "lr = = 1\n")
 
 
 @case("config-invalid-value", 3, "invalid value 0 for 'ckpt_every'")
 def _(env, tmp):
-    (tmp / "run.toml").write_text("ckpt_every = 0\n")
-    return ["pretrain", *train_args(env, tmp / "o"), "--config", str(tmp / "run.toml")], \
-        "run.toml", None
+    return with_config(env, tmp, "ckpt_every = 0\n")
 
 
 @case("t-tr-negative", 2, "greater than or equal to 0")
@@ -281,8 +287,7 @@ def _(env, tmp):
 
 @case("clean-tags-t-tr-negative", 2, "--t-tr")
 def _(env, tmp):
-    return ["clean-tags", "run", str(env.labelled), "-c", str(env.ckpt), "-o",
-            str(tmp / "c.h5"), "--t-tr", "-1"], "--t-tr", None
+    return clean_tags_run(env, tmp, "--t-tr", "-1"), "--t-tr", None
 
 
 @case("set-without-value", 2, "--set expects KEY=VALUE")
@@ -607,29 +612,22 @@ def _(env, tmp):
 
 @case("config-momentum-of-one", 3, "invalid value 1.0 for 'momentum'")
 def _(env, tmp):
-    (tmp / "m.toml").write_text("optimizer = 'sgd'\nmomentum = 1.0\n")
-    return ["pretrain", *train_args(env, tmp / "o"), "--config", str(tmp / "m.toml")], \
-        "m.toml", None
+    return with_config(env, tmp, "optimizer = 'sgd'\nmomentum = 1.0\n", "m.toml")
 
 
 @case("config-device-of-another-backend", 3, "invalid value 'mps' for 'device'")
 def _(env, tmp):
-    (tmp / "d.toml").write_text("device = 'mps'\n")
-    args = [a for a in train_args(env, tmp / "o") if a not in ("--device", "cpu")]
-    return ["pretrain", *args, "--config", str(tmp / "d.toml")], "d.toml", None
+    return with_config(env, tmp, "device = 'mps'\n", "d.toml", ("--device", "cpu"))
 
 
 @case("config-unknown-backbone", 3, "unknown backbone 'nope'")
 def _(env, tmp):
-    (tmp / "b.toml").write_text("backbone = 'nope'\n")
-    args = [a for a in train_args(env, tmp / "o") if a not in ("--backbone", "tiny")]
-    return ["pretrain", *args, "--config", str(tmp / "b.toml")], "b.toml", None
+    return with_config(env, tmp, "backbone = 'nope'\n", "b.toml", ("--backbone", "tiny"))
 
 
 @case("workers-beyond-any-machine", 2, "--num-workers")
 def _(env, tmp):  # 100000 worker processes exhaust the memory before the first batch
-    return ["clean-tags", "run", str(env.labelled), "-c", str(env.ckpt), "-o",
-            str(tmp / "c.h5"), "--num-workers", "100000"], "--num-workers", None
+    return clean_tags_run(env, tmp, "--num-workers", "100000"), "--num-workers", None
 
 
 @case("inference-momentum-of-five", 2, "--momentum must be at least 0 and below 1")
@@ -639,8 +637,7 @@ def _(env, tmp):
 
 @case("clean-tags-steps-beyond-the-limit", 2, "--t-tr")
 def _(env, tmp):
-    return ["clean-tags", "run", str(env.labelled), "-c", str(env.ckpt), "-o",
-            str(tmp / "c.h5"), "--t-tr", "100000000"], "--t-tr", None
+    return clean_tags_run(env, tmp, "--t-tr", "100000000"), "--t-tr", None
 
 
 @case("evaluate-classes-in-another-order", 4, "(names or order)")
