@@ -129,6 +129,13 @@ def clean_tags_run(env: Env, tmp: Path, *extra: str) -> list[str]:
             *extra]
 
 
+def plot_log(tmp: Path, record: str) -> tuple[list[str], str, None]:
+    """``dis plot`` of a run whose pretraining log is the one line ``record``."""
+    (tmp / "run" / "pretrain").mkdir(parents=True)
+    (tmp / "run" / "pretrain" / "log.jsonl").write_text(record + "\n")
+    return ["plot", str(tmp / "run"), "-o", str(tmp / "p.png")], "log.jsonl", None
+
+
 def infer(env: Env, *inputs: str, ckpt: Path | None = None, extra=()) -> list[str]:
     return ["infer", *inputs, "-c", str(ckpt or env.ckpt), "--device", "cpu", "--json", "-q",
             *extra]
@@ -565,10 +572,7 @@ def _(env, tmp):
 
 @case("log-value-of-wrong-type", 3, "malformed training log: ValueError")
 def _(env, tmp):
-    (tmp / "run" / "pretrain").mkdir(parents=True)
-    (tmp / "run" / "pretrain" / "log.jsonl").write_text(
-        '{"stage": "pretrain", "phase": "step1", "iter": "x"}\n')
-    return ["plot", str(tmp / "run"), "-o", str(tmp / "p.png")], "log.jsonl", None
+    return plot_log(tmp, '{"stage": "pretrain", "phase": "step1", "iter": "x"}')
 
 
 @case("evaluation-report-confusion-not-a-matrix", 3, "'confusion' is not a 2x2 matrix")
@@ -679,6 +683,52 @@ def _(env, tmp):
 @case("cache-is-a-device", 3, "found a device, pipe or socket")
 def _(env, tmp):
     return ["score-cache", "/dev/null", str(env.labelled)], "/dev/null", None
+
+
+# --- found by the fourth sweep
+@case("probs-file-is-an-output-of-the-same-run", 2, "is also an output of this command")
+def _(env, tmp):  # the HDF5 file replaced a predicted labelmap with --overwrite before
+    return infer(env, str(env.img), extra=("-o", str(tmp / "o"), "--probs",
+                                           str(tmp / "o" / "good.png"))), "--probs", None
+
+
+def run_cache(env: Env, tmp: Path, config: str) -> Path:
+    """A copy of the corpus cache inside a run folder whose config.toml holds ``config``."""
+    (tmp / "run" / "round-1").mkdir(parents=True)
+    shutil.copy(env.cache, tmp / "run" / "round-1" / "cache.h5")
+    (tmp / "run" / "config.toml").write_text(config)
+    return tmp / "run" / "round-1" / "cache.h5"
+
+
+@case("run-config-beside-a-cache-out-of-range", 3, "invalid value 5.0 for 'confidence'")
+def _(env, tmp):  # used silently before: every pixel below 5 ignored
+    cache = run_cache(env, tmp, "[train.finetune]\nconfidence = 5\n")
+    return ["score-cache", str(cache), str(env.labelled)], "config.toml", None
+
+
+@case("run-config-beside-a-cache-bad-rule", 3, "invalid value 'bogus' for 'tag_rule'")
+def _(env, tmp):
+    cache = run_cache(env, tmp, "[train.finetune]\ntag_rule = 'bogus'\n")
+    return ["clean-tags", "diff", str(cache)], "config.toml", None
+
+
+@case("log-iteration-infinite", 3, "malformed training log: OverflowError")
+def _(env, tmp):
+    return plot_log(tmp, '{"stage": "pretrain", "phase": "step1", "iter": 1e400, "loss": 1.0}')
+
+
+@case("demo-report-score-not-a-number", 3, "'miou' or 'iou' is not a fraction")
+def _(env, tmp):
+    report = {"classes": ["background", "cat"], "scores": {"t_tr=0": {"setups": [
+        {"name": "t=0", "miou": "high", "iou": {"background": 0.9, "cat": 0.5}}]}}}
+    (tmp / "report.json").write_text(json.dumps(report))
+    return ["plot", str(tmp / "report.json")], "report.json", None
+
+
+@case("demo-report-without-models", 3, "'scores' holds no models")
+def _(env, tmp):
+    (tmp / "report.json").write_text(json.dumps({"classes": ["background"], "scores": {}}))
+    return ["plot", str(tmp / "report.json")], "report.json", None
 
 
 def run_main(capfd, argv: list[str], stdin: str | None, monkeypatch) -> tuple[int, str, str]:
@@ -1046,6 +1096,17 @@ def test_a_full_disk_when_taking_the_lock_is_left_to_the_outputs(tmp_path, monke
     monkeypatch.setattr(lock.os, "write", full)
     with lock.lock_folder(tmp_path / "out") as path:
         assert path.exists()
+
+
+def test_plot_keeps_matplotlibs_warnings_off_stderr(tmp_path, capfd, monkeypatch):
+    """A log of E-step records only draws an empty legend: matplotlib warned on stderr (two
+    lines with its source line), which is dis's."""
+    (tmp_path / "run" / "finetune").mkdir(parents=True)
+    (tmp_path / "run" / "finetune" / "log.jsonl").write_text(
+        '{"stage": "finetune", "phase": "estep", "round": 1, "t_tr": 2}\n')
+    code, out, err = run_main(capfd, ["plot", str(tmp_path / "run"), "-o",
+                                      str(tmp_path / "p.png")], None, monkeypatch)
+    assert code == 0 and err == "" and out.strip() == str(tmp_path / "p.png"), err
 
 
 def test_helper_files_of_a_long_output_name_fit_the_file_system(tmp_path):

@@ -218,6 +218,21 @@ def test_sbd_mat_round_trip(tmp_path):
     (tmp_path / "junk.mat").write_bytes(b"junk" * 10)
     with pytest.raises(BadInputError, match="not a readable MATLAB file"):
         read_sbd_mat(tmp_path / "junk.mat")
+    # an empty struct array with the right field: an IndexError before
+    scipy.io.savemat(tmp_path / "empty.mat", {"GTcls": np.zeros((0,), [("Segmentation", "O")])})
+    with pytest.raises(BadInputError, match="no GTcls.Segmentation"):
+        read_sbd_mat(tmp_path / "empty.mat")
+
+
+def test_a_split_list_naming_an_image_twice_names_the_list(tmp_path):
+    from discli.data.voc import read_id_list
+
+    (tmp_path / "train.txt").write_text("a_1\n\nb_2\na_1\n")
+    with pytest.raises(BadInputError, match=r"train.txt: line 4: duplicate id 'a_1' \(first on "
+                                            r"line 1\)"):
+        read_id_list(tmp_path / "train.txt")
+    (tmp_path / "ok.txt").write_text("a_1\nb_2 extra\n")
+    assert read_id_list(tmp_path / "ok.txt") == ["a_1", "b_2"]
 
 
 # --- VOCdevkit and SBD trees -> manifests -----------------------------------------------------

@@ -157,6 +157,27 @@ def test_ddp_infer_equals_single_process(tiny_checkpoint, labelled, tmp_path, ca
                 assert x.shape == y.shape and np.allclose(x, y, atol=1e-5), (key, name)
 
 
+def test_ranks_given_other_settings_stop_together(data, tmp_path):
+    """A torchrun job whose rank 1 got another learning rate trained apart without a word, and
+    another number of iterations hung: both ranks now stop at the start with exit 2."""
+    wrap = tmp_path / "wrap.sh"
+    wrap.write_text('#!/bin/sh\nif [ "$RANK" = 1 ]; then exec "$PY" -m discli "$@" --set lr=0.5\n'
+                    'else exec "$PY" -m discli "$@"; fi\n')
+    wrap.chmod(0o755)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "--no-python",
+           str(wrap), "pretrain", *[a for a in _common(data, tmp_path / "run")
+                                    if a not in ("--tagged", str(data["tagged"]))]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PY": sys.executable,
+           "DIS_LOAD_PLUGINS": "pretrain"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    lines = [line for line in out.stderr.splitlines() if line.startswith("dis: error:")]
+    assert out.returncode != 0 and len(lines) == 2, out.stderr[-3000:]
+    assert "rank 1 has other settings than rank 0 (lr " in lines[0] + lines[1]
+    assert "exitcode: 2" in out.stderr  # torchrun's report of the ranks' exit code
+    assert not (tmp_path / "run" / "pretrain" / "final.pth").exists()
+
+
 def test_shard_is_disjoint_covering_and_takes_world_larger_than_items():
     for n in range(10):
         items = [f"item{i}" for i in range(n)]

@@ -39,7 +39,7 @@ def read_sbd_mat(path: str | Path) -> np.ndarray:
         raise BadInputError(f"not a readable MATLAB file ({type(exc).__name__})", path) from None
     gt = mat.get("GTcls")
     names = getattr(getattr(gt, "dtype", None), "names", None) or ()
-    if gt is None or "Segmentation" not in names:
+    if gt is None or "Segmentation" not in names or gt.size == 0:  # size 0: an empty struct
         raise BadInputError("no GTcls.Segmentation in this .mat file (not an SBD cls file?)",
                             path)
     seg = np.asarray(gt["Segmentation"].item() if gt.ndim == 0 else gt["Segmentation"][0])

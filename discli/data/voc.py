@@ -53,15 +53,18 @@ def find_voc_root(path: str | Path) -> Path:
 
 def read_id_list(path: Path) -> list[str]:
     """Ids of a split file (one a line, blank lines ignored), validated as safe names."""
-    ids = []
+    first: dict[str, int] = {}  # id -> its line
     for n, line in enumerate(read_text(path, "split list").splitlines(), start=1):
         name = line.strip().split()[0] if line.strip() else ""
         if not name:
             continue
         if not ID_PATTERN.fullmatch(name):
             raise BadInputError(f"line {n}: {name!r} is not a valid image id", path)
-        ids.append(name)
-    return ids
+        if name in first:
+            raise BadInputError(f"line {n}: duplicate id {name!r} (first on line {first[name]})",
+                                path)
+        first[name] = n
+    return list(first)
 
 
 def voc_split_ids(voc_root: Path, split: str) -> list[str]:

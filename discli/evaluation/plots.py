@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -367,6 +369,37 @@ def _check_evaluation(report: dict[str, Any], path: Path) -> None:
                                 f"matrix", path)
 
 
+def _check_demo(report: dict[str, Any], path: Path) -> None:
+    """Refuse a demo report the plot would draw wrongly without a word: no models, a score
+    that is not a number in 0..1, an IoU of a class the report does not list."""
+    classes = report["classes"]
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise BadInputError("'classes' is not a list of class names", path)
+    scores = report["scores"]
+    if not (isinstance(scores, dict) and scores):
+        raise BadInputError("'scores' holds no models", path)
+
+    def fraction(value: object) -> bool:
+        return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                 and 0 <= value <= 1)  # nan fails both comparisons
+
+    for name, score in scores.items():
+        setups = score.get("setups") if isinstance(score, dict) else None
+        if not (isinstance(setups, list) and setups):
+            raise BadInputError(f"model {name!r}: 'setups' is not a non-empty list", path)
+        for setup in setups:
+            label = setup.get("name") if isinstance(setup, dict) else None
+            if not isinstance(label, str) or (label.startswith("t=")
+                                              and not re.fullmatch(r"t=\d{1,5}", label)):
+                raise BadInputError(f"model {name!r}: a setup without a name, or t= without "
+                                    f"a number of steps", path)
+            iou = setup.get("iou")
+            if not (fraction(setup.get("miou")) and isinstance(iou, dict)
+                    and set(iou) <= set(classes) and all(map(fraction, iou.values()))):
+                raise BadInputError(f"model {name!r}, {label}: 'miou' or 'iou' is not a "
+                                    f"fraction (0..1) per class of 'classes'", path)
+
+
 def plot(source: str | Path, out: str | Path | None = None) -> list[Path]:
     """Plot a run folder, a ``log.jsonl``, a demo report or an evaluation report (see the
     module docstring); returns the written path(s)."""
@@ -382,6 +415,7 @@ def plot(source: str | Path, out: str | Path | None = None) -> list[Path]:
         report = _read_json(report_path)
         target = Path(out) if out else report_path.with_suffix(".png")
         if isinstance(report, dict) and "scores" in report and "classes" in report:
+            _check_demo(report, report_path)
             return _drawn(lambda: plot_demo(report, target, report_path), "demo report",
                           report_path)
         if isinstance(report, dict) and "setups" in report and "classes" in report:
@@ -398,7 +432,9 @@ def _drawn(draw: Any, what: str, path: Path) -> list[Path]:
     """``[draw()]``; a value of the wrong type or shape in the file read becomes one line
     naming it (these files are written by dis, but can be edited or torn by hand)."""
     try:
-        return [draw()]
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        with warnings.catch_warnings():  # matplotlib's (an empty legend...): stderr is dis's
+            warnings.simplefilter("ignore")
+            return [draw()]
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
         raise BadInputError(f"malformed {what}: {type(exc).__name__}: {first_line(exc)}",
                             path) from None

@@ -13,7 +13,7 @@ from typing import TextIO
 
 from discli.infer.checkpoint import file_hash
 from discli.data.fileio import MAX_LINE_BYTES, files_under, text_limit
-from discli.errors import BadInputError, quote
+from discli.errors import BadInputError, UsageError, quote
 from discli.infer.provenance import OUTPUT_RECORDS, RUN_INFO
 from discli.infer.visual import check_overlay_format
 from discli.storage.safety import refuse_overlap
@@ -201,6 +201,13 @@ def refuse_overlaps(inputs: Sequence[InputImage], plans: list[Plan],
     """No output may be a file the run reads (module docstring), whatever the flags say."""
     out = outputs.folder
     targets = [p for _, paths in plans for p in paths.values()]
+    records = [out / RUN_INFO, out / OUTPUT_RECORDS] if out is not None else []
+    if outputs.probs_path is not None:  # an HDF5 file written over a labelmap, and locked
+        probs = outputs.probs_path.resolve()
+        clash = next((p for p in targets + records if p.resolve() == probs), None)
+        if clash is not None:
+            raise UsageError(f"{{opt:probs}} {outputs.probs_path} is also an output of this "
+                             f"command ({clash}); choose another {{opt:probs}} file")
     manifests = {item.source for item in inputs if item.source is not None}
     refuse_overlap(
         [(p, "output file") for p in targets] + [(outputs.probs_path, "{opt:probs} file")]

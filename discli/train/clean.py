@@ -25,7 +25,7 @@ from discli.pseudo.cache import PseudoCache
 from discli.pseudo.export import export_cache
 from discli.pseudo.tags import DEFAULT_THRESHOLD, TagRule, check_threshold, diff, threshold_rule
 from discli.storage.safety import refuse_overlap
-from discli.train.config import file_values
+from discli.train.config import file_values, load_config
 from discli.train.estep import Execution, PseudoLabelling, run_estep
 
 RUN_KEYS = ("confidence", "tag_gate", "tag_rule", "tag_threshold", "tag_keep", "tag_add")
@@ -35,16 +35,16 @@ def run_settings(cache_path: Path) -> dict[str, Any]:
     """``confidence``, ``tag_gate`` and the tag cleaning keys of the fine-tuning run a cache
     belongs to (``{}`` if the cache is not in a run folder)."""
     config = Path(cache_path).absolute().parent.parent / "config.toml"
-    if not config.is_file():
+    if not config.exists():
         return {}
-    try:
-        data = tomllib.loads(config.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"not a readable run configuration ({exc})", config) from None
+    # read as the run read it: every value type- and range-checked, errors naming the file
+    cfg = load_config(config, section="finetune")
+    data = tomllib.loads(config.read_text(encoding="utf-8"))
     flat = file_values(data, "finetune")
     for table in ("train", "finetune"):
-        flat.update(data.get(table, {}))
-    return {k: flat[k] for k in RUN_KEYS if k in flat}
+        if isinstance(data.get(table), dict):
+            flat.update(data[table])
+    return {k: getattr(cfg, k) for k in RUN_KEYS if k in flat}
 
 
 def run_rule(cache_path: str | Path, threshold: float | None = None) -> Any:

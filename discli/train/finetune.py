@@ -50,7 +50,7 @@ from discli.train.estep import Execution, PseudoLabelling, run_estep
 from discli.train.phases import PHASES
 from discli.train.pretrain import check_same_architecture, labelled_dataset, step_results
 from discli.train.runlog import append, latest, open_mirror, read_log, require_tensorboard
-from discli.train.settings import check_same_run, held_settings
+from discli.train.settings import check_same_on_every_rank, check_same_run, held_settings
 
 if TYPE_CHECKING:
     import torch
@@ -164,6 +164,7 @@ def finetune(cfg: TrainConfig, only: str | None = None, round_: int | None = Non
     if only != "estep":  # the E-step shards whole batches and takes any number of processes
         check_batch_split(cfg.batch_size, dist_info().world_size)  # before joining the job
     device, dist = setup_distributed(device)
+    check_same_on_every_rank(cfg, "finetune")
     if not cfg.tagged:
         raise UsageError("no tagged manifest given ({opt:tagged})")
     tagged = read_manifest(cfg.tagged, root=cfg.root or None)

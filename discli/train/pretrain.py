@@ -36,7 +36,7 @@ from discli.train.batches import Source
 from discli.train.engine import PhaseRun, Schedule, run_phase
 from discli.train.phases import PHASES
 from discli.train.runlog import latest, open_mirror, read_log, require_tensorboard
-from discli.train.settings import check_same_run, held_settings
+from discli.train.settings import check_same_on_every_rank, check_same_run, held_settings
 
 ARCH_KEYS = ("backbone", "num_classes", "backbone_kwargs")
 # keys of the configuration a backbone factory may take (by name, see backbone_options)
@@ -101,6 +101,7 @@ def pretrain(cfg: TrainConfig, steps: Sequence[int] = (1, 2, 3),
     device = resolve_device(cfg.device)
     check_batch_split(cfg.batch_size, dist_info().world_size)  # before joining the job
     device, dist = setup_distributed(device)
+    check_same_on_every_rank(cfg, "pretrain")
     out = Path(cfg.out) / "pretrain"
     make_folder(out)
     with lock_folder(out):

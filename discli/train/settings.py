@@ -10,6 +10,7 @@ the other stage; ``rounds`` may grow (a finished fine-tuning run is extended by 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from dataclasses import fields
@@ -78,3 +79,24 @@ def check_same_run(folder: Path, held: dict[str, Any] | None, cfg: TrainConfig,
         raise UsageError(f"{folder} holds a {stage} run with other settings ("
                          f"{', '.join(changes)}): give the same settings to continue it{where}, "
                          "or another {opt:out}")
+
+
+def check_same_on_every_rank(cfg: TrainConfig, stage: str) -> None:
+    """Under torchrun, refuse (exit 2 on every rank) settings that change a result and differ
+    from rank 0's: the ranks would train apart (another learning rate) or wait forever on each
+    other (another number of iterations). A collective: every rank calls it after joining."""
+    from discli.distributed import dist_info, on_main, together
+
+    info = dist_info()
+    if not info.enabled:
+        return
+    reference = on_main(lambda: dataclasses.asdict(cfg))
+
+    def agree() -> None:
+        changes = changed_settings(reference, cfg, stage)
+        if changes:
+            raise UsageError(f"rank {info.rank} has other settings than rank 0 "
+                             f"({', '.join(changes)}): every process of a torchrun job must "
+                             f"be given the same ones")
+
+    together(agree)
