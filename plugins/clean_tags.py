@@ -182,7 +182,7 @@ def run(
     manifest: Path = typer.Argument(..., help="Tagged manifest (JSON Lines)."),
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Model checkpoint."),
     out: Path = typer.Option(..., "--out", "-o", parser=opt.output_file,
-                                  help="Cache file to write (cache.h5)."),
+                             help="Cache file to write (cache.h5)."),
     t_tr: int | None = typer.Option(None, "--t-tr", min=0, max=MAX_STEPS, help="Training-time "
                                     "inference iterations (default: the checkpoint's)."),
     split: str | None = typer.Option(None, "--split", help="Only records of this split."),

@@ -12,8 +12,8 @@ from discli.cli.output import RichReporter, err_console, print_json
 
 def demo(
     out: Path = typer.Option(Path("dis-demo"), "--out", "-o", parser=output_folder,
-                             help="Folder for the benchmark, "
-                             "runs and the report (re-running resumes)."),
+                             help="Folder for the benchmark, runs and the report (re-running "
+                             "resumes)."),
     quick: bool = typer.Option(False, "--quick", help="A smoke run (the 'quick' preset, half "
                                "the tagged images) instead of the default ('demo' preset)."),
     t_tr: str = typer.Option("0,10,30", "--t-tr", help="Training-time inference iterations "

@@ -15,8 +15,8 @@ def infer(
                                        "paths (one per line) from stdin."),
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Model checkpoint."),
     out: Path | None = typer.Option(None, "--out", "-o", parser=opt.output_folder,
-                                    help="Output folder: <id>.png (class "
-                                    "indices), <id>_color.png (VOC palette), <id>_overlay.jpg "
+                                    help="Output folder: <id>.png (class indices), "
+                                    "<id>_color.png (VOC palette), <id>_overlay.jpg "
                                     "(--overlay)."),
     t_ts: str | None = typer.Option(None, "--t-ts", help="Test-time inference iterations, "
                                     "comma-separated as for evaluate (0 = plain forward; "
@@ -28,8 +28,7 @@ def infer(
                                   "weight over labelled non-background pixels (background "
                                   "pixels stay as they are)."),
     probs: Path | None = typer.Option(None, "--probs", parser=opt.output_file,
-                                      help="HDF5 file for class and tag "
-                                      "probabilities."),
+                                      help="HDF5 file for class and tag probabilities."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute images whose outputs "
                                    "already exist (default: skip them)."),
     batch_size: int = opt.InfBatchOpt,

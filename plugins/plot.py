@@ -14,9 +14,8 @@ def plot(
                                   "pretrain/ or finetune/, or a log.jsonl), a dis demo "
                                   "report.json (or its folder), or dis evaluate --json output."),
     output: Path | None = typer.Option(None, "--output", "-o", parser=output_file,
-                                       help="PNG to write (default: "
-                                       "training.png in a run folder, <name>.png beside a "
-                                       "file)."),
+                                       help="PNG to write (default: training.png in a run "
+                                       "folder, <name>.png beside a file)."),
 ) -> None:
     """Draw training curves (losses, lr, validation mIoU, E-step statistics), a demo's mIoU
     against t_ts per t_tr with per-class IoU, or an evaluation's IoU and confusion matrices.

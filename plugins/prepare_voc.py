@@ -15,8 +15,7 @@ def prepare_voc(
     voc: Path = typer.Argument(..., help="VOCdevkit/VOC2012, VOCdevkit, or the folder holding "
                                          "VOCdevkit."),
     out: Path = typer.Option(..., "--out", "-o", parser=opt.output_folder,
-                                    help="Folder for the manifests "
-                                                      "(<split>.jsonl)."),
+                             help="Folder for the manifests (<split>.jsonl)."),
     sbd: Path | None = typer.Option(None, "--sbd", help="SBD 'VOC augment' (benchmark_RELEASE "
                                     "or its dataset/): adds sbd_train, sbd_val and train_aug."),
     splits: str | None = typer.Option(None, "--splits", help="Comma list of VOC splits "

@@ -37,8 +37,8 @@ def score_cache(
     from discli.pseudo.tags import open_cache
 
     pseudo = open_cache(cache)
+    settings = run_settings(cache)
     if confidence is None:  # the pixels the run's own M-step trained on (as clean-tags export)
-        settings = run_settings(cache)
         confidence = float(settings.get("confidence", 0.0))
         record = Path(cache).absolute().parent.parent / "config.toml"  # run_settings' file
         source = (f"the run's, from {record}" if "confidence" in settings
@@ -48,7 +48,7 @@ def score_cache(
     report = {"cache": str(cache), "truth": str(truth), "confidence": confidence,
               "confidence_from": source,
               **run_score(pseudo, truth_manifest, confidence),
-              "stats": cache_stats(pseudo, confidence, run_rule(cache))}
+              "stats": cache_stats(pseudo, confidence, run_rule(cache, settings=settings))}
     note(f"confidence {confidence:g} ({source})")  # after the scores: an error stays one line
     if json_out:
         print_json(report)

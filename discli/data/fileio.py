@@ -20,7 +20,7 @@ import stat
 import sys
 from pathlib import Path
 
-from discli.errors import BadInputError
+from discli.errors import BadInputError, UsageError, system_error
 from discli.storage.atomic import atomic_write
 
 # A text input (manifest, captions, lexicon, tag file) larger than this is refused: 256 MiB is
@@ -36,8 +36,6 @@ def env_limit(name: str, default: int) -> int:
     """The positive whole number in environment variable ``name`` (unset or empty: ``default``).
     Read when a limit is applied, not on import: a bad value then fails the command that needs
     it with one line, instead of every plugin module that imports this one."""
-    from discli.errors import UsageError
-
     text = os.environ.get(name, "").strip()
     if not text:
         return default
@@ -60,8 +58,6 @@ def files_under(folder: Path) -> list[Path]:
     """Every non-folder entry below ``folder`` (symbolic links to folders are not followed, as
     with ``Path.rglob``), in one walk that refuses a subfolder dis may not list, where
     ``rglob`` skips it without a word and its images would silently be missing."""
-    from discli.errors import system_error
-
     def refuse(exc: OSError) -> None:
         refused = system_error(exc, exc.filename)
         raise refused if refused is not None else exc

@@ -59,7 +59,8 @@ def open_checked(path: str | Path, max_pixels: int | None = None,
         raise BadInputError(f"expected a {what} file, found a device, pipe or socket", path)
     if path.stat().st_size == 0:
         raise BadInputError(f"empty {what} file (0 bytes)", path)
-    limit = max_pixels or env_limit("DIS_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS)
+    limit = (env_limit("DIS_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS) if max_pixels is None
+             else max_pixels)
     try:
         # We apply our own limit below; PIL's warning (at ~89 MP) would only duplicate it.
         with warnings.catch_warnings():

@@ -347,12 +347,18 @@ def _read_json(path: Path) -> Any:
         raise BadInputError(f"not JSON ({exc.msg} at line {exc.lineno})", path) from None
 
 
-def _check_evaluation(report: dict[str, Any], path: Path) -> None:
-    """Refuse an evaluation report whose per-class lists do not match its class list (the
-    plot would label the wrong bars and cells)."""
+def _checked_classes(report: dict[str, Any], path: Path) -> list[str]:
+    """A report's ``classes``, refused unless a non-empty list of names."""
     classes = report["classes"]
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
         raise BadInputError("'classes' is not a list of class names", path)
+    return classes
+
+
+def _check_evaluation(report: dict[str, Any], path: Path) -> None:
+    """Refuse an evaluation report whose per-class lists do not match its class list (the
+    plot would label the wrong bars and cells)."""
+    classes = _checked_classes(report, path)
     k = len(classes)
     if not isinstance(report["setups"], list):
         raise BadInputError("'setups' is not a list", path)
@@ -372,9 +378,7 @@ def _check_evaluation(report: dict[str, Any], path: Path) -> None:
 def _check_demo(report: dict[str, Any], path: Path) -> None:
     """Refuse a demo report the plot would draw wrongly without a word: no models, a score
     that is not a number in 0..1, an IoU of a class the report does not list."""
-    classes = report["classes"]
-    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
-        raise BadInputError("'classes' is not a list of class names", path)
+    classes = _checked_classes(report, path)
     scores = report["scores"]
     if not (isinstance(scores, dict) and scores):
         raise BadInputError("'scores' holds no models", path)

@@ -44,6 +44,7 @@ atomic_write_bytes = atomic_write  # the name earlier releases exported (CHANGEL
 from discli.errors import (BadInputError, CorruptError, DisError, IncompatibleError, UsageError,
                            first_line, quote)
 from discli.infer.loop import MAX_STEPS, METHODS, InferenceConfig
+from discli.infer.settings import inference_range
 from discli.model.net import DISNet, ModelConfig
 
 FORMAT = "dis-checkpoint"
@@ -319,10 +320,9 @@ def inference_config(settings: dict[str, Any], steps: int | None = None,
         # nan passes every range check the wrong way and yields an all-background labelmap
         if isinstance(value, float) and not math.isfinite(value):
             raise UsageError(f"{flag} must be a finite number, got {value}")
-        if key == "momentum" and value is not None and not 0 <= value < 1:
-            raise UsageError(f"{flag} must be at least 0 and below 1, got {value}")
-        if key in ("lr", "tag_weight", "proximity") and value is not None and value < 0:
-            raise UsageError(f"{flag} must be at least 0, got {value}")
+        need = None if value is None else inference_range(key, value)
+        if need is not None:
+            raise UsageError(f"{flag} must be {need}, got {value}")
     values.update({k: v for k, v in overrides.items() if v is not None})
     return InferenceConfig(steps=steps or 0, **values)
 

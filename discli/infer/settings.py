@@ -27,6 +27,17 @@ class InferenceConfig:
                              f"got {self.method!r}")
 
 
+def inference_range(key: str, value: float) -> str | None:
+    """What inference setting ``key`` (lr, momentum, tag_weight, proximity) must be when
+    ``value`` is not that, else None: the one rule for the options of ``dis infer`` /
+    ``clean-tags run`` and the ``inf_*`` keys of a training config."""
+    if key == "momentum":  # 1 or more never forgets a step: it diverges
+        return None if 0 <= value < 1 else "at least 0 and below 1"
+    if key in ("lr", "tag_weight", "proximity"):
+        return None if value >= 0 else "at least 0"
+    return None
+
+
 # The most inference steps a setting may ask for: the paper uses up to 50, and a number beyond
 # this is a typo that would run for days.
 MAX_STEPS = 10_000

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from discli.pseudo.cache import PseudoCache
 from discli.pseudo.export import export_cache
 from discli.pseudo.tags import DEFAULT_THRESHOLD, TagRule, check_threshold, diff, threshold_rule
 from discli.storage.safety import refuse_overlap
-from discli.train.config import file_values, load_config
+from discli.train.config import load_config_origins
 from discli.train.estep import Execution, PseudoLabelling, run_estep
 
 RUN_KEYS = ("confidence", "tag_gate", "tag_rule", "tag_threshold", "tag_keep", "tag_add")
@@ -38,23 +37,20 @@ def run_settings(cache_path: Path) -> dict[str, Any]:
     if not config.exists():
         return {}
     # read as the run read it: every value type- and range-checked, errors naming the file
-    cfg = load_config(config, section="finetune")
-    data = tomllib.loads(config.read_text(encoding="utf-8"))
-    flat = file_values(data, "finetune")
-    for table in ("train", "finetune"):
-        if isinstance(data.get(table), dict):
-            flat.update(data[table])
-    return {k: getattr(cfg, k) for k in RUN_KEYS if k in flat}
+    cfg, origins = load_config_origins(config, section="finetune")
+    return {k: getattr(cfg, k) for k in RUN_KEYS if k in origins}
 
 
-def run_rule(cache_path: str | Path, threshold: float | None = None) -> Any:
+def run_rule(cache_path: str | Path, threshold: float | None = None,
+             settings: dict[str, Any] | None = None) -> Any:
     """The :class:`discli.pseudo.tags.TagRule` that made a cache's cleaned tags as its run's M-step
     saw them: a given probability ``threshold`` (the ``--threshold`` of ``dis clean-tags``)
-    wins; else the run's ``tag_rule`` and its keys; a cache outside a run folder, or of a run
+    wins; else the run's ``tag_rule`` and its keys (``settings``: :func:`run_settings` of the
+    cache, when the caller has read them already); a cache outside a run folder, or of a run
     that predates the rules, is cleaned at probability 0.5."""
     if threshold is not None:
         return threshold_rule(threshold)
-    found = run_settings(Path(cache_path))
+    found = run_settings(Path(cache_path)) if settings is None else settings
     default = TagRule()
     return TagRule(str(found.get("tag_rule", default.kind)),
                    float(found.get("tag_threshold", default.threshold)),
@@ -70,7 +66,8 @@ def export_run_cache(cache_path: str | Path, out_dir: str | Path,
     defaults = run_settings(Path(cache_path))
     confidence = float(defaults.get("confidence", 0.0) if confidence is None else confidence)
     gate = str(defaults.get("tag_gate", "none") if gate is None else gate)
-    return export_cache(cache_path, out_dir, run_rule(cache_path, threshold), confidence, gate)
+    return export_cache(cache_path, out_dir, run_rule(cache_path, threshold, defaults),
+                        confidence, gate)
 
 
 @dataclass(frozen=True)

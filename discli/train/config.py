@@ -201,7 +201,16 @@ def _file_tables(path: Path, section: str | None, chain: tuple[Path, ...] = ()
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
                 base: TrainConfig | None = None, section: str | None = None) -> TrainConfig:
-    """Defaults (or ``base``) < TOML file < command-line overrides (None = not given).
+    """Defaults (or ``base``) < TOML file < command-line overrides: :func:`load_config_origins`
+    without the origins."""
+    return load_config_origins(path, overrides, base, section)[0]
+
+
+def load_config_origins(path: str | Path | None = None,
+                        overrides: dict[str, Any] | None = None, base: TrainConfig | None = None,
+                        section: str | None = None) -> tuple[TrainConfig, dict[str, str]]:
+    """Defaults (or ``base``) < TOML file < command-line overrides (None = not given), and
+    where each key that is not a default was set (a file and its table, or "command line").
 
     ``path`` is a TOML file or the name of a shipped preset (:mod:`discli.configs`, used when no
     file of that name exists). The file holds flat keys, or tables (module docstring): the
@@ -221,7 +230,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if value is not None:
             values[key] = coerce(key, value, "overrides")
             origins[key] = "command line"
-    return validate(TrainConfig(**values), str(path or "command line"), origins)
+    return validate(TrainConfig(**values), str(path or "command line"), origins), origins
 
 
 def _toml_value(value: Any) -> str:

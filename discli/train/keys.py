@@ -18,7 +18,7 @@ from typing import Any
 
 from discli.entrypoints import backbone_names
 from discli.errors import BadInputError
-from discli.infer.settings import MAX_STEPS, InferenceConfig
+from discli.infer.settings import MAX_STEPS, InferenceConfig, inference_range
 from discli.pseudo.tags import GATES, TAG_RULES, TagRule
 
 # The largest count (iterations, batch size, ...) a config may hold.
@@ -293,10 +293,9 @@ def validate(cfg: TrainConfig, source: str = "config",
               ("weight_decay", cfg.weight_decay >= 0), ("momentum", 0 <= cfg.momentum < 1),
               ("poly_power", cfg.poly_power >= 0), ("head_lr_mult", cfg.head_lr_mult >= 0),
               ("loss_map", cfg.loss_map >= 0), ("loss_img", cfg.loss_img >= 0),
-              ("loss_tag", cfg.loss_tag >= 0), ("inf_lr", cfg.inf_lr >= 0),
-              ("inf_momentum", 0 <= cfg.inf_momentum < 1),
-              ("inf_tag_weight", cfg.inf_tag_weight >= 0),
-              ("inf_proximity", cfg.inf_proximity >= 0),
+              ("loss_tag", cfg.loss_tag >= 0),
+              *((f"inf_{key}", inference_range(key, getattr(cfg, f"inf_{key}")) is None)
+                for key in ("lr", "momentum", "tag_weight", "proximity")),
               ("num_workers", cfg.num_workers <= MAX_WORKERS),
               ("device", re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None)]
     known = backbone_names()
